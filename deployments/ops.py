@@ -1,0 +1,130 @@
+"""Operating a local cluster: start Ray, deploy the Serve config, wait for readiness, stop gracefully.
+
+The demo, the stop script and the cluster tests all go through these, so what the README tells a
+person to run is what the tests exercise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+DASHBOARD = "http://127.0.0.1:8265"
+GATEWAY = "http://127.0.0.1:8000"
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray CLIs: no token auth on the local cluster (Ray 2.60 turns it on by default,
+    after which `serve deploy` is refused), no usage stats, one BLAS thread per process."""
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_bin(args[0]), *args[1:]], env=ray_env(), check=check, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def ray_running() -> bool:
+    try:
+        return httpx.get(f"{DASHBOARD}/api/version", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_head(num_cpus: int | None = None) -> bool:
+    """Start a local Ray head with the dashboard on 127.0.0.1, unless one runs; True if started."""
+    if ray_running():
+        return False
+    args = ["ray", "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+    if num_cpus:
+        args += ["--num-cpus", str(num_cpus)]
+    run_cli(*args)
+    _wait(ray_running, 60, "the Ray dashboard to answer")
+    return True
+
+
+def deploy(config_path: str | Path) -> None:
+    result = run_cli("serve", "deploy", str(config_path), "--address", DASHBOARD, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
+
+
+def applications() -> dict[str, Any]:
+    response = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10)
+    response.raise_for_status()
+    return response.json().get("applications", {})
+
+
+def readiness(base_url: str = GATEWAY) -> tuple[int, dict[str, Any]]:
+    try:
+        response = httpx.get(f"{base_url}/ready", timeout=5)
+        return response.status_code, response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return 0, {"status": "unreachable", "error": str(exc)}
+
+
+def wait_ready(base_url: str = GATEWAY, timeout_s: float = 600, on_poll: Any = None) -> dict[str, Any]:
+    """Poll `/ready` until 200; raise with the last answer and any failed application on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, body = readiness(base_url)
+        if status == 200:
+            return body
+        if on_poll:
+            on_poll(status, body)
+        failed = {n: a.get("message") for n, a in _safe_apps().items() if a.get("status") == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"deployment failed: {failed}")
+        time.sleep(1)
+    raise TimeoutError(f"{base_url}/ready still not 200 after {timeout_s}s: {readiness(base_url)}")
+
+
+def _safe_apps() -> dict[str, Any]:
+    try:
+        return applications()
+    except httpx.HTTPError:
+        return {}
+
+
+def remove_all_apps(config_path: str | Path, timeout_s: float = 180) -> None:
+    """Deploy the same config with no applications: Serve drains and removes them (unlike
+    `serve shutdown`, which cuts streams in flight)."""
+    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    config["applications"] = []
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(config, fh)
+    try:
+        deploy(fh.name)
+    finally:
+        os.unlink(fh.name)
+    _wait(lambda: not _safe_apps(), timeout_s, "the applications to drain and stop")
+
+
+def stop_ray() -> None:
+    run_cli("ray", "stop", check=False, timeout=120)
+
+
+def _wait(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"gave up after {timeout_s}s waiting for {what}")

@@ -1,0 +1,185 @@
+"""The service's configuration schema: validated once, at the edge, then passed down typed.
+
+`serve_config.yaml` is the only file these values are written in: each pipeline version's
+application gets a `PipelineConfig` as its `args`, the gateway gets a `GatewayConfig`, and the
+gateway's `user_config` is a `TrafficConfig`. Scripts (ingest, demo) read the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rag.constants import BUNDLED_EMBEDDING_MODEL, resolve_path
+from rag.errors import RagError
+
+Device = Literal["auto", "cpu", "cuda"]
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+KB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(RagError, ValueError):
+    """A configuration that does not validate; the message names each bad key and value."""
+
+
+class _Strict(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddingConfig(_Strict):
+    model: str = Field(BUNDLED_EMBEDDING_MODEL, description="bundled package name, local path or hub id")
+    device: Device = "auto"
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_batch_size: int = Field(32, ge=1, le=1024, description="queries merged per forward pass in Serve")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+
+
+class SplitterConfig(_Strict):
+    chunk_size: int = Field(750, ge=50, le=20_000)
+    chunk_overlap: int = Field(150, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> SplitterConfig:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})")
+        return self
+
+
+def _sample_kb() -> dict[str, int | Literal["latest"]]:
+    return {"samples": "latest"}
+
+
+class RetrievalConfig(_Strict):
+    kb_root: Path = Path("var/kb")
+    # Which knowledge bases this pipeline serves, each pinned to an index version or "latest".
+    knowledge_bases: dict[str, int | Literal["latest"]] = Field(default_factory=_sample_kb)
+    top_k: int = Field(3, ge=1, le=50)
+    score_threshold: float = Field(0.0, ge=-1.0, le=1.0, description="minimum cosine similarity")
+    device: Device = "auto"
+
+    @field_validator("knowledge_bases")
+    @classmethod
+    def _names_and_versions(cls, value: dict[str, int | str]) -> dict[str, int | str]:
+        import re
+
+        if not value:
+            raise ValueError("at least one knowledge base is needed")
+        for name, version in value.items():
+            if not re.match(KB_NAME_PATTERN, name):
+                raise ValueError(f"knowledge base name {name!r} must match {KB_NAME_PATTERN}")
+            if isinstance(version, int) and version < 1:
+                raise ValueError(f"knowledge base {name!r}: version {version} must be >= 1 or 'latest'")
+        return value
+
+    @property
+    def kb_root_path(self) -> Path:
+        return resolve_path(self.kb_root)
+
+
+class GenerationConfig(_Strict):
+    backend: Literal["extractive", "transformers"] = "extractive"
+    model: str | None = Field(None, description="local path or hub id; required by the transformers backend")
+    device: Device = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_new_tokens: int = Field(256, ge=1, le=32_768)
+    max_stream_seconds: float = Field(60.0, gt=0, le=3600)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+    extractive_sentences: int = Field(4, ge=1, le=50)
+    warmup_tokens: int = Field(4, ge=1, le=64)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _model_for_transformers(self) -> GenerationConfig:
+        if self.backend == "transformers" and not self.model:
+            raise ValueError("generation.model is required when generation.backend is 'transformers'")
+        return self
+
+
+class LifecycleConfig(_Strict):
+    # Extra seconds a replica waits inside warm-up: lets tests watch /ready go 503 -> 200.
+    warmup_delay_s: float = Field(0.0, ge=0, le=600)
+
+
+class PipelineConfig(_Strict):
+    """One complete pipeline version: models, knowledge-base index versions and settings."""
+
+    version: str = Field("v1", pattern=VERSION_PATTERN)
+    revision: str = Field("1", description="bump to make `serve deploy` restart replicas on a code change")
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    splitter: SplitterConfig = SplitterConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    generation: GenerationConfig = GenerationConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+
+
+class TrafficConfig(_Strict):
+    """Traffic weights per version: the gateway's `user_config`, changeable without restarts."""
+
+    weights: dict[str, float] = Field(default_factory=lambda: {"v1": 100.0})
+
+    @field_validator("weights")
+    @classmethod
+    def _some_traffic(cls, value: dict[str, float]) -> dict[str, float]:
+        import re
+
+        for name, weight in value.items():
+            if not re.match(VERSION_PATTERN, name):
+                raise ValueError(f"version name {name!r} must match {VERSION_PATTERN}")
+            if weight < 0:
+                raise ValueError(f"weight of version {name!r} is {weight}; weights must be >= 0")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError(f"at least one version needs a weight > 0, got {value}")
+        return value
+
+
+class GatewayConfig(_Strict):
+    """Settings of the HTTP ingress."""
+
+    default_knowledge_base: str = Field("samples", pattern=KB_NAME_PATTERN)
+    max_question_chars: int = Field(4000, ge=1, le=100_000)
+    max_history_turns: int = Field(20, ge=0, le=500)
+    first_event_timeout_s: float = Field(30.0, gt=0, description="wait for a version's first event")
+    ready_poll_interval_s: float = Field(1.0, gt=0, le=60)
+
+
+def _describe(error: ValidationError, where: str) -> str:
+    lines = [f"invalid {where}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(root)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate(schema: type[T], data: Any, where: str) -> T:
+    """`schema.model_validate(data)`, raising a `ConfigError` that names every bad key and value."""
+    try:
+        return schema.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, where)) from None
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    with open(resolve_path(path), encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict) or "applications" not in data:
+        raise ConfigError(f"{path}: not a Serve config (no 'applications' list)")
+    return data
+
+
+def pipeline_configs(serve_config: dict[str, Any]) -> dict[str, PipelineConfig]:
+    """The pipeline versions a Serve config deploys, by version name."""
+    found: dict[str, PipelineConfig] = {}
+    for app in serve_config["applications"]:
+        if str(app.get("import_path", "")).endswith(":build_pipeline_app"):
+            cfg = validate(PipelineConfig, app.get("args"), f"args of application {app.get('name')!r}")
+            found[cfg.version] = cfg
+    return found

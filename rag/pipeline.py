@@ -1,0 +1,115 @@
+"""Question → embed → retrieve → generate, as one stream of answer events.
+
+The pipeline only sees three async callables, so the same code runs with the stages in this
+process (`LocalPipeline`, used by tests, scripts and benchmarks) or behind Ray Serve handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+import numpy as np
+
+from rag.config import PipelineConfig
+from rag.embedding import TextEmbedder
+from rag.errors import InvalidRequestError
+from rag.generation import Generator, build_generator
+from rag.records import (
+    AnswerDelta,
+    AnswerEnd,
+    AnswerEvent,
+    AnswerStart,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    Passage,
+    Question,
+)
+from rag.retrieval import Retriever
+
+EmbedQuery = Callable[[str], Awaitable[np.ndarray]]
+
+
+class SearchPassages(Protocol):
+    def __call__(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,
+                 score_threshold: float | None) -> Awaitable[list[Passage]]: ...
+
+
+GenerateAnswer = Callable[[GenerationRequest], AsyncIterator[GenerationChunk]]
+
+
+class RagPipeline:
+    """Answers questions over the knowledge bases of one pipeline version."""
+
+    def __init__(self, config: PipelineConfig, embed: EmbedQuery, search: SearchPassages,
+                 generate: GenerateAnswer) -> None:
+        self.config = config
+        self._embed = embed
+        self._search = search
+        self._generate = generate
+
+    async def retrieve(self, question: Question) -> list[Passage]:
+        if not question.text.strip():
+            raise InvalidRequestError("the question is empty")
+        vector = await self._embed(question.text)
+        return await self._search(question.knowledge_base, vector, question.top_k, question.score_threshold)
+
+    async def answer(self, question: Question) -> AsyncIterator[AnswerEvent]:
+        """Sources first, then answer text, then the finish reason: the order clients render in."""
+        passages = await self.retrieve(question)
+        yield AnswerStart(question.knowledge_base, passages, self.config.version)
+        finish: FinishReason = "stop"
+        pieces = 0
+        async for chunk in self._generate(self._generation_request(question, passages)):
+            if chunk.text:
+                pieces += 1
+                yield AnswerDelta(chunk.text)
+            if chunk.finish_reason is not None:
+                finish = chunk.finish_reason
+        yield AnswerEnd(finish, pieces, self.config.version)
+
+    def _generation_request(self, question: Question, passages: list[Passage]) -> GenerationRequest:
+        cfg = self.config.generation
+        # The configured maximum bounds every stream, so no stream can outlive a replica's drain.
+        limit = cfg.max_new_tokens if question.max_new_tokens is None else min(question.max_new_tokens,
+                                                                                cfg.max_new_tokens)
+        return GenerationRequest(
+            question=question.text, passages=passages, history=question.history, max_new_tokens=limit,
+            temperature=cfg.temperature if question.temperature is None else question.temperature,
+            max_seconds=cfg.max_stream_seconds)
+
+
+class LocalPipeline:
+    """All three stages in this process: load, warm up, answer, close."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.embedder = TextEmbedder(config.embedding)
+        self.retriever = Retriever(config.retrieval, config.embedding.model)
+        self.generator: Generator = build_generator(config.generation)
+        self.pipeline = RagPipeline(config, self._embed, self._search, self.generator.stream)
+
+    def load(self) -> None:
+        self.embedder.load()
+        self.retriever.load()
+        self.generator.load()
+
+    async def warmup(self) -> None:
+        self.embedder.warmup()
+        self.retriever.warmup()
+        await self.generator.warmup()
+
+    def close(self) -> None:
+        self.generator.close()
+        self.retriever.close()
+        self.embedder.close()
+
+    async def _embed(self, text: str) -> np.ndarray:
+        vectors = await asyncio.to_thread(self.embedder.embed, [text])
+        return vectors[0]
+
+    async def _search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,
+                      score_threshold: float | None) -> list[Passage]:
+        return self.retriever.search(knowledge_base, vector, top_k, score_threshold)
