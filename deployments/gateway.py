@@ -59,9 +59,18 @@ def status_for(exc: RagError) -> int:
     return next((code for kind, code in STATUS_BY_ERROR.items() if isinstance(exc, kind)), 500)
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The library error inside Ray's wrappers: an error raised in another replica arrives as a
+    RayTaskError subclass whose text is a whole traceback, which must not reach a client."""
+    while isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause  # type: ignore[attr-defined]
+    return exc
+
+
 @app.exception_handler(RagError)
 async def _rag_error(_: Request, exc: RagError) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), status_for(exc)), status_code=status_for(exc))
+    status = status_for(exc)
+    return JSONResponse(error_body(str(root_cause(exc)), status), status_code=status)
 
 
 @app.exception_handler(RequestValidationError)

@@ -41,9 +41,9 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
                           capture_output=True, timeout=timeout)
 
 
-def ray_running() -> bool:
+def ray_running(dashboard: str = DASHBOARD) -> bool:
     try:
-        return httpx.get(f"{DASHBOARD}/api/version", timeout=2).status_code == 200
+        return httpx.get(f"{dashboard}/api/version", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -60,14 +60,14 @@ def start_head(num_cpus: int | None = None) -> bool:
     return True
 
 
-def deploy(config_path: str | Path) -> None:
-    result = run_cli("serve", "deploy", str(config_path), "--address", DASHBOARD, check=False)
+def deploy(config_path: str | Path, dashboard: str = DASHBOARD) -> None:
+    result = run_cli("serve", "deploy", str(config_path), "--address", dashboard, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
 
 
-def applications() -> dict[str, Any]:
-    response = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10)
+def applications(dashboard: str = DASHBOARD) -> dict[str, Any]:
+    response = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10)
     response.raise_for_status()
     return response.json().get("applications", {})
 
@@ -80,7 +80,8 @@ def readiness(base_url: str = GATEWAY) -> tuple[int, dict[str, Any]]:
         return 0, {"status": "unreachable", "error": str(exc)}
 
 
-def wait_ready(base_url: str = GATEWAY, timeout_s: float = 600, on_poll: Any = None) -> dict[str, Any]:
+def wait_ready(base_url: str = GATEWAY, timeout_s: float = 600, on_poll: Any = None,
+               dashboard: str = DASHBOARD) -> dict[str, Any]:
     """Poll `/ready` until 200; raise with the last answer and any failed application on timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -89,21 +90,22 @@ def wait_ready(base_url: str = GATEWAY, timeout_s: float = 600, on_poll: Any = N
             return body
         if on_poll:
             on_poll(status, body)
-        failed = {n: a.get("message") for n, a in _safe_apps().items() if a.get("status") == "DEPLOY_FAILED"}
+        failed = {n: a.get("message") for n, a in _safe_apps(dashboard).items()
+                  if a.get("status") == "DEPLOY_FAILED"}
         if failed:
             raise RuntimeError(f"deployment failed: {failed}")
         time.sleep(1)
     raise TimeoutError(f"{base_url}/ready still not 200 after {timeout_s}s: {readiness(base_url)}")
 
 
-def _safe_apps() -> dict[str, Any]:
+def _safe_apps(dashboard: str = DASHBOARD) -> dict[str, Any]:
     try:
-        return applications()
+        return applications(dashboard)
     except httpx.HTTPError:
         return {}
 
 
-def remove_all_apps(config_path: str | Path, timeout_s: float = 180) -> None:
+def remove_all_apps(config_path: str | Path, timeout_s: float = 180, dashboard: str = DASHBOARD) -> None:
     """Deploy the same config with no applications: Serve drains and removes them (unlike
     `serve shutdown`, which cuts streams in flight)."""
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
@@ -111,10 +113,27 @@ def remove_all_apps(config_path: str | Path, timeout_s: float = 180) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         yaml.safe_dump(config, fh)
     try:
-        deploy(fh.name)
+        deploy(fh.name, dashboard)
     finally:
         os.unlink(fh.name)
-    _wait(lambda: not _safe_apps(), timeout_s, "the applications to drain and stop")
+    _wait(lambda: not _safe_apps(dashboard), timeout_s, "the applications to drain and stop")
+
+
+def write_config(source: str | Path, target: str | Path, *, http_port: int | None = None,
+                 kb_root: str | Path | None = None, pipeline_args: dict[str, Any] | None = None) -> Path:
+    """A copy of a Serve config with another HTTP port, KB root or pipeline settings (tests, benchmarks)."""
+    config = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    if http_port is not None:
+        config.setdefault("http_options", {})["port"] = http_port
+    for app in config["applications"]:
+        if str(app.get("import_path", "")).endswith(":build_pipeline_app"):
+            args = app.setdefault("args", {})
+            if kb_root is not None:
+                args.setdefault("retrieval", {})["kb_root"] = str(kb_root)
+            for section, values in (pipeline_args or {}).items():
+                args[section] = {**args.get(section, {}), **values} if isinstance(values, dict) else values
+    Path(target).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return Path(target)
 
 
 def stop_ray() -> None:

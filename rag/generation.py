@@ -21,6 +21,9 @@ from rag.records import GenerationChunk, GenerationRequest, Passage
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # Latin terminators need following whitespace (so "3.14" stays whole); CJK ones do not.
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])\s*|\s*\n\s*")
+# A newline inside a paragraph (hard-wrapped prose) is a space, not a sentence end; blank lines, list
+# items, headings, quotes and table rows still start a new line.
+_SOFT_BREAK = re.compile(r"(?<=\S)[ \t]*\n(?![ \t]*(?:\n|[-*+#>|]|\d+[.)]\s))[ \t]*(?=\S)")
 _WORD = re.compile(rf"[^\W_{_CJK}]+")
 _CJK_RUN = re.compile(f"[{_CJK}]+")
 _CJK_END = re.compile(f"[{_CJK}。！？；，、：”’）」』]$")  # Chinese text: no space before [n] or after it
@@ -85,8 +88,15 @@ def _has_cjk(text: str) -> bool:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`, split at English and Chinese terminators and at newlines."""
-    return [s.strip() for s in _SENTENCE_BREAK.split(text) if s and s.strip()]
+    """Sentences of `text`, split at English and Chinese terminators and at line breaks between
+    paragraphs or list items; markdown headings are titles, not sentences, and are left out."""
+    parts = _SENTENCE_BREAK.split(_SOFT_BREAK.sub(" ", text))
+    return [s.strip() for s in parts if s and s.strip() and not s.lstrip().startswith("#")]
+
+
+def _starts_mid_sentence(passage: Passage, sentence: str) -> bool:
+    return bool(passage.metadata.get("start_index")) and not (sentence[:1].isupper() or _has_cjk(sentence[:1])
+                                                              or sentence[:1] in "`*-[(\"'")
 
 
 def lexical_terms(text: str) -> set[str]:
@@ -125,6 +135,8 @@ class ExtractiveGenerator(Generator):
         seen: set[str] = set()
         for p_index, passage in enumerate(request.passages):
             for s_index, sentence in enumerate(split_sentences(passage.text)):
+                if s_index == 0 and _starts_mid_sentence(passage, sentence):
+                    continue  # a chunk boundary cut this sentence: its start is in another chunk
                 key, terms = " ".join(sentence.lower().split()), lexical_terms(sentence)
                 if key not in seen and terms:  # overlapping chunks repeat sentences; answers should not
                     seen.add(key)
