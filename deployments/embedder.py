@@ -7,27 +7,25 @@ import asyncio
 import numpy as np
 from ray import serve
 
-from deployments.replica import lifecycle_log, start_stage, stop_stage
+from deployments.replica import ReplicaLifecycle
 from rag.config import PipelineConfig
 from rag.embedding import TextEmbedder
-from rag.lifecycle import InFlight
 
 
 @serve.deployment(name="Embedder")
 class EmbedderDeployment:
     async def __init__(self, config: PipelineConfig) -> None:  # type: ignore[misc]
         self._embedder = TextEmbedder(config.embedding)
-        self._log = lifecycle_log(config.version)
-        self._in_flight = InFlight()
+        self._life = ReplicaLifecycle(config.version)
         self.embed.set_max_batch_size(config.embedding.max_batch_size)
         self.embed.set_batch_wait_timeout_s(config.embedding.batch_wait_timeout_s)
-        await start_stage(self._log, f"embedding model {config.embedding.model} on {self._embedder.device}",
-                          self._embedder.load, self._embedder.warmup, config.lifecycle.warmup_delay_s)
+        await self._life.start(f"embedding model {config.embedding.model} on {self._embedder.device}",
+                               self._embedder.load, self._embedder.warmup, config.lifecycle.warmup_delay_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed(self, texts: list[str]) -> list[np.ndarray]:
-        self._log.first_traffic()
-        with self._in_flight.track():
+        self._life.log.first_traffic()
+        with self._life.in_flight.track():
             vectors = await asyncio.to_thread(self._embedder.embed, texts)
         return list(vectors)
 
@@ -35,4 +33,4 @@ class EmbedderDeployment:
         self._embedder.check_health()
 
     def __del__(self) -> None:
-        stop_stage(self._log, self._in_flight, self._embedder.close)
+        self._life.stop(self._embedder.close)

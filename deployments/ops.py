@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import yaml
 
+from rag.config import check_serve_config, load_serve_config
+
 DASHBOARD = "http://127.0.0.1:8265"
 GATEWAY = "http://127.0.0.1:8000"
 
@@ -61,6 +63,8 @@ def start_head(num_cpus: int | None = None) -> bool:
 
 
 def deploy(config_path: str | Path, dashboard: str = DASHBOARD) -> None:
+    """`serve deploy` after checking the whole config, so a bad one never reaches the cluster."""
+    check_serve_config(load_serve_config(config_path))
     result = run_cli("serve", "deploy", str(config_path), "--address", dashboard, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")

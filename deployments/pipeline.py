@@ -8,42 +8,45 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.replica import lifecycle_log
+from deployments.replica import ReplicaLifecycle
 from rag.config import PipelineConfig
-from rag.lifecycle import InFlight
 from rag.pipeline import RagPipeline
 from rag.records import AnswerEvent, GenerationChunk, GenerationRequest, Passage, Question
 
 
 @serve.deployment(name="Pipeline")
 class PipelineDeployment:
-    def __init__(self, config: PipelineConfig, embedder: DeploymentHandle, retriever: DeploymentHandle,
-                 generator: DeploymentHandle) -> None:
+    async def __init__(  # type: ignore[misc]
+            self, config: PipelineConfig, embedder: DeploymentHandle, retriever: DeploymentHandle,
+            generator: DeploymentHandle) -> None:
         self._config = config
         self._embedder = embedder
         self._retriever = retriever
         self._generator = generator.options(stream=True)
         self._pipeline = RagPipeline(config, self._embed, self._search, self._generate)
-        self._log = lifecycle_log(config.version)
-        self._in_flight = InFlight()
-        self._log.event("READY", stages="Embedder,Retriever,Generator")
+        self._life = ReplicaLifecycle(config.version)
+        # Nothing of its own to load: each stage warms itself before Serve routes to it.
+        await self._life.start("handles to Embedder, Retriever, Generator", lambda: None, lambda: None)
 
     async def answer(self, question: Question) -> AsyncIterator[AnswerEvent]:
-        self._log.first_traffic()
-        with self._in_flight.track():
+        self._life.log.first_traffic()
+        with self._life.in_flight.track():
             async for event in self._pipeline.answer(question):
                 yield event
 
     async def search(self, question: Question) -> list[Passage]:
-        self._log.first_traffic()
-        with self._in_flight.track():
+        self._life.log.first_traffic()
+        with self._life.in_flight.track():
             return await self._pipeline.retrieve(question)
 
     async def knowledge_bases(self) -> dict[str, int]:
         return await self._retriever.knowledge_bases.remote()
 
     def in_flight(self) -> int:
-        return self._in_flight.count
+        return self._life.in_flight.count
+
+    def __del__(self) -> None:
+        self._life.stop(lambda: None)
 
     async def _embed(self, text: str) -> np.ndarray:
         return await self._embedder.embed.remote(text)

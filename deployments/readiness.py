@@ -18,6 +18,7 @@ logger = logging.getLogger("rag.gateway")
 
 # app name -> (application status, {deployment name: replicas RUNNING})
 AppStates = dict[str, tuple[str, dict[str, int]]]
+_NOT_SERVING = ("NOT_STARTED", "DEPLOY_FAILED", "DELETING")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Readiness:
     ready: bool
     waiting_for: list[str] = field(default_factory=list)
     checked_at: float = 0.0
+    serving: set[str] = field(default_factory=set)  # versions whose every stage has a running replica
 
 
 def assess(live_versions: list[str], apps: AppStates) -> Readiness:
@@ -34,13 +36,15 @@ def assess(live_versions: list[str], apps: AppStates) -> Readiness:
     rolling update, when a deployment is UPDATING but its old replicas still answer.
     """
     waiting: list[str] = []
+    serving = {name for name, (status, deployments) in apps.items()
+               if deployments and status not in _NOT_SERVING and all(n >= 1 for n in deployments.values())}
     for version in live_versions:
         status, deployments = apps.get(version, ("NOT_STARTED", {}))
-        if not deployments or status in ("NOT_STARTED", "DEPLOY_FAILED", "DELETING"):
+        if not deployments or status in _NOT_SERVING:
             waiting.append(f"{version} ({status.lower()})")
             continue
         waiting += [f"{version}/{name}" for name, running in sorted(deployments.items()) if running < 1]
-    return Readiness(not waiting, waiting, time.time())
+    return Readiness(not waiting, waiting, time.time(), serving)
 
 
 def read_app_states() -> AppStates:

@@ -1,46 +1,97 @@
-"""What every stage's replica does around its `rag` object: timed load + warm-up, drain, cleanup."""
+"""What every stage's replica does around its `rag` object: timed load + warm-up, drain, cleanup.
+
+Serve drains a stopping replica itself (no new requests, wait for the ongoing ones, then `__del__`)
+and gives user code no callback when the drain starts. Its replica logs one line per drain poll
+("Waiting for an additional 2s to shut down: 3 ongoing requests", then "Drained ongoing requests"),
+so a log handler turns those into this project's SHUTDOWN / DRAINING events.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
 from ray import serve
 
+from deployments.metrics import StageMetrics
 from rag.devices import device_memory
 from rag.lifecycle import InFlight, LifecycleLog
 
-
-def lifecycle_log(version: str) -> LifecycleLog:
-    ctx = serve.get_replica_context()
-    return LifecycleLog(ctx.deployment, version, ctx.replica_tag)
+_WAITING = re.compile(r"Waiting for an additional [\d.]+s to shut down: (\d+) ongoing requests")
+_DRAINED = "Drained ongoing requests"
 
 
-async def start_stage(log: LifecycleLog, what: str, load: Callable[[], None],
-                      warmup: Callable[[], Awaitable[None] | None], extra_delay_s: float = 0.0) -> None:
-    """Load, then warm up with a real call, before `__init__` returns: Serve routes to a replica
-    only after its constructor finished, so no request ever reaches a cold one."""
-    log.event("STARTUP", loads=what)
-    began = time.monotonic()
-    load()
-    loaded = time.monotonic()
-    result = warmup()
-    if inspect.isawaitable(result):
-        await result
-    if extra_delay_s:
-        await asyncio.sleep(extra_delay_s)
-    log.event("READY", load_s=loaded - began, warmup_s=time.monotonic() - loaded,
-              total_s=time.monotonic() - began)
+class _DrainWatcher(logging.Handler):
+    def __init__(self, on_drain: Callable[[int], None]) -> None:
+        super().__init__(logging.INFO)
+        self._on_drain = on_drain
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if match := _WAITING.search(message):
+            self._on_drain(int(match.group(1)))
+        elif message.startswith(_DRAINED):
+            self._on_drain(0)
 
 
-def stop_stage(log: LifecycleLog, in_flight: InFlight, close: Callable[[], None]) -> None:
-    """Serve calls `__del__` after draining: free the model and say what was freed."""
-    log.event("SHUTDOWN", in_flight=in_flight.count)
-    before = device_memory()
-    close()
-    after = device_memory()
-    log.event("CLEANUP", cuda_allocated_before=before["allocated"], cuda_allocated_after=after["allocated"],
-              cuda_reserved_after=after["reserved"])
+def _log_through_serve() -> None:
+    """Send the library's `rag.*` log lines to the replica's Serve log handlers (file, stderr), which
+    tag them with the replica; the library itself stays free of Ray."""
+    rag_logger, serve_logger = logging.getLogger("rag"), logging.getLogger("ray.serve")
+    if not rag_logger.handlers:
+        for handler in serve_logger.handlers:
+            rag_logger.addHandler(handler)
+        rag_logger.setLevel(logging.INFO)
+        rag_logger.propagate = False
 
+
+class ReplicaLifecycle:
+    """Lifecycle events, in-flight accounting and metrics of one replica."""
+
+    def __init__(self, version: str) -> None:
+        _log_through_serve()
+        ctx = serve.get_replica_context()
+        self.log = LifecycleLog(ctx.deployment, version, ctx.replica_tag)
+        self.metrics = StageMetrics(version)
+        self.in_flight = InFlight(self.metrics.set_in_flight)
+        self._stop_requested_at: float | None = None
+        logging.getLogger("ray.serve").addHandler(_DrainWatcher(self._on_drain))
+
+    async def start(self, what: str, load: Callable[[], None], warmup: Callable[[], Awaitable[None] | None],
+                    extra_delay_s: float = 0.0) -> None:
+        """Load, then warm up with a real call, before `__init__` returns: Serve routes to a replica
+        only after its constructor finished, so no request ever reaches a cold one."""
+        self.log.event("STARTUP", loads=what)
+        began = time.monotonic()
+        load()
+        loaded = time.monotonic()
+        result = warmup()
+        if inspect.isawaitable(result):
+            await result
+        if extra_delay_s:
+            await asyncio.sleep(extra_delay_s)
+        total = time.monotonic() - began
+        self.metrics.model_load.set(total)
+        self.log.event("READY", load_s=loaded - began, warmup_s=time.monotonic() - loaded, total_s=total)
+
+    def _on_drain(self, ongoing: int) -> None:
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+            self.log.event("SHUTDOWN", in_flight=ongoing)
+        self.log.event("DRAINING", in_flight=ongoing)
+
+    def stop(self, close: Callable[[], None]) -> None:
+        """Serve calls `__del__` after the drain: free the model and say what was freed."""
+        if self._stop_requested_at is None:
+            self._on_drain(self.in_flight.count)
+        before = device_memory()
+        close()
+        after = device_memory()
+        grace = time.monotonic() - (self._stop_requested_at or time.monotonic())
+        self.metrics.grace_used.set(grace)
+        self.log.event("CLEANUP", grace_used_s=grace, cuda_allocated_before=before["allocated"],
+                       cuda_allocated_after=after["allocated"], cuda_reserved_after=after["reserved"])

@@ -105,6 +105,9 @@ class GenerationConfig(_Strict):
 class LifecycleConfig(_Strict):
     # Extra seconds a replica waits inside warm-up: lets tests watch /ready go 503 -> 200.
     warmup_delay_s: float = Field(0.0, ge=0, le=600)
+    # Head room between the longest stream and the drain deadline: retrieval before the first token,
+    # the drain loop's polling period, and the hop through the gateway all come on top.
+    drain_margin_s: float = Field(10.0, ge=0, le=600)
 
 
 class PipelineConfig(_Strict):
@@ -123,6 +126,8 @@ class TrafficConfig(_Strict):
     """Traffic weights per version: the gateway's `user_config`, changeable without restarts."""
 
     weights: dict[str, float] = Field(default_factory=lambda: {"v1": 100.0})
+    # Set by the graceful stop: /ready turns 503 "draining" and new requests are refused with 503.
+    draining: bool = False
 
     @field_validator("weights")
     @classmethod
@@ -183,3 +188,65 @@ def pipeline_configs(serve_config: dict[str, Any]) -> dict[str, PipelineConfig]:
             cfg = validate(PipelineConfig, app.get("args"), f"args of application {app.get('name')!r}")
             found[cfg.version] = cfg
     return found
+
+
+# Serve's default when a deployment does not set it.
+SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
+STREAMING_DEPLOYMENTS = ("Pipeline", "Generator")
+
+
+def _is_app(app: dict[str, Any], builder: str) -> bool:
+    return str(app.get("import_path", "")).endswith(f":{builder}")
+
+
+def _graceful_timeouts(app: dict[str, Any]) -> dict[str, float]:
+    given = {d.get("name"): d.get("graceful_shutdown_timeout_s") for d in app.get("deployments") or []}
+    return {name: float(given.get(name) or SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S) for name in given}
+
+
+def stream_drain_problems(serve_config: dict[str, Any]) -> list[str]:
+    """Every place where a stream could outlive its replica's drain, so a redeploy would cut it."""
+    problems: list[str] = []
+    longest = 0.0
+    for app in serve_config["applications"]:
+        if not _is_app(app, "build_pipeline_app"):
+            continue
+        cfg = validate(PipelineConfig, app.get("args"), f"args of application {app.get('name')!r}")
+        bound = cfg.generation.max_stream_seconds + cfg.lifecycle.drain_margin_s
+        longest = max(longest, bound)
+        timeouts = _graceful_timeouts(app)
+        for name in STREAMING_DEPLOYMENTS:
+            timeout = timeouts.get(name, SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
+            if timeout <= bound:
+                problems.append(
+                    f"application {app.get('name')!r}: {name}.graceful_shutdown_timeout_s ({timeout:g}) must be "
+                    f"above generation.max_stream_seconds ({cfg.generation.max_stream_seconds:g}) + "
+                    f"lifecycle.drain_margin_s ({cfg.lifecycle.drain_margin_s:g}) = {bound:g}; raise the timeout "
+                    "or lower max_stream_seconds")
+    for app in serve_config["applications"]:
+        if _is_app(app, "build_gateway_app"):
+            timeout = _graceful_timeouts(app).get("Gateway", SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
+            if timeout <= longest:
+                problems.append(
+                    f"application {app.get('name')!r}: Gateway.graceful_shutdown_timeout_s ({timeout:g}) must be "
+                    f"above the longest stream of any version plus its drain margin ({longest:g})")
+    return problems
+
+
+def check_serve_config(serve_config: dict[str, Any]) -> None:
+    """Validate a whole Serve config before it is deployed: every application's args, the gateway's
+    traffic weights, and that no stream can outlive a drain. Raises `ConfigError` listing every problem."""
+    versions = pipeline_configs(serve_config)
+    problems = stream_drain_problems(serve_config)
+    for app in serve_config["applications"]:
+        if _is_app(app, "build_gateway_app"):
+            validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
+            for deployment in app.get("deployments") or []:
+                if deployment.get("name") == "Gateway" and "user_config" in deployment:
+                    traffic = validate(TrafficConfig, deployment["user_config"], "Gateway user_config")
+                    missing = sorted(v for v, w in traffic.weights.items() if w > 0 and v not in versions)
+                    if missing:
+                        problems.append(f"Gateway user_config gives traffic to versions that are not deployed: "
+                                        f"{missing}; deployed: {sorted(versions)}")
+    if problems:
+        raise ConfigError("invalid Serve config:\n  " + "\n  ".join(problems))

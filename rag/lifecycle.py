@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,15 +42,22 @@ class LifecycleLog:
 
 
 class InFlight:
-    """Counts requests in progress, so a stopping replica can report its drain."""
+    """Counts requests in progress, so a stopping replica can report its drain; `on_change` sees
+    every new count (a metrics gauge, say)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
         self.count = 0
+        self._on_change = on_change
 
     @contextmanager
     def track(self) -> Iterator[None]:
-        self.count += 1
+        self._set(self.count + 1)
         try:
             yield
         finally:
-            self.count -= 1
+            self._set(self.count - 1)
+
+    def _set(self, count: int) -> None:
+        self.count = count
+        if self._on_change is not None:
+            self._on_change(count)

@@ -1,0 +1,165 @@
+"""The gateway's logic: choose a version, start its answer (retrying once before the first byte),
+relay the events, and keep the counts that /ready and the metrics report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from deployments.metrics import StageMetrics
+from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, document_json, sse
+from rag.config import GatewayConfig, TrafficConfig
+from rag.errors import RagError, ServiceUnavailableError
+from rag.lifecycle import InFlight
+from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
+from rag.traffic import TrafficSplit
+
+logger = logging.getLogger("rag.gateway")
+DEFAULT_MODEL_ALIAS = "rag"
+ATTEMPTS = 2
+
+
+class GatewayService:
+    """Picks a version for each request and relays its answer events in the requested shape."""
+
+    def __init__(self, config: GatewayConfig, metrics: StageMetrics, in_flight: InFlight,
+                 ready_versions: Callable[[], set[str]] | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.traffic = TrafficConfig()
+        self.split = TrafficSplit(self.traffic)
+        self.in_flight = in_flight
+        self.started = time.monotonic()
+        self.ready_versions = ready_versions or (lambda: set(self.split.live))
+        self._handles: dict[str, DeploymentHandle] = {}
+
+    def set_traffic(self, traffic: TrafficConfig) -> None:
+        self.traffic = traffic
+        self.split = TrafficSplit(traffic)
+
+    @property
+    def draining(self) -> bool:
+        return self.traffic.draining
+
+    def knowledge_base_for(self, request: ChatCompletionRequest) -> str:
+        if request.knowledge_base:
+            return request.knowledge_base
+        return self.config.default_knowledge_base if request.model == DEFAULT_MODEL_ALIAS else request.model
+
+    def choose_version(self, key: str | None, avoid: list[str] | None = None) -> str:
+        """By weight among the live versions that are serving; a version that just failed is avoided
+        when another one can take the request."""
+        ready = [v for v in self.split.live if v in self.ready_versions()]
+        fresh = [v for v in ready if v not in (avoid or [])]
+        return self.split.choose(key, among=fresh or ready or None)
+
+    async def open_answer(self, question: Question, key: str | None
+                          ) -> tuple[str, AnswerStart, DeploymentResponseGenerator]:
+        """Start an answer and wait for its first event (the sources). Errors before that event become
+        an HTTP status, not an error inside a 200 stream; an infrastructure failure (a replica gone, a
+        version being removed, a timeout) is retried once, elsewhere when possible, as nothing has been
+        sent to the client yet."""
+        self.refuse_if_draining()
+        failed: list[str] = []
+        for attempt in range(1, ATTEMPTS + 1):
+            version = self.choose_version(key, failed)
+            try:
+                first, stream = await self._first_event(version, question)
+                return version, first, stream
+            except RagError:
+                raise
+            except Exception as exc:
+                logger.warning("event=RETRY version=%s attempt=%d error=%r", version, attempt, exc)
+                failed.append(version)
+        raise ServiceUnavailableError(f"no version could start the answer (tried {failed}); retry shortly")
+
+    async def _first_event(self, version: str, question: Question
+                           ) -> tuple[AnswerStart, DeploymentResponseGenerator]:
+        stream = (await self._handle(version)).answer.options(stream=True).remote(question)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), self.config.first_event_timeout_s)
+        except BaseException:
+            _cancel_quietly(stream)
+            raise
+        if not isinstance(first, AnswerStart):
+            raise TypeError(f"version {version} began its answer with {type(first).__name__}")
+        return first, stream
+
+    async def relay(self, formatter: CompletionFormatter, version: str, first: AnswerStart,
+                    rest: DeploymentResponseGenerator, started: float, endpoint: str) -> AsyncIterator[str]:
+        """SSE lines for one answer; a broken upstream ends in an error event and [DONE], never a cut."""
+        status, finished, timed = "200", False, False
+        with self.in_flight.track():
+            try:
+                yield sse(formatter.chunk(first))
+                async for event in rest:
+                    timed = timed or self._first_token(event, started, version)
+                    yield sse(formatter.chunk(event))
+                finished = True
+            except Exception as exc:
+                status, finished = "stream_error", True
+                logger.warning("event=STREAM_ERROR version=%s error=%r", version, exc)
+                yield sse(formatter.error_chunk(f"the answer stream broke off ({type(exc).__name__}); "
+                                                "the answer above is incomplete"))
+            finally:
+                if not finished:  # the client went away: stop the generation upstream
+                    status = "client_closed"
+                    _cancel_quietly(rest)
+                self.metrics.count_request(endpoint, status, version)
+            yield SSE_DONE
+
+    async def collect(self, version: str, first: AnswerStart, rest: DeploymentResponseGenerator,
+                      started: float, endpoint: str) -> list[AnswerEvent]:
+        with self.in_flight.track():
+            events: list[AnswerEvent] = [first]
+            timed = False
+            async for event in rest:
+                timed = timed or self._first_token(event, started, version)
+                events.append(event)
+        self.metrics.count_request(endpoint, 200, version)
+        return events
+
+    def _first_token(self, event: AnswerEvent, started: float, version: str) -> bool:
+        """Record time to first token at the first answer text; True once recorded."""
+        if not isinstance(event, AnswerDelta):
+            return False
+        self.metrics.first_token.observe(time.perf_counter() - started, tags={"version": version})
+        return True
+
+    async def search(self, question: Question) -> list[dict[str, Any]]:
+        self.refuse_if_draining()
+        version = self.choose_version(None)
+        with self.in_flight.track():
+            passages = await (await self._handle(version)).search.remote(question)
+        self.metrics.count_request("search_docs", 200, version)
+        return [document_json(p) for p in passages]
+
+    async def models(self) -> list[dict[str, Any]]:
+        names: set[str] = set()
+        for version in self.split.live:
+            names.update(await (await self._handle(version)).knowledge_bases.remote())
+        return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve"} for n in sorted(names)]
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ServiceUnavailableError("the service is draining for a stop; send new requests elsewhere")
+
+    async def _handle(self, version: str) -> DeploymentHandle:
+        if version not in self._handles:
+            # get_app_handle is a blocking controller call: keep it off the event loop, and cache it.
+            self._handles[version] = await asyncio.to_thread(serve.get_app_handle, version)
+        return self._handles[version]
+
+
+def _cancel_quietly(stream: DeploymentResponseGenerator) -> None:
+    # cancel() can re-raise the routing error of a request that never reached a replica.
+    try:
+        stream.cancel()
+    except Exception as exc:
+        logger.debug("cancel raised %r", exc)

@@ -1,0 +1,33 @@
+"""Names, help texts and buckets of the service's metrics (exported by Ray with a `ray_` prefix).
+
+Kept here so the deployments, the Grafana dashboard and the tests agree on one spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    description: str
+    tags: tuple[str, ...] = ("version",)
+    buckets: tuple[float, ...] = ()
+
+
+REQUESTS_IN_FLIGHT = MetricSpec("rag_requests_in_flight", "Requests in progress in this replica.")
+MODEL_LOAD_SECONDS = MetricSpec("rag_model_load_seconds", "Seconds a stage took to load and warm up.", ("version",))
+VECTOR_SEARCH_MS = MetricSpec("rag_vector_search_ms", "FAISS search latency in milliseconds.",
+                              ("version", "knowledge_base"), (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250))
+SHUTDOWN_GRACE_USED_SECONDS = MetricSpec("rag_shutdown_grace_used_seconds",
+                                         "Seconds from the stop request to the end of cleanup.")
+TIME_TO_FIRST_TOKEN_SECONDS = MetricSpec("rag_time_to_first_token_seconds",
+                                         "Seconds from request arrival to the first answer text.",
+                                         ("version",), (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+GENERATED_TOKENS = MetricSpec("rag_generated_tokens_total", "Answer pieces streamed to clients.")
+REQUESTS = MetricSpec("rag_requests_total", "Requests answered, by endpoint, status and version.",
+                      ("version", "endpoint", "status"))
+
+ALL = (REQUESTS_IN_FLIGHT, MODEL_LOAD_SECONDS, VECTOR_SEARCH_MS, SHUTDOWN_GRACE_USED_SECONDS,
+       TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS)
