@@ -56,8 +56,10 @@ class GatewayService:
         """By weight among the live versions that are serving; a version that just failed is avoided
         when another one can take the request."""
         ready = [v for v in self.split.live if v in self.ready_versions()]
+        if not ready:
+            raise ServiceUnavailableError(f"the service is starting: no version of {self.split.live} is serving yet")
         fresh = [v for v in ready if v not in (avoid or [])]
-        return self.split.choose(key, among=fresh or ready or None)
+        return self.split.choose(key, among=fresh or ready)
 
     async def open_answer(self, question: Question, key: str | None
                           ) -> tuple[str, AnswerStart, DeploymentResponseGenerator]:

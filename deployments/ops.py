@@ -124,20 +124,64 @@ def remove_all_apps(config_path: str | Path, timeout_s: float = 180, dashboard: 
 
 
 def write_config(source: str | Path, target: str | Path, *, http_port: int | None = None,
-                 kb_root: str | Path | None = None, pipeline_args: dict[str, Any] | None = None) -> Path:
-    """A copy of a Serve config with another HTTP port, KB root or pipeline settings (tests, benchmarks)."""
+                 kb_root: str | Path | None = None, pipeline_args: dict[str, Any] | None = None,
+                 traffic: dict[str, Any] | None = None,
+                 deployment_options: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A copy of a Serve config with another HTTP port, KB root, pipeline settings, gateway traffic
+    settings or per-deployment options (`{"Generator": {"ray_actor_options": ...}}`)."""
     config = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
     if http_port is not None:
         config.setdefault("http_options", {})["port"] = http_port
     for app in config["applications"]:
-        if str(app.get("import_path", "")).endswith(":build_pipeline_app"):
-            args = app.setdefault("args", {})
-            if kb_root is not None:
-                args.setdefault("retrieval", {})["kb_root"] = str(kb_root)
-            for section, values in (pipeline_args or {}).items():
-                args[section] = {**args.get(section, {}), **values} if isinstance(values, dict) else values
+        _patch_app(app, kb_root, pipeline_args or {}, traffic or {}, deployment_options or {})
     Path(target).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return Path(target)
+
+
+def _patch_app(app: dict[str, Any], kb_root: str | Path | None, pipeline_args: dict[str, Any],
+               traffic: dict[str, Any], deployment_options: dict[str, dict[str, Any]]) -> None:
+    if str(app.get("import_path", "")).endswith(":build_pipeline_app"):
+        args = app.setdefault("args", {})
+        if kb_root is not None:
+            args.setdefault("retrieval", {})["kb_root"] = str(kb_root)
+        for section, values in pipeline_args.items():
+            args[section] = {**args.get(section, {}), **values} if isinstance(values, dict) else values
+    for deployment in app.get("deployments") or []:
+        deployment.update(deployment_options.get(deployment["name"], {}))
+        if deployment["name"] == "Gateway" and traffic:
+            deployment["user_config"] = {**(deployment.get("user_config") or {}), **traffic}
+
+
+def wait_drained(base_url: str = GATEWAY, timeout_s: float = 120) -> int:
+    """Wait until the gateway reports no request in flight; returns the count left (0 unless timed out)."""
+    deadline = time.monotonic() + timeout_s
+    left = -1
+    while time.monotonic() < deadline:
+        status, body = readiness(base_url)
+        left = int(body.get("in_flight", 0)) if status else 0
+        if left == 0:
+            return 0
+        time.sleep(0.5)
+    return left
+
+
+def graceful_stop(config_path: str | Path, *, dashboard: str = DASHBOARD, gateway: str = GATEWAY,
+                  timeout_s: float = 180, stop_cluster: bool = True, say: Any = print) -> None:
+    """Stop without cutting an answer: flip /ready to draining and refuse new work (a weights-only
+    update, so no replica restarts), wait for in-flight answers, remove the applications through a
+    declarative deploy (Serve drains each replica), then stop Ray. Usable as a Kubernetes preStop hook."""
+    with tempfile.TemporaryDirectory() as tmp:
+        draining = write_config(config_path, Path(tmp) / "draining.yaml", traffic={"draining": True})
+        say("draining: /ready now answers 503 draining and new requests are refused")
+        deploy(draining, dashboard)
+        time.sleep(1.0)  # reconfigure is applied asynchronously; let it land before counting
+        left = wait_drained(gateway, timeout_s)
+        say("in-flight answers finished" if left == 0 else f"timed out with {left} answers in flight")
+        say("removing the applications")
+        remove_all_apps(draining, timeout_s, dashboard)
+    if stop_cluster:
+        say("stopping Ray")
+        stop_ray()
 
 
 def stop_ray() -> None:

@@ -74,7 +74,9 @@ class ReadinessMonitor:
             try:
                 self.current = assess(self._live(), read_app_states())
             except Exception as exc:  # the controller may be briefly unreachable; report, keep polling
-                self.current = Readiness(False, [f"serve status unavailable: {exc}"], time.time())
+                # Keep routing to what was serving: a controller hiccup should not refuse traffic.
+                self.current = Readiness(False, [f"serve status unavailable: {exc}"], time.time(),
+                                         self.current.serving)
                 logger.warning("event=READINESS_POLL_FAILED error=%r", exc)
             self._stop.wait(self._interval_s)
 

@@ -91,11 +91,12 @@ class SearchDocsRequest(_Request):
 
 
 def _question_text(text: str, max_chars: int) -> str:
-    if not text.strip():
+    text = text.strip()
+    if not text:
         raise InvalidRequestError("the question is empty")
     if len(text) > max_chars:
         raise InvalidRequestError(f"the question has {len(text)} characters; the limit is {max_chars}")
-    return text.strip()
+    return text
 
 
 def _bounded(history: list[ChatTurn], max_turns: int) -> list[ChatTurn]:

@@ -68,9 +68,12 @@ def stream_chat(client: httpx.Client, question: str, knowledge_base: str = "samp
             response.read()
             answer.error = response.text
         else:
-            for event in sse_events(response.iter_lines()):
-                apply_event(answer, event, started)
-                if on_event:
-                    on_event(answer, event)
+            try:
+                for event in sse_events(response.iter_lines()):
+                    apply_event(answer, event, started)
+                    if on_event:
+                        on_event(answer, event)
+            except httpx.HTTPError as exc:  # the body was cut: a truncated answer, not a refused one
+                answer.error = f"connection broke mid-answer: {type(exc).__name__}: {exc}"
     answer.total_s = time.perf_counter() - started
     return answer

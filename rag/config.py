@@ -92,6 +92,7 @@ class GenerationConfig(_Strict):
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.9, gt=0, le=1)
     extractive_sentences: int = Field(4, ge=1, le=50)
+    extractive_piece_delay_s: float = Field(0.0, ge=0, le=5, description="pause between streamed pieces")
     warmup_tokens: int = Field(4, ge=1, le=64)
     trust_remote_code: bool = False
 
@@ -175,8 +176,11 @@ def validate(schema: type[T], data: Any, where: str) -> T:
 def load_serve_config(path: str | Path) -> dict[str, Any]:
     with open(resolve_path(path), encoding="utf-8") as fh:
         data = yaml.safe_load(fh)
-    if not isinstance(data, dict) or "applications" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("applications"), list):
         raise ConfigError(f"{path}: not a Serve config (no 'applications' list)")
+    bad = [i for i, app in enumerate(data["applications"]) if not isinstance(app, dict)]
+    if bad:
+        raise ConfigError(f"{path}: applications {bad} are not mappings with name, import_path and args")
     return data
 
 

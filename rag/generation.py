@@ -165,7 +165,9 @@ class ExtractiveGenerator(Generator):
                 yield GenerationChunk("", "length")
                 return
             yield GenerationChunk(piece)
-            await asyncio.sleep(0)  # let other streams on this event loop progress
+            # Pacing (0 by default) gives answers a typing rhythm in demos and keeps streams open long
+            # enough for the lifecycle tests to replace replicas under them; sleep(0) lets others run.
+            await asyncio.sleep(self.config.extractive_piece_delay_s)
         yield GenerationChunk("", "stop")
 
     def count_tokens(self, text: str) -> int:

@@ -8,6 +8,7 @@ writes its own format and the docstore is SQLite with JSON metadata.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -146,7 +147,9 @@ def _rename_into_place(base: Path, staging: Path, name: str, dimension: int, cou
         _fsync(staging / "manifest.json")
         try:
             os.rename(staging, base / f"v{version}")
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
             continue
         _fsync_dir(base)
         return manifest

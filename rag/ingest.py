@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from rag.config import PipelineConfig
 from rag.documents import content_fingerprint, iter_files, load_file, split_documents
 from rag.embedding import TextEmbedder
@@ -32,6 +34,9 @@ def ingest_directory(source: Path, kb_root: Path, name: str, config: PipelineCon
     Unchanged content (same files, splitter and embedding model as the latest version) publishes
     nothing unless `force`, so re-running an ingest is cheap and does not pile up versions.
     """
+    if embedder is not None and embedder.model_name != config.embedding.model:
+        raise InvalidRequestError(f"the embedder given runs {embedder.model_name!r} but the config says "
+                                  f"{config.embedding.model!r}; the index would be labelled with the wrong model")
     files = iter_files(source)
     if not files:
         raise InvalidRequestError(f"no supported documents under {source}")
@@ -69,9 +74,8 @@ def _chunks(files: list[Path], source: Path, config: PipelineConfig, progress: P
     return chunks
 
 
-def _embed(texts: list[str], config: PipelineConfig, embedder: TextEmbedder | None, progress: Progress | None):
-    import numpy as np
-
+def _embed(texts: list[str], config: PipelineConfig, embedder: TextEmbedder | None,
+           progress: Progress | None) -> np.ndarray:
     own = embedder is None
     model = embedder or TextEmbedder(config.embedding)
     if own:

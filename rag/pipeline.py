@@ -57,18 +57,32 @@ class RagPipeline:
         return await self._search(question.knowledge_base, vector, question.top_k, question.score_threshold)
 
     async def answer(self, question: Question) -> AsyncIterator[AnswerEvent]:
-        """Sources first, then answer text, then the finish reason: the order clients render in."""
+        """Sources first, then answer text, then the finish reason: the order clients render in.
+
+        The sources are held back until the generator has produced its first chunk, so a generator
+        that cannot start fails this call before any event is sent, when the caller can still retry.
+        """
         passages = await self.retrieve(question)
-        yield AnswerStart(question.knowledge_base, passages, self.config.version)
-        finish: FinishReason = "stop"
-        pieces = 0
-        async for chunk in self._generate(self._generation_request(question, passages)):
-            if chunk.text:
-                pieces += 1
-                yield AnswerDelta(chunk.text)
-            if chunk.finish_reason is not None:
-                finish = chunk.finish_reason
-        yield AnswerEnd(finish, pieces, self.config.version)
+        chunks = aiter(self._generate(self._generation_request(question, passages)))
+        try:
+            chunk = await anext(chunks, None)
+            yield AnswerStart(question.knowledge_base, passages, self.config.version)
+            finish: FinishReason = "stop"
+            pieces = 0
+            while chunk is not None:
+                if chunk.text:
+                    pieces += 1
+                    yield AnswerDelta(chunk.text)
+                if chunk.finish_reason is not None:
+                    finish = chunk.finish_reason
+                chunk = await anext(chunks, None)
+            yield AnswerEnd(finish, pieces, self.config.version)
+        finally:
+            # A client that went away closes this generator: close the generation too, so a model
+            # stops producing tokens nobody reads.
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
 
     def _generation_request(self, question: Question, passages: list[Passage]) -> GenerationRequest:
         cfg = self.config.generation

@@ -48,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         versions = pipeline_configs(load_serve_config(args.config))
         if not versions:
             raise ConfigError(f"{args.config} deploys no pipeline version")
+        if args.version and args.version not in versions:
+            raise ConfigError(f"no pipeline version {args.version!r} in {args.config}; there are {sorted(versions)}")
         config = versions[args.version] if args.version else next(iter(versions.values()))
         kb_root = resolve_path(args.kb_root) if args.kb_root else config.retrieval.kb_root_path
         result = ingest_directory(resolve_path(args.source), kb_root, args.kb, config, force=args.force,
                                   progress=_Bars())
-    except KeyError:
-        print(f"error: no pipeline version {args.version!r} in {args.config}", file=sys.stderr)
-        return 2
     except (RagError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

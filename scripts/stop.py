@@ -1,6 +1,9 @@
-"""Stop the local service gracefully: drain and remove the applications, then stop Ray.
+"""Stop the local service gracefully: drain, remove the applications, then stop Ray.
 
     make stop        (or: .venv/bin/python -m scripts.stop)
+
+Answers in flight finish first (unlike `serve shutdown -y` or a bare `ray stop`, which cut them).
+Works as a Kubernetes preStop hook on the head pod.
 """
 
 from __future__ import annotations
@@ -17,16 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the drain")
     args = parser.parse_args(argv)
     if not ops.ray_running():
-        print("no local Ray cluster is running; stopping any leftover Ray processes")
+        print("no local Ray cluster is answering; stopping any leftover Ray processes")
         ops.stop_ray()
         return 0
-    print("removing the applications (in-flight answers finish first)...")
     try:
-        ops.remove_all_apps(args.config, args.timeout)
+        ops.graceful_stop(args.config, timeout_s=args.timeout)
     except (RuntimeError, TimeoutError) as exc:
         print(f"warning: {exc}; stopping Ray anyway", file=sys.stderr)
-    print("stopping Ray...")
-    ops.stop_ray()
+        ops.stop_ray()
     print("stopped")
     return 0
 

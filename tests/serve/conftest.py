@@ -1,6 +1,6 @@
-"""A real local Ray cluster with the service deployed through `serve deploy`, once per session.
+"""Real local Ray clusters with the service deployed through `serve deploy`.
 
-The cluster belongs to this test process (`ray.init` with a dashboard on a free port), so
+Each cluster belongs to the test process (`ray.init` with a dashboard on a free port), so
 `ray.shutdown()` stops exactly it and nothing else running on the machine.
 """
 
@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +29,14 @@ class LocalService:
     dashboard: str
     config_path: Path
     kb_root: Path
+    work: Path
+    metrics: str | None = None
+
+    def config(self, name: str, **overrides: Any) -> Path:
+        """A variant of this service's config (same port and KB root) written next to it."""
+        from deployments import ops
+
+        return ops.write_config(self.config_path, self.work / name, **overrides)
 
 
 def free_port() -> int:
@@ -43,26 +53,38 @@ def ingest_samples(kb_root: Path) -> None:
     ingest_directory(REPO / "data" / "sample_kb", kb_root, "samples", config)
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+@contextmanager
+def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False,
+                    **overrides: Any) -> Iterator[LocalService]:
+    """Ingest the sample KB, start a local cluster, `serve deploy` the repo's config (with `overrides`
+    passed to `ops.write_config`), optionally wait for /ready; shut everything down afterwards."""
     import ray
     from ray import serve
 
     from deployments import ops
 
-    work = tmp_path_factory.mktemp("cluster")
     kb_root = work / "kb"
     ingest_samples(kb_root)
     dashboard_port, http_port = free_port(), free_port()
+    metrics_port = free_port() if with_metrics else None
     config = ops.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=http_port,
-                              kb_root=kb_root)
+                              kb_root=kb_root, **overrides)
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, log_to_driver=False)
+             dashboard_port=dashboard_port, log_to_driver=False, **extra)
     try:
-        local = LocalService(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard_port}", config, kb_root)
+        local = LocalService(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard_port}", config, kb_root,
+                             work, f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None)
         ops.deploy(config, dashboard=local.dashboard)
-        ops.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
+        if wait:
+            ops.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
         yield local
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    with running_service(tmp_path_factory.mktemp("cluster")) as local:
+        yield local

@@ -1,0 +1,130 @@
+"""Lifecycle under load on a real cluster: replica replacement, a crash mid-stream, events, metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from deployments import ops
+from rag.client import stream_chat
+from rag.loadgen import LoadGenerator
+from tests.serve.conftest import LocalService, running_service
+from tests.serve.lifecycle_helpers import kill_replica, lifecycle_events, replicas, wait_for
+
+pytestmark = pytest.mark.cluster
+
+# Paced streams (~50 pieces x 40 ms) stay open long enough to be in flight while a replica stops.
+PACED = {"generation": {"extractive_piece_delay_s": 0.04}}
+
+
+@pytest.fixture(scope="module")
+def paced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    with running_service(tmp_path_factory.mktemp("lifecycle"), with_metrics=True, pipeline_args=PACED) as local:
+        yield local
+
+
+def _non_stream_loop(service: LocalService, stop: threading.Event, statuses: list[int]) -> None:
+    body = {"model": "samples", "messages": [{"role": "user", "content": "Where is the Ray dashboard?"}]}
+    with httpx.Client(base_url=service.gateway, timeout=60) as client:
+        for _ in range(500):
+            if stop.is_set():
+                return
+            statuses.append(client.post("/v1/chat/completions", json=body).status_code)
+
+
+def _replace_under_load(service: LocalService, deployment: str, num_cpus: float) -> tuple[str, list[str]]:
+    before = replicas(service.dashboard, "v1", deployment)
+    assert len(before) == 1
+    statuses: list[int] = []
+    stop = threading.Event()
+    plain = threading.Thread(target=_non_stream_loop, args=(service, stop, statuses))
+    with LoadGenerator(service.gateway, concurrency=6, max_seconds=120) as load:
+        plain.start()
+        wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
+        config = service.config(f"{deployment}-{num_cpus}.yaml", pipeline_args=PACED,
+                                deployment_options={deployment: {"ray_actor_options": {"num_cpus": num_cpus}}})
+        ops.deploy(config, dashboard=service.dashboard)
+        wait_for(lambda: (now := replicas(service.dashboard, "v1", deployment)) and not (now & before)
+                 and not replicas(service.dashboard, "v1", deployment, "STOPPING"), 120, "the replacement")
+        sent_at_switch = load.result.sent
+        wait_for(lambda: load.result.sent >= sent_at_switch + 6, 30, "requests on the new replica")
+        stop.set()
+    plain.join()
+    result = load.result
+    assert result.sent >= 12 and not result.errors, result.errors[:3]
+    assert not result.failed, [a.error for a in result.failed[:3]]
+    assert not result.truncated, [a.error for a in result.truncated[:3]]
+    assert statuses and set(statuses) == {200}, statuses
+    return next(iter(before)), [e for e, _ in lifecycle_events(next(iter(before)))]
+
+
+def test_generator_replacement_lets_every_stream_finish(paced: LocalService) -> None:
+    old, events = _replace_under_load(paced, "Generator", 0.45)
+    # The old replica drained with streams in flight and cleaned up after them.
+    assert events[:2] == ["STARTUP", "READY"]
+    assert events.index("SHUTDOWN") < events.index("DRAINING") < events.index("CLEANUP")
+    drains = [rest for e, rest in lifecycle_events(old) if e == "DRAINING"]
+    assert "in_flight=0" in drains[-1]
+
+
+def test_embedder_replacement_lets_every_stream_finish(paced: LocalService) -> None:
+    _, events = _replace_under_load(paced, "Embedder", 0.45)
+    assert events[0] == "STARTUP" and events[-1] == "CLEANUP"
+
+
+def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: LocalService) -> None:
+    started = threading.Event()
+    holder: list = []
+
+    def ask() -> None:
+        with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+            holder.append(stream_chat(client, "How do I stop the service?",
+                                      on_event=lambda answer, _: answer.text and started.set()))
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    assert started.wait(30)
+    kill_replica(paced.dashboard, "v1", "Generator")
+    thread.join(60)
+    answer = holder[0]
+    assert answer.status == 200 and answer.done, answer
+    assert answer.error and "broke off" in answer.error
+    assert answer.finish_reason is None
+
+    def next_ok() -> bool:
+        with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+            return stream_chat(client, "Where is the Ray dashboard?").complete
+
+    wait_for(next_ok, 120, "Serve to replace the killed replica", interval_s=1)
+    assert all(next_ok() for _ in range(5))
+
+
+def test_lifecycle_events_come_in_order(paced: LocalService) -> None:
+    with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+        assert stream_chat(client, "Where is the Ray dashboard?").complete
+    for deployment in ("Pipeline", "Retriever"):
+        (replica,) = replicas(paced.dashboard, "v1", deployment)
+        events = [e for e, _ in lifecycle_events(replica)]
+        assert events[:2] == ["STARTUP", "READY"] and "TRAFFIC" in events, (deployment, events)
+        ready = next(rest for e, rest in lifecycle_events(replica) if e == "READY")
+        assert "load_s=" in ready and "warmup_s=" in ready
+
+
+METRICS = ["rag_requests_in_flight", "rag_model_load_seconds", "rag_vector_search_ms",
+           "rag_time_to_first_token_seconds", "rag_generated_tokens_total", "rag_requests_total"]
+
+
+def test_metrics_are_exported(paced: LocalService) -> None:
+    assert paced.metrics
+    with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+        assert stream_chat(client, "Where is the Ray dashboard?").complete
+
+    def scrape() -> str | None:
+        text = httpx.get(paced.metrics, timeout=10).text
+        return text if all(f"ray_{name}" in text for name in METRICS) else None
+
+    text = wait_for(scrape, 90, "the metrics to be exported", interval_s=2)
+    assert 'version="v1"' in text and 'status="200"' in text
