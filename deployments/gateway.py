@@ -121,7 +121,7 @@ class GatewayDeployment:
         cfg = self.service.config
         question = body.to_question(self.service.knowledge_base_for(body), cfg.max_question_chars,
                                     cfg.max_history_turns)
-        return await _answer(self.service, question, body.user, body.stream, CompletionFormatter(body.model),
+        return await _answer(self.service, question, body.sticky_key, body.stream, CompletionFormatter(body.model),
                              "chat_completions")
 
     @app.post("/chat/kb_chat", response_model=None)
@@ -130,12 +130,13 @@ class GatewayDeployment:
         cfg = self.service.config
         question = body.to_question(cfg.max_question_chars, cfg.max_history_turns)
         formatter = CompletionFormatter(body.model or body.knowledge_base_name, docs_key="docs")
-        return await _answer(self.service, question, None, body.stream, formatter, "kb_chat")
+        return await _answer(self.service, question, body.conversation_id, body.stream, formatter, "kb_chat")
 
     @app.post("/knowledge_base/search_docs")
-    async def search_docs(self, body: SearchDocsRequest) -> list[dict[str, Any]]:
+    async def search_docs(self, body: SearchDocsRequest) -> JSONResponse:
         self._life.log.first_traffic()
-        return await self.service.search(body.to_question(self.service.config.max_question_chars))
+        version, docs = await self.service.search(body.to_question(self.service.config.max_question_chars))
+        return JSONResponse(docs, headers={VERSION_HEADER: version})
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -145,12 +146,20 @@ class GatewayDeployment:
     async def health(self) -> dict[str, Any]:
         return {"status": "alive", "uptime_s": round(time.monotonic() - self.service.started, 3)}
 
+    @app.get("/stats")
+    async def stats(self, window_s: float | None = None) -> dict[str, Any]:
+        """Per-version requests, error rate, p50/p99 time to first token and in-flight, over the last
+        `window_s` seconds of this gateway replica: what `rollout` compares."""
+        return {"versions": self.service.stats.summary(window_s), "weights": self.service.split.weights,
+                "draining": self.service.draining, "window_s": window_s}
+
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
         state, service = self.readiness.current, self.service
         status = "draining" if service.draining else "ready" if state.ready else "starting"
         body = {"status": status, "versions": service.split.live, "weights": service.split.weights,
-                "waiting_for": state.waiting_for, "in_flight": service.in_flight.count}
+                "waiting_for": state.waiting_for, "serving": sorted(state.serving),
+                "in_flight": service.in_flight.count}
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     def __del__(self) -> None:

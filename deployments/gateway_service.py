@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -18,6 +19,7 @@ from rag.config import GatewayConfig, TrafficConfig
 from rag.errors import RagError, ServiceUnavailableError
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
+from rag.stats import VersionStats
 from rag.traffic import TrafficSplit
 
 logger = logging.getLogger("rag.gateway")
@@ -37,6 +39,7 @@ class GatewayService:
         self.in_flight = in_flight
         self.started = time.monotonic()
         self.ready_versions = ready_versions or (lambda: set(self.split.live))
+        self.stats = VersionStats(config.stats_window_records)
         self._handles: dict[str, DeploymentHandle] = {}
 
     def set_traffic(self, traffic: TrafficConfig) -> None:
@@ -75,9 +78,10 @@ class GatewayService:
                 first, stream = await self._first_event(version, question)
                 return version, first, stream
             except RagError:
-                raise
+                raise  # the request's own fault (unknown knowledge base, ...): no other version would do better
             except Exception as exc:
                 logger.warning("event=RETRY version=%s attempt=%d error=%r", version, attempt, exc)
+                self.stats.failed_to_start(version)
                 failed.append(version)
         raise ServiceUnavailableError(f"no version could start the answer (tried {failed}); retry shortly")
 
@@ -96,12 +100,12 @@ class GatewayService:
     async def relay(self, formatter: CompletionFormatter, version: str, first: AnswerStart,
                     rest: DeploymentResponseGenerator, started: float, endpoint: str) -> AsyncIterator[str]:
         """SSE lines for one answer; a broken upstream ends in an error event and [DONE], never a cut."""
-        status, finished, timed = "200", False, False
-        with self.in_flight.track():
+        status, finished, ttft = "200", False, None
+        with self.in_flight.track(), self._counted(version) as outcome:
             try:
                 yield sse(formatter.chunk(first))
                 async for event in rest:
-                    timed = timed or self._first_token(event, started, version)
+                    ttft = ttft or self._first_token(event, started, version)
                     yield sse(formatter.chunk(event))
                 finished = True
             except Exception as exc:
@@ -114,33 +118,46 @@ class GatewayService:
                     status = "client_closed"
                     _cancel_quietly(rest)
                 self.metrics.count_request(endpoint, status, version)
+                outcome.update(ok=status != "stream_error", first_token_s=ttft)
             yield SSE_DONE
 
     async def collect(self, version: str, first: AnswerStart, rest: DeploymentResponseGenerator,
                       started: float, endpoint: str) -> list[AnswerEvent]:
-        with self.in_flight.track():
+        with self.in_flight.track(), self._counted(version) as outcome:
             events: list[AnswerEvent] = [first]
-            timed = False
+            ttft = None
             async for event in rest:
-                timed = timed or self._first_token(event, started, version)
+                ttft = ttft or self._first_token(event, started, version)
                 events.append(event)
+            outcome.update(ok=True, first_token_s=ttft)
         self.metrics.count_request(endpoint, 200, version)
         return events
 
-    def _first_token(self, event: AnswerEvent, started: float, version: str) -> bool:
-        """Record time to first token at the first answer text; True once recorded."""
-        if not isinstance(event, AnswerDelta):
-            return False
-        self.metrics.first_token.observe(time.perf_counter() - started, tags={"version": version})
-        return True
+    @contextmanager
+    def _counted(self, version: str) -> Iterator[dict[str, Any]]:
+        """Per-version in-flight and outcome for the rollout's comparison; failed unless marked ok."""
+        outcome: dict[str, Any] = {"ok": False, "first_token_s": None}
+        self.stats.started(version)
+        try:
+            yield outcome
+        finally:
+            self.stats.finished(version, outcome["ok"], outcome["first_token_s"])
 
-    async def search(self, question: Question) -> list[dict[str, Any]]:
+    def _first_token(self, event: AnswerEvent, started: float, version: str) -> float | None:
+        """Record time to first token at the first answer text and return it."""
+        if not isinstance(event, AnswerDelta):
+            return None
+        seconds = time.perf_counter() - started
+        self.metrics.first_token.observe(seconds, tags={"version": version})
+        return seconds
+
+    async def search(self, question: Question, key: str | None = None) -> tuple[str, list[dict[str, Any]]]:
         self.refuse_if_draining()
-        version = self.choose_version(None)
+        version = self.choose_version(key)
         with self.in_flight.track():
             passages = await (await self._handle(version)).search.remote(question)
         self.metrics.count_request("search_docs", 200, version)
-        return [document_json(p) for p in passages]
+        return version, [document_json(p) for p in passages]
 
     async def models(self) -> list[dict[str, Any]]:
         names: set[str] = set()

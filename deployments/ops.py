@@ -63,11 +63,18 @@ def start_head(num_cpus: int | None = None) -> bool:
 
 
 def deploy(config_path: str | Path, dashboard: str = DASHBOARD) -> None:
-    """`serve deploy` after checking the whole config, so a bad one never reaches the cluster."""
-    check_serve_config(load_serve_config(config_path))
-    result = run_cli("serve", "deploy", str(config_path), "--address", dashboard, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
+    """What `serve deploy FILE` does, after checking the whole config so a bad one never reaches the
+    cluster."""
+    apply(load_serve_config(config_path), dashboard)
+
+
+def apply(config: dict[str, Any], dashboard: str = DASHBOARD) -> None:
+    """Declaratively apply a whole Serve config through the dashboard's REST API (the call behind
+    `serve deploy`, without the CLI's start-up cost): applications left out are drained and removed."""
+    check_serve_config(config)
+    response = httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60)
+    if response.status_code != 200:
+        raise RuntimeError(f"applying the Serve config failed ({response.status_code}): {response.text}")
 
 
 def applications(dashboard: str = DASHBOARD) -> dict[str, Any]:
@@ -113,13 +120,7 @@ def remove_all_apps(config_path: str | Path, timeout_s: float = 180, dashboard: 
     """Deploy the same config with no applications: Serve drains and removes them (unlike
     `serve shutdown`, which cuts streams in flight)."""
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-    config["applications"] = []
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(config, fh)
-    try:
-        deploy(fh.name, dashboard)
-    finally:
-        os.unlink(fh.name)
+    apply({**config, "applications": []}, dashboard)
     _wait(lambda: not _safe_apps(dashboard), timeout_s, "the applications to drain and stop")
 
 

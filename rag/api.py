@@ -35,9 +35,15 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     user: str | None = None
+    conversation_id: str | None = Field(None, description="keeps a conversation on one version")
     knowledge_base: str | None = Field(None, description="knowledge base to answer from; default: the model")
     top_k: int | None = Field(None, ge=1, le=50)
     score_threshold: float | None = Field(None, ge=-1, le=1)
+
+    @property
+    def sticky_key(self) -> str | None:
+        """What pins a request to one version while several are live: the conversation, else the user."""
+        return self.conversation_id or self.user
 
     def to_question(self, knowledge_base: str, max_chars: int, max_history: int) -> Question:
         *earlier, last = self.messages
@@ -61,6 +67,7 @@ class KbChatRequest(_Request):
     history: list[ChatMessage] = Field(default_factory=list)
     stream: bool = True
     model: str | None = None
+    conversation_id: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1)
 

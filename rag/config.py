@@ -7,11 +7,12 @@ gateway's `user_config` is a `TrafficConfig`. Scripts (ingest, demo) read the sa
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rag.constants import BUNDLED_EMBEDDING_MODEL, resolve_path
 from rag.errors import RagError
@@ -111,16 +112,25 @@ class LifecycleConfig(_Strict):
     drain_margin_s: float = Field(10.0, ge=0, le=600)
 
 
+class FaultConfig(_Strict):
+    """Fault injection, off by default: makes a version fail or slow down so rollback can be shown."""
+
+    error_rate: float = Field(0.0, ge=0, le=1, description="fraction of answers that fail before the first byte")
+    extra_latency_s: float = Field(0.0, ge=0, le=60, description="delay added before each answer starts")
+
+
 class PipelineConfig(_Strict):
     """One complete pipeline version: models, knowledge-base index versions and settings."""
 
     version: str = Field("v1", pattern=VERSION_PATTERN)
-    revision: str = Field("1", description="bump to make `serve deploy` restart replicas on a code change")
+    revision: Annotated[str, BeforeValidator(str)] = Field(
+        "1", description="bump to make `serve deploy` restart replicas on a code change")
     embedding: EmbeddingConfig = EmbeddingConfig()
     splitter: SplitterConfig = SplitterConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     generation: GenerationConfig = GenerationConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    faults: FaultConfig = FaultConfig()
 
 
 class TrafficConfig(_Strict):
@@ -145,6 +155,26 @@ class TrafficConfig(_Strict):
         return value
 
 
+class RolloutConfig(_Strict):
+    """How `rollout start` moves traffic to a new version and when it gives up on it."""
+
+    steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
+    interval_s: float = Field(30.0, gt=0, le=3600, description="observation time at each step")
+    min_requests: int = Field(20, ge=0, description="canary requests needed before a step is judged")
+    max_wait_intervals: int = Field(4, ge=1, le=100, description="intervals to wait for min_requests")
+    max_error_rate_increase: float = Field(0.02, ge=0, le=1, description="canary minus stable error rate")
+    max_ttft_p99_ratio: float = Field(2.0, ge=1, description="canary p99 time to first token / stable's")
+    ttft_slack_s: float = Field(0.05, ge=0, description="p99 differences below this never count")
+    drain_timeout_s: float = Field(300.0, gt=0, description="wait for the old version's in-flight to reach 0")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_to_100(cls, value: list[float]) -> list[float]:
+        if not value or value[-1] != 100 or value[0] <= 0 or any(b <= a for a, b in pairwise(value)):
+            raise ValueError(f"steps must increase from above 0 and end at 100, got {value}")
+        return value
+
+
 class GatewayConfig(_Strict):
     """Settings of the HTTP ingress."""
 
@@ -153,6 +183,8 @@ class GatewayConfig(_Strict):
     max_history_turns: int = Field(20, ge=0, le=500)
     first_event_timeout_s: float = Field(30.0, gt=0, description="wait for a version's first event")
     ready_poll_interval_s: float = Field(1.0, gt=0, le=60)
+    stats_window_records: int = Field(20_000, ge=100, le=1_000_000, description="per-version request records kept")
+    rollout: RolloutConfig = RolloutConfig()
 
 
 def _describe(error: ValidationError, where: str) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 from rag.config import PipelineConfig
 from rag.embedding import TextEmbedder
 from rag.errors import InvalidRequestError
+from rag.faults import FaultInjector
 from rag.generation import Generator, build_generator
 from rag.records import (
     AnswerDelta,
@@ -49,6 +50,7 @@ class RagPipeline:
         self._embed = embed
         self._search = search
         self._generate = generate
+        self._faults = FaultInjector(config.faults)
 
     async def retrieve(self, question: Question) -> list[Passage]:
         if not question.text.strip():
@@ -62,6 +64,7 @@ class RagPipeline:
         The sources are held back until the generator has produced its first chunk, so a generator
         that cannot start fails this call before any event is sent, when the caller can still retry.
         """
+        await self._faults.before_answer()
         passages = await self.retrieve(question)
         chunks = aiter(self._generate(self._generation_request(question, passages)))
         try:

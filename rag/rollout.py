@@ -1,0 +1,161 @@
+"""The pure half of a rollout: editing the Serve config document and judging each traffic step.
+
+The document is edited with ruamel.yaml's round trip, so the operator's comments and layout in
+`serve_config.yaml` survive every step the tool writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ruamel.yaml import YAML
+
+from rag.config import GatewayConfig, RolloutConfig, check_serve_config, validate
+from rag.errors import InvalidRequestError
+
+PIPELINE_BUILDER = ":build_pipeline_app"
+GATEWAY_BUILDER = ":build_gateway_app"
+
+
+def _represent_null(representer: Any, _: None) -> Any:
+    # Serve needs `route_prefix: null` written out: an omitted or empty value means "/".
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
+
+
+def _yaml() -> YAML:
+    yaml = YAML()
+    yaml.representer.add_representer(type(None), _represent_null)
+    yaml.preserve_quotes = True
+    yaml.width = 120
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    return yaml
+
+
+class ServeDocument:
+    """A Serve config file as a document: versions, gateway weights, add / remove a version."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeDocument:
+        return cls(_yaml().load(Path(path).read_text(encoding="utf-8")))
+
+    def dump(self) -> str:
+        out = io.StringIO()
+        _yaml().dump(self.data, out)
+        return out.getvalue()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.dump(), encoding="utf-8")
+
+    def plain(self) -> dict[str, Any]:
+        """The document as plain dicts and lists (what the Serve REST API and the checks take)."""
+        return _plain(self.data)
+
+    def check(self) -> None:
+        check_serve_config(self.plain())
+
+    @property
+    def versions(self) -> dict[str, Any]:
+        return {app["name"]: app for app in self.data["applications"]
+                if str(app.get("import_path", "")).endswith(PIPELINE_BUILDER)}
+
+    def _gateway_deployment(self) -> Any:
+        for app in self.data["applications"]:
+            if str(app.get("import_path", "")).endswith(GATEWAY_BUILDER):
+                for deployment in app.get("deployments") or []:
+                    if deployment.get("name") == "Gateway":
+                        return deployment
+        raise InvalidRequestError("the config has no gateway application with a Gateway deployment")
+
+    @property
+    def gateway(self) -> GatewayConfig:
+        app = next(a for a in self.data["applications"] if str(a.get("import_path", "")).endswith(GATEWAY_BUILDER))
+        return validate(GatewayConfig, _plain(app.get("args")), "gateway application args")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        user_config = self._gateway_deployment().get("user_config") or {}
+        return {k: float(v) for k, v in (user_config.get("weights") or {}).items()}
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        deployment = self._gateway_deployment()
+        if deployment.get("user_config") is None:
+            deployment["user_config"] = {}
+        deployment["user_config"]["weights"] = {k: _number(v) for k, v in weights.items()}
+
+    def stable_version(self, excluding: str) -> str:
+        candidates = {v: w for v, w in self.weights.items() if v != excluding and w > 0 and v in self.versions}
+        if not candidates:
+            raise InvalidRequestError(f"no stable version with traffic besides {excluding!r} in {self.weights}")
+        return max(candidates, key=lambda v: candidates[v])
+
+    def add_version(self, name: str, copy_of: str, overrides: dict[str, Any]) -> None:
+        """A new pipeline application `name` cloned from `copy_of`, with `overrides` (dotted arg keys)."""
+        if name in self.versions:
+            raise InvalidRequestError(f"version {name!r} is already in the config")
+        app = copy.deepcopy(self.versions[copy_of])
+        app["name"] = name
+        app["args"]["version"] = name
+        for dotted, value in overrides.items():
+            _set_dotted(app["args"], dotted, value)
+        self.data["applications"].append(app)
+
+    def remove_version(self, name: str) -> None:
+        self.data["applications"] = [a for a in self.data["applications"] if a.get("name") != name]
+        self.set_weights({v: w for v, w in self.weights.items() if v != name})
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _set_dotted(target: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        if target.get(key) is None:
+            target[key] = {}
+        target = target[key]
+    target[last] = value
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Literal["continue", "rollback", "wait"]
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def judge(canary: dict[str, Any], stable: dict[str, Any] | None, cfg: RolloutConfig) -> Verdict:
+    """Compare the canary with the stable version over one observation window."""
+    numbers = {"canary": canary, "stable": stable}
+    if canary.get("requests", 0) < cfg.min_requests:
+        return Verdict("wait", f"only {canary.get('requests', 0)} canary requests, need {cfg.min_requests}", numbers)
+    baseline = stable["error_rate"] if stable and stable.get("requests") else 0.0
+    increase = canary["error_rate"] - baseline
+    if increase > cfg.max_error_rate_increase:
+        return Verdict("rollback", f"canary error rate {canary['error_rate']:.3f} is {increase:.3f} above stable "
+                                   f"{baseline:.3f} (limit {cfg.max_error_rate_increase})", numbers)
+    c99, s99 = canary.get("ttft_p99_s"), (stable or {}).get("ttft_p99_s")
+    if c99 is not None and s99 and c99 - s99 > cfg.ttft_slack_s and c99 > s99 * cfg.max_ttft_p99_ratio:
+        return Verdict("rollback", f"canary p99 time to first token {c99:.3f}s is over {cfg.max_ttft_p99_ratio}x "
+                                   f"stable {s99:.3f}s", numbers)
+    return Verdict("continue", f"canary error rate {canary['error_rate']:.3f} (stable {baseline:.3f}), p99 TTFT "
+                               f"{_seconds(c99)} (stable {_seconds(s99)})", numbers)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}s"

@@ -1,0 +1,69 @@
+"""Roll a new pipeline version out under load, with automatic promote or rollback.
+
+    python -m scripts.rollout start v2 --from v1 --set retrieval.knowledge_bases.samples=2
+    python -m scripts.rollout start v2            (v2's application already in serve_config.yaml)
+    python -m scripts.rollout status
+    python -m scripts.rollout abort
+    python -m scripts.rollout start v2 --resume   (continue an interrupted rollout)
+
+Steps, interval and thresholds come from the gateway's `rollout` settings in the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from deployments import ops
+from deployments.rollout import Rollout
+from rag.errors import RagError
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="serve_config.yaml")
+    parser.add_argument("--dashboard", default=ops.DASHBOARD)
+    parser.add_argument("--gateway", default=ops.GATEWAY)
+    parser.add_argument("--dry-run", action="store_true", help="print each config it would apply; change nothing")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="roll a version out")
+    start.add_argument("version")
+    start.add_argument("--from", dest="copy_of", help="derive the new version from this one")
+    start.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
+                       help="override a pipeline setting of the new version (dotted key=value)")
+    start.add_argument("--resume", action="store_true")
+    commands.add_parser("status", help="where a rollout stands")
+    commands.add_parser("abort", help="send all traffic back to the stable version now")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rollout = Rollout(args.config, dashboard=args.dashboard, gateway=args.gateway, dry_run=args.dry_run)
+    try:
+        if args.command == "start":
+            status = rollout.start(args.version, args.copy_of, dict(args.settings), resume=args.resume)
+            print(f"rollout of {args.version}: {status}")
+            return 0 if status == "promoted" else 1
+        if args.command == "abort":
+            rollout.abort()
+            return 0
+        print(json.dumps(rollout.status(), indent=2, default=str))
+        return 0
+    except (RagError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
