@@ -1,0 +1,93 @@
+"""Two pipeline versions side by side on a real cluster: weighted split, sticky ids, and weight
+changes that restart nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from deployments import ops
+from rag.rollout import ServeDocument
+from tests.serve.conftest import LocalService, running_service
+from tests.serve.lifecycle_helpers import replicas, wait_for
+
+pytestmark = pytest.mark.cluster
+DEPLOYMENTS = ("Pipeline", "Embedder", "Retriever", "Generator")
+
+
+def apply_weights(service: LocalService, weights: dict[str, float]) -> None:
+    doc = ServeDocument.load(service.config_path)
+    doc.set_weights(weights)
+    doc.save(service.config_path)
+    ops.apply(doc.plain(), service.dashboard)
+    wait_for(lambda: ops.readiness(service.gateway)[1].get("weights") == {k: v for k, v in weights.items() if v > 0},
+             30, f"the gateway to take weights {weights}")
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    with running_service(tmp_path_factory.mktemp("versions")) as service:
+        doc = ServeDocument.load(service.config_path)
+        doc.add_version("v2", "v1", {"version": "v2"})
+        doc.set_weights({"v1": 100, "v2": 0})  # add at weight 0, wait, then shift
+        doc.save(service.config_path)
+        ops.apply(doc.plain(), service.dashboard)
+        wait_for(lambda: "v2" in ops.readiness(service.gateway)[1].get("serving", []), 300, "v2 to serve")
+        apply_weights(service, {"v1": 90, "v2": 10})
+        yield service
+
+
+def all_replicas(service: LocalService) -> dict[str, set[str]]:
+    found = {f"{app}/{d}": replicas(service.dashboard, app, d) for app in ("v1", "v2") for d in DEPLOYMENTS}
+    found["gateway/Gateway"] = replicas(service.dashboard, "gateway", "Gateway")
+    return found
+
+
+def _search_version(client: httpx.Client, _: int) -> str:
+    response = client.post("/knowledge_base/search_docs",
+                           json={"query": "Where is the Ray dashboard?", "knowledge_base_name": "samples", "top_k": 1})
+    assert response.status_code == 200
+    return response.headers["x-rag-version"]
+
+
+def test_ninety_ten_split_over_a_thousand_requests(two_versions: LocalService) -> None:
+    with httpx.Client(base_url=two_versions.gateway, timeout=60,
+                      limits=httpx.Limits(max_connections=8)) as client, ThreadPoolExecutor(8) as pool:
+        counts = Counter(pool.map(lambda i: _search_version(client, i), range(1000)))
+    assert set(counts) == {"v1", "v2"}
+    assert abs(counts["v2"] / 1000 - 0.10) <= 0.04, counts
+
+
+def _chat_version(client: httpx.Client, user: str) -> str:
+    response = client.post("/v1/chat/completions", json={
+        "model": "samples", "user": user, "max_tokens": 1,
+        "messages": [{"role": "user", "content": "Where is the Ray dashboard?"}]})
+    assert response.status_code == 200
+    assert response.json()["version"] == response.headers["x-rag-version"]
+    return response.headers["x-rag-version"]
+
+
+def test_sticky_ids_never_switch_version(two_versions: LocalService) -> None:
+    users = [f"user-{i}" for i in range(100)] * 3
+    with httpx.Client(base_url=two_versions.gateway, timeout=60) as client, ThreadPoolExecutor(8) as pool:
+        seen = list(zip(users, pool.map(lambda u: _chat_version(client, u), users), strict=True))
+    by_user: dict[str, set[str]] = {}
+    for user, version in seen:
+        by_user.setdefault(user, set()).add(version)
+    assert all(len(v) == 1 for v in by_user.values()), {u: v for u, v in by_user.items() if len(v) > 1}
+    assert {next(iter(v)) for v in by_user.values()} == {"v1", "v2"}
+
+
+def test_weight_change_keeps_every_replica(two_versions: LocalService) -> None:
+    before = all_replicas(two_versions)
+    assert all(len(ids) == 1 for ids in before.values()), before
+    apply_weights(two_versions, {"v1": 50, "v2": 50})
+    with httpx.Client(base_url=two_versions.gateway, timeout=60) as client:
+        counts = Counter(_search_version(client, i) for i in range(200))
+    apply_weights(two_versions, {"v1": 90, "v2": 10})
+    assert all_replicas(two_versions) == before
+    assert 0.35 <= counts["v2"] / 200 <= 0.65, counts
