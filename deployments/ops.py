@@ -22,6 +22,7 @@ from rag.config import check_serve_config, load_serve_config
 
 DASHBOARD = "http://127.0.0.1:8265"
 GATEWAY = "http://127.0.0.1:8000"
+METRICS_PORT = 8080  # Prometheus scrapes http://127.0.0.1:8080/metrics
 
 
 def ray_env() -> dict[str, str]:
@@ -54,7 +55,8 @@ def start_head(num_cpus: int | None = None) -> bool:
     """Start a local Ray head with the dashboard on 127.0.0.1, unless one runs; True if started."""
     if ray_running():
         return False
-    args = ["ray", "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+    args = ["ray", "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+            "--metrics-export-port", str(METRICS_PORT)]
     if num_cpus:
         args += ["--num-cpus", str(num_cpus)]
     run_cli(*args)

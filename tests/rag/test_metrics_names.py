@@ -1,0 +1,23 @@
+"""The Grafana dashboard shipped with the service charts every metric the service exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rag import metrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deployments" / "grafana" / "rag_dashboard.json"
+
+
+def test_every_metric_has_a_panel() -> None:
+    exprs = " ".join(t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"])
+    missing = [m.name for m in metrics.ALL if f"ray_{m.name}" not in exprs]
+    assert not missing
+
+
+def test_metric_names_are_prometheus_safe_and_unique() -> None:
+    names = [m.name for m in metrics.ALL]
+    assert len(names) == len(set(names))
+    assert all(n.replace("_", "").isalnum() and n.startswith("rag_") for n in names)
+    assert all(list(m.buckets) == sorted(m.buckets) for m in metrics.ALL)
