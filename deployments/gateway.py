@@ -15,9 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.handle import DeploymentResponseGenerator
 
-from deployments.gateway_service import GatewayService
+from deployments.gateway_service import AnswerStream, GatewayService
 from deployments.readiness import ReadinessMonitor
 from deployments.replica import ReplicaLifecycle
 from rag.api import ChatCompletionRequest, CompletionFormatter, KbChatRequest, SearchDocsRequest, error_body
@@ -80,7 +79,7 @@ async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse
     return JSONResponse(error_body(f"invalid request body: {message}", status, param), status_code=status)
 
 
-def _answer_response(service: GatewayService, version: str, first: AnswerStart, rest: DeploymentResponseGenerator,
+def _answer_response(service: GatewayService, version: str, first: AnswerStart, rest: AnswerStream,
                      formatter: CompletionFormatter, started: float, endpoint: str) -> StreamingResponse:
     return StreamingResponse(service.relay(formatter, version, first, rest, started, endpoint),
                              media_type="text/event-stream",

@@ -64,8 +64,7 @@ class GatewayService:
         fresh = [v for v in ready if v not in (avoid or [])]
         return self.split.choose(key, among=fresh or ready)
 
-    async def open_answer(self, question: Question, key: str | None
-                          ) -> tuple[str, AnswerStart, DeploymentResponseGenerator]:
+    async def open_answer(self, question: Question, key: str | None) -> tuple[str, AnswerStart, AnswerStream]:
         """Start an answer and wait for its first event (the sources). Errors before that event become
         an HTTP status, not an error inside a 200 stream; an infrastructure failure (a replica gone, a
         version being removed, a timeout) is retried once, elsewhere when possible, as nothing has been
@@ -85,28 +84,26 @@ class GatewayService:
                 failed.append(version)
         raise ServiceUnavailableError(f"no version could start the answer (tried {failed}); retry shortly")
 
-    async def _first_event(self, version: str, question: Question
-                           ) -> tuple[AnswerStart, DeploymentResponseGenerator]:
-        stream = (await self._handle(version)).answer.options(stream=True).remote(question)
+    async def _first_event(self, version: str, question: Question) -> tuple[AnswerStart, AnswerStream]:
+        stream = AnswerStream((await self._handle(version)).answer.options(stream=True).remote(question))
         try:
-            first = await asyncio.wait_for(stream.__anext__(), self.config.first_event_timeout_s)
+            first = await stream.start(self.config.first_event_timeout_s)
         except BaseException:
-            _cancel_quietly(stream)
+            stream.cancel()
             raise
-        if not isinstance(first, AnswerStart):
-            raise TypeError(f"version {version} began its answer with {type(first).__name__}")
         return first, stream
 
     async def relay(self, formatter: CompletionFormatter, version: str, first: AnswerStart,
-                    rest: DeploymentResponseGenerator, started: float, endpoint: str) -> AsyncIterator[str]:
+                    rest: AnswerStream, started: float, endpoint: str) -> AsyncIterator[str]:
         """SSE lines for one answer; a broken upstream ends in an error event and [DONE], never a cut."""
         status, finished, ttft = "200", False, None
         with self.in_flight.track(), self._counted(version) as outcome:
             try:
                 yield sse(formatter.chunk(first))
-                async for event in rest:
-                    ttft = ttft or self._first_token(event, started, version)
-                    yield sse(formatter.chunk(event))
+                async for batch in rest.batches():
+                    for event in batch:
+                        ttft = ttft or self._first_token(event, started, version)
+                    yield "".join(sse(formatter.chunk(event)) for event in batch)
                 finished = True
             except Exception as exc:
                 status, finished = "stream_error", True
@@ -116,19 +113,20 @@ class GatewayService:
             finally:
                 if not finished:  # the client went away: stop the generation upstream
                     status = "client_closed"
-                    _cancel_quietly(rest)
+                    rest.cancel()
                 self.metrics.count_request(endpoint, status, version)
                 outcome.update(ok=status != "stream_error", first_token_s=ttft)
             yield SSE_DONE
 
-    async def collect(self, version: str, first: AnswerStart, rest: DeploymentResponseGenerator,
+    async def collect(self, version: str, first: AnswerStart, rest: AnswerStream,
                       started: float, endpoint: str) -> list[AnswerEvent]:
         with self.in_flight.track(), self._counted(version) as outcome:
             events: list[AnswerEvent] = [first]
             ttft = None
-            async for event in rest:
-                ttft = ttft or self._first_token(event, started, version)
-                events.append(event)
+            async for batch in rest.batches():
+                for event in batch:
+                    ttft = ttft or self._first_token(event, started, version)
+                    events.append(event)
             outcome.update(ok=True, first_token_s=ttft)
         self.metrics.count_request(endpoint, 200, version)
         return events
@@ -174,6 +172,30 @@ class GatewayService:
             # get_app_handle is a blocking controller call: keep it off the event loop, and cache it.
             self._handles[version] = await asyncio.to_thread(serve.get_app_handle, version)
         return self._handles[version]
+
+
+class AnswerStream:
+    """A version's answer as it arrives: batches of events over a Serve streaming response."""
+
+    def __init__(self, response: DeploymentResponseGenerator) -> None:
+        self._response = response
+        self._held: list[AnswerEvent] = []
+
+    async def start(self, timeout_s: float) -> AnswerStart:
+        """Wait for the first batch; its first event must be the sources."""
+        first, *self._held = await asyncio.wait_for(self._response.__anext__(), timeout_s)
+        if not isinstance(first, AnswerStart):
+            raise TypeError(f"an answer began with {type(first).__name__}, not AnswerStart")
+        return first
+
+    async def batches(self) -> AsyncIterator[list[AnswerEvent]]:
+        if self._held:
+            yield self._held
+        async for batch in self._response:
+            yield batch
+
+    def cancel(self) -> None:
+        _cancel_quietly(self._response)
 
 
 def _cancel_quietly(stream: DeploymentResponseGenerator) -> None:

@@ -12,6 +12,7 @@ from deployments.replica import ReplicaLifecycle
 from rag.config import PipelineConfig
 from rag.pipeline import RagPipeline
 from rag.records import AnswerEvent, GenerationChunk, GenerationRequest, Passage, Question
+from rag.streams import batched
 
 
 @serve.deployment(name="Pipeline")
@@ -28,11 +29,12 @@ class PipelineDeployment:
         # Nothing of its own to load: each stage warms itself before Serve routes to it.
         await self._life.start("handles to Embedder, Retriever, Generator", lambda: None, lambda: None)
 
-    async def answer(self, question: Question) -> AsyncIterator[AnswerEvent]:
+    async def answer(self, question: Question) -> AsyncIterator[list[AnswerEvent]]:
+        """Answer events in batches (the first, `AnswerStart`, alone), as the Generator sends them."""
         self._life.log.first_traffic()
         with self._life.in_flight.track():
-            async for event in self._pipeline.answer(question):
-                yield event
+            async for batch in batched(self._pipeline.answer(question), self._config.generation.stream_batch_window_s):
+                yield batch
 
     async def search(self, question: Question) -> list[Passage]:
         self._life.log.first_traffic()
@@ -56,5 +58,6 @@ class PipelineDeployment:
         return await self._retriever.search.remote(knowledge_base, vector, top_k, score_threshold)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        async for chunk in self._generator.generate.remote(request):
-            yield chunk
+        async for batch in self._generator.generate.remote(request):
+            for chunk in batch:
+                yield chunk

@@ -94,6 +94,8 @@ class GenerationConfig(_Strict):
     top_p: float = Field(0.9, gt=0, le=1)
     extractive_sentences: int = Field(4, ge=1, le=50)
     extractive_piece_delay_s: float = Field(0.0, ge=0, le=5, description="pause between streamed pieces")
+    stream_batch_window_s: float = Field(0.02, ge=0, le=1, description="pieces gathered per message between "
+                                         "replicas after the first one")
     warmup_tokens: int = Field(4, ge=1, le=64)
     trust_remote_code: bool = False
 
