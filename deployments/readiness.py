@@ -29,7 +29,8 @@ class Readiness:
     serving: set[str] = field(default_factory=set)  # versions whose every stage has a running replica
 
 
-def assess(live_versions: list[str], apps: AppStates) -> Readiness:
+def assess(live_versions: list[str], apps: AppStates, previously_serving: set[str] | frozenset[str] = frozenset()
+           ) -> Readiness:
     """Ready when every deployment of every live version has a running (so warmed-up) replica.
 
     Counting running replicas rather than requiring status HEALTHY keeps the service ready during a
@@ -38,8 +39,14 @@ def assess(live_versions: list[str], apps: AppStates) -> Readiness:
     waiting: list[str] = []
     serving = {name for name, (status, deployments) in apps.items()
                if deployments and status not in _NOT_SERVING and all(n >= 1 for n in deployments.values())}
+    # While Serve rebuilds an application after an args change, it lists no deployments at all, yet
+    # the old replicas keep answering until their replacements are up: still serving.
+    serving |= {name for name, (status, deployments) in apps.items()
+                if not deployments and status == "DEPLOYING" and name in previously_serving}
     for version in live_versions:
         status, deployments = apps.get(version, ("NOT_STARTED", {}))
+        if version in serving:
+            continue
         if not deployments or status in _NOT_SERVING:
             waiting.append(f"{version} ({status.lower()})")
             continue
@@ -72,7 +79,7 @@ class ReadinessMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.current = assess(self._live(), read_app_states())
+                self.current = assess(self._live(), read_app_states(), self.current.serving)
             except Exception as exc:  # the controller may be briefly unreachable; report, keep polling
                 # Keep routing to what was serving: a controller hiccup should not refuse traffic.
                 self.current = Readiness(False, [f"serve status unavailable: {exc}"], time.time(),

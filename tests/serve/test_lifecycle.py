@@ -75,6 +75,24 @@ def test_embedder_replacement_lets_every_stream_finish(paced: LocalService) -> N
     assert events[0] == "STARTUP" and events[-1] == "CLEANUP"
 
 
+def test_revision_bump_replaces_every_stage_without_a_failure(paced: LocalService) -> None:
+    """An args change makes Serve rebuild the application and replace all four stages at once."""
+    before = {d: replicas(paced.dashboard, "v1", d) for d in ("Pipeline", "Embedder", "Retriever", "Generator")}
+    with LoadGenerator(paced.gateway, concurrency=6, max_seconds=180) as load:
+        wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
+        config = paced.config("revision.yaml", pipeline_args={**PACED, "revision": "bumped"})
+        ops.deploy(config, dashboard=paced.dashboard)
+        wait_for(lambda: all(replicas(paced.dashboard, "v1", d) - ids and not replicas(paced.dashboard, "v1", d) & ids
+                             for d, ids in before.items())
+                 and ops.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 180, "every stage replaced")
+        sent_at_switch = load.result.sent
+        wait_for(lambda: load.result.sent >= sent_at_switch + 6, 30, "requests on the new replicas")
+    result = load.result
+    assert result.sent >= 12 and not result.errors, result.errors[:3]
+    assert not result.failed, [a.error for a in result.failed[:3]]
+    assert not result.truncated, [a.error for a in result.truncated[:3]]
+
+
 def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: LocalService) -> None:
     started = threading.Event()
     holder: list = []
