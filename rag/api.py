@@ -49,9 +49,8 @@ class ChatCompletionRequest(_Request):
         *earlier, last = self.messages
         if last.role != "user":
             raise InvalidRequestError(f"the last message must have role 'user', got {last.role!r}")
-        history = [ChatTurn("system" if m.role == "developer" else m.role, m.content) for m in earlier]
         return Question(text=_question_text(last.content, max_chars), knowledge_base=knowledge_base,
-                        history=_bounded(history, max_history), top_k=self.top_k,
+                        history=_history(earlier, max_history), top_k=self.top_k,
                         score_threshold=self.score_threshold,
                         max_new_tokens=self.max_completion_tokens or self.max_tokens,
                         temperature=self.temperature)
@@ -72,9 +71,8 @@ class KbChatRequest(_Request):
     max_tokens: int | None = Field(None, ge=1)
 
     def to_question(self, max_chars: int, max_history: int) -> Question:
-        history = [ChatTurn("system" if m.role == "developer" else m.role, m.content) for m in self.history]
         return Question(text=_question_text(self.query, max_chars), knowledge_base=self.knowledge_base_name,
-                        history=_bounded(history, max_history), top_k=self.top_k,
+                        history=_history(self.history, max_history), top_k=self.top_k,
                         score_threshold=self.score_threshold, max_new_tokens=self.max_tokens,
                         temperature=self.temperature)
 
@@ -106,8 +104,10 @@ def _question_text(text: str, max_chars: int) -> str:
     return text
 
 
-def _bounded(history: list[ChatTurn], max_turns: int) -> list[ChatTurn]:
-    return history[-max_turns:] if max_turns else []
+def _history(messages: list[ChatMessage], max_turns: int) -> list[ChatTurn]:
+    """The last `max_turns` messages as turns; OpenAI's newer "developer" role is a system message."""
+    turns = [ChatTurn("system" if m.role == "developer" else m.role, m.content) for m in messages]
+    return turns[-max_turns:] if max_turns else []
 
 
 def document_json(passage: Passage) -> dict[str, Any]:
