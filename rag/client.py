@@ -24,6 +24,7 @@ class StreamedAnswer:
     status: int = 0
     first_token_s: float | None = None
     total_s: float = 0.0
+    started_at: float = 0.0  # wall clock, to place an answer in a phase of a rollout
 
     @property
     def complete(self) -> bool:
@@ -60,7 +61,7 @@ def stream_chat(client: httpx.Client, question: str, knowledge_base: str = "samp
     """POST a streaming chat completion and collect it; `on_event(answer, event)` sees each event."""
     body = {"model": knowledge_base, "stream": True, "messages": [{"role": "user", "content": question}],
             **extra}
-    answer = StreamedAnswer()
+    answer = StreamedAnswer(started_at=time.time())
     started = time.perf_counter()
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         answer.status = response.status_code
