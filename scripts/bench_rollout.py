@@ -1,0 +1,299 @@
+"""Upgrade under full load, three ways: what reaches the clients, and how long the old server lingers.
+
+    .venv/bin/python -m scripts.bench_rollout [--clients 8] [--seconds 240] [--piece-delay 0.005] [--upgrade-at 0.5]
+        [--trigger revision|num-cpus] [--scenarios project gunicorn serve-defaults] [--json var/bench_rollout.json]
+
+K streaming clients ask questions for T seconds (one answer piece every --piece-delay s); at --upgrade-at x T
+the server is upgraded. Scenarios, each on fresh ports, one after another:
+  project         serve_config.yaml on a private local Ray cluster, upgraded by `serve deploy` (ops.deploy) of
+                  a config that replaces every pipeline stage (a new args.revision, or --trigger num-cpus).
+  gunicorn        scripts.baseline_app (same pipeline, in-process) under Gunicorn + Uvicorn workers, upgraded
+                  by Gunicorn's reload: `kill -HUP <master>`.
+  serve-defaults  the same Serve app and upgrade, with Ray's defaults for surge, drain and max_ongoing_requests.
+Columns: sent; failed (HTTP status != 200); truncated (200 but no finish reason or [DONE], or an error event);
+transport errors (refused, reset, timeout); p50/p99 time to first token and total (complete answers only);
+drain: from the upgrade's trigger until the old replicas / workers are gone.
+"""
+
+import os
+
+# Before anything imports ray or torch: no token auth or usage stats on the private clusters, one BLAS thread.
+os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+import argparse
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import serve
+
+from deployments import ops
+from rag.config import load_serve_config, pipeline_configs
+from rag.ingest import ingest_directory
+from rag.loadgen import LoadGenerator, LoadResult
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_CONFIG = REPO / "serve_config.yaml"
+SCENARIOS = ("project", "gunicorn", "serve-defaults")
+# What scenario (c) deletes from every deployment, so Ray's defaults apply (surge 0, 20 s drain, 5 ongoing).
+SERVE_TUNING = ("max_surge_percent", "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s",
+                "max_ongoing_requests")
+REQUEST_TIMEOUT_S, DRAIN_LIMIT_S = 120.0, 300.0  # bounds on one answer and on waiting for the old server to go
+COLUMNS = ("sent", "failed", "truncated", "transport_errors", "ttft_p50_s", "ttft_p99_s", "total_p50_s",
+           "total_p99_s", "drain_s")
+OldGone = Callable[[], bool]  # polled after the upgrade: True once the old server is gone
+Target = tuple[str, Callable[[], OldGone]]  # the base URL, and what triggers the upgrade
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, interval_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not (done := bool(condition())) and time.monotonic() < deadline:
+        time.sleep(interval_s)
+    return done
+
+
+def strip_tuning(path: Path) -> Path:
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for deployment in (d for app in config["applications"] for d in app.get("deployments") or []):
+        for key in SERVE_TUNING:
+            deployment.pop(key, None)
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def upgrade_overrides(trigger: str) -> dict[str, Any]:
+    """`ops.write_config` overrides that replace the replica of every pipeline stage."""
+    source = load_serve_config(SOURCE_CONFIG)
+    if trigger == "revision":  # a new code revision: Serve rebuilds the application
+        return {"pipeline_args": {"revision": f"{next(iter(pipeline_configs(source).values())).revision}-up"}}
+    app = next(a for a in source["applications"] if a["import_path"].endswith(":build_pipeline_app"))
+    return {"deployment_options": {d["name"]: {"ray_actor_options": {
+        **d["ray_actor_options"], "num_cpus": d["ray_actor_options"]["num_cpus"] + 0.01}} for d in app["deployments"]}}
+
+
+def serve_configs(work: Path, kb: Path, port: int, args: argparse.Namespace, defaults: bool) -> list[Path]:
+    """The config to start with and the upgraded one."""
+    paths = []
+    for name, overrides in (("start", {}), ("upgraded", upgrade_overrides(args.trigger))):
+        pipeline_args = {"generation": {"extractive_piece_delay_s": args.piece_delay},
+                         **overrides.get("pipeline_args", {})}
+        path = ops.write_config(SOURCE_CONFIG, work / f"{name}.yaml", http_port=port, kb_root=kb,
+                                pipeline_args=pipeline_args, deployment_options=overrides.get("deployment_options"))
+        paths.append(strip_tuning(path) if defaults else path)
+    return paths
+
+
+def deploy(path: Path, dashboard: str, checked: bool) -> None:
+    if checked:
+        return ops.deploy(path, dashboard)
+    # Deliberately bypasses rag.config.check_serve_config (called by ops.deploy): it refuses Ray's defaults
+    # because a 60 s stream can outlive Serve's default 20 s drain. That refusal is this project's safety
+    # net; the serve-defaults scenario measures what happens without it.
+    result = ops.run_cli("serve", "deploy", str(path), "--address", dashboard, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
+
+
+def replicas(dashboard: str, app: str) -> dict[str, dict[str, str]] | None:
+    """{deployment: {replica id: state}} of an application; None if the dashboard did not answer."""
+    with contextlib.suppress(Exception):  # the dashboard can be slow to answer on a busy machine
+        deployments = ops.applications(dashboard).get(app, {}).get("deployments", {})
+        return {name: {r["replica_id"]: r["state"] for r in d.get("replicas", [])} for name, d in deployments.items()}
+    return None
+
+
+def replaced(dashboard: str, app: str, before: dict[str, dict[str, str]]) -> bool:
+    """Every deployment runs a new replica and none of its old ones is left, in any state. (While Serve
+    rebuilds an application its deployments may be missing from the status: that is not "replaced".)"""
+    now = replicas(dashboard, app) or {}
+    return all(name in now and not set(now[name]) & set(old) and "RUNNING" in now[name].values()
+               for name, old in before.items())
+
+
+def serve_upgrade(path: Path, dashboard: str, checked: bool, app: str) -> OldGone:
+    if not (before := replicas(dashboard, app)):
+        raise RuntimeError(f"no replicas of application {app!r} to replace")
+    deploy(path, dashboard, checked)
+    return lambda: replaced(dashboard, app, before)
+
+
+@contextlib.contextmanager
+def serve_target(work: Path, kb: Path, args: argparse.Namespace, defaults: bool) -> Iterator[Target]:
+    """A private local cluster (its own dashboard and HTTP ports) with the service deployed and ready."""
+    dashboard_port, http_port = free_port(), free_port()
+    start, upgraded = serve_configs(work, kb, http_port, args, defaults)
+    app = next(a["name"] for a in load_serve_config(start)["applications"]
+               if a["import_path"].endswith(":build_pipeline_app"))
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, log_to_driver=False)
+    try:
+        dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
+        deploy(start, dashboard, checked=not defaults)
+        ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        yield gateway, lambda: serve_upgrade(upgraded, dashboard, not defaults, app)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...); [] if there is no such process."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return []
+
+
+def gunicorn_reload(master: int) -> OldGone:
+    """Gunicorn's reload: it starts new workers and sends the old ones SIGTERM (they drain, --graceful-timeout)."""
+    old = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and proc_stat(int(p.name))[1:2] == [
+        str(master)]]
+    os.kill(master, signal.SIGHUP)
+    return lambda: all(proc_stat(pid)[:1] in ([], ["Z"]) for pid in old)
+
+
+def gunicorn_ready(base_url: str, workers: int, timeout_s: float) -> None:
+    """Until /ready has answered from every worker (each poll is a new connection), or the timeout."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < workers and time.monotonic() < deadline:
+        status, body = ops.readiness(base_url)
+        seen |= {int(body["pid"])} if status == 200 else set()
+        time.sleep(0.2)
+    if not seen:
+        raise TimeoutError(f"{base_url}/ready did not answer 200 within {timeout_s}s")
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout_s: float = 45) -> None:
+    """SIGTERM to the process group (Gunicorn drains its workers), SIGKILL if it takes too long."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait_s)
+            return
+
+
+@contextlib.contextmanager
+def gunicorn_target(work: Path, kb: Path, delay: float) -> Iterator[Target]:
+    port, workers = free_port(), 2
+    command = [str(Path(sys.executable).parent / "gunicorn"), "scripts.baseline_app:app",
+               "-k", "uvicorn.workers.UvicornWorker", "-w", str(workers), "--graceful-timeout", "30",
+               "--no-control-socket", "-b", f"127.0.0.1:{port}"]
+    env = {**os.environ, "RAG_KB_ROOT": str(kb), "RAG_PIECE_DELAY_S": str(delay)}
+    with (work / "gunicorn.log").open("wb") as log:
+        master = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            gunicorn_ready(f"http://127.0.0.1:{port}", workers, 180)
+            yield f"http://127.0.0.1:{port}", lambda: gunicorn_reload(master.pid)
+        finally:
+            stop_group(master)
+
+
+def summarize(scenario: str, result: LoadResult, drain_s: float | None, drained_under_load: bool) -> dict[str, Any]:
+    pct = result.percentile
+    return {"scenario": scenario, "sent": result.sent, "failed": len(result.failed),
+            "truncated": len(result.truncated), "transport_errors": len(result.errors),
+            "ttft_p50_s": pct(lambda a: a.first_token_s, 0.5), "ttft_p99_s": pct(lambda a: a.first_token_s, 0.99),
+            "total_p50_s": pct(lambda a: a.total_s, 0.5), "total_p99_s": pct(lambda a: a.total_s, 0.99),
+            "drain_s": drain_s, "drained_while_load_ran": drained_under_load,
+            "samples": sorted({f"HTTP {a.status}: {(a.error or 'no [DONE]')[:150]}" for a in result.failed
+                               + result.truncated} | {f"transport: {e[:150]}" for e in result.errors})[:8],
+            "answers": [{"status": a.status, "complete": a.complete, "first_token_s": a.first_token_s,
+                         "total_s": a.total_s, "error": a.error} for a in result.answers]}
+
+
+def measure(scenario: str, target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """The load for --seconds, with the upgrade triggered at --upgrade-at of it; waits for the drain."""
+    base_url, upgrade = target
+    with LoadGenerator(base_url, concurrency=args.clients, max_seconds=args.seconds,
+                       max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
+        time.sleep(args.seconds * args.upgrade_at)
+        triggered = time.monotonic()
+        print(f"[{scenario}] upgrading after {load.result.sent} requests", flush=True)
+        drained = wait_for(upgrade(), DRAIN_LIMIT_S)
+        drain_s = time.monotonic() - triggered if drained else None
+        under_load = time.monotonic() < load.deadline
+        time.sleep(max(0.0, load.deadline - time.monotonic()))
+    return summarize(scenario, load.result, drain_s, drained and under_load)
+
+
+def run_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) -> dict[str, Any]:
+    (work / scenario).mkdir()
+    print(f"[{scenario}] starting", flush=True)
+    target = (gunicorn_target(work / scenario, kb, args.piece_delay) if scenario == "gunicorn"
+              else serve_target(work / scenario, kb, args, defaults=scenario == "serve-defaults"))
+    try:
+        with target as ready:
+            return measure(scenario, ready, args)
+    except Exception as exc:  # one broken scenario must not hide the others' results
+        print(f"[{scenario}] error: {exc!r}", flush=True)
+        return {"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    header = ["scenario", *(key.removesuffix("_s").replace("_", " ") for key in COLUMNS)]
+    lines = [header] + [[row["scenario"], *(fmt(row.get(key)) for key in COLUMNS)] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [f"clients={args.clients} seconds={args.seconds:g} piece_delay={args.piece_delay:g}s "
+            f"upgrade at {args.upgrade_at:g} x seconds, trigger={args.trigger}"]
+    text += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+             for line in lines]
+    for row in rows:
+        late = row.get("drained_while_load_ran") is False and "the old server was still draining when the load ended"
+        text += [f"  {row['scenario']}: {note}" for note in [row.get("error"), *row.get("samples", []), late] if note]
+    return "\n".join(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
+    # On 2 cores, 8 clients get ~12 answers/s at 0.005 s pacing (~4/s at 0.02): 240 s gives (a) >= 2,000 requests.
+    parser.add_argument("--seconds", type=float, default=240, help="how long the load runs per scenario")
+    parser.add_argument("--piece-delay", type=float, default=0.005, help="seconds between streamed pieces")
+    parser.add_argument("--upgrade-at", type=float, default=0.5, help="when to upgrade, as a fraction of --seconds")
+    parser.add_argument("--trigger", choices=("revision", "num-cpus"), default="revision",
+                        help="Serve upgrade: bump args.revision (new code) or nudge every stage's num_cpus")
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--json", default=None, help="write the raw results to this path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
+        work = Path(tmp)  # the sample KB is ingested once, for every scenario
+        ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples",
+                         next(iter(pipeline_configs(load_serve_config(SOURCE_CONFIG)).values())))
+        for scenario in args.scenarios:
+            rows.append(run_scenario(scenario, work, work / "kb", args))
+    print(table(rows, args))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
