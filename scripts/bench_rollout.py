@@ -10,6 +10,9 @@ the server is upgraded. Scenarios, each on fresh ports, one after another:
   gunicorn        scripts.baseline_app (same pipeline, in-process) under Gunicorn + Uvicorn workers, upgraded
                   by Gunicorn's reload: `kill -HUP <master>`.
   serve-defaults  the same Serve app and upgrade, with Ray's defaults for surge, drain and max_ongoing_requests.
+  canary          this project's rollout tool moving all traffic to a new version (5/25/50/100 %) under the same
+                  load: promote, then removal of the old version. Reported per phase.
+  rollback        the same with a canary that fails 50 % of its answers (faults.error_rate): rolled back by itself.
 Columns: sent; failed (HTTP status != 200); truncated (200 but no finish reason or [DONE], or an error event);
 transport errors (refused, reset, timeout); p50/p99 time to first token and total (complete answers only);
 drain: from the upgrade's trigger until the old replicas / workers are gone.
@@ -23,6 +26,7 @@ os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", 
 
 import argparse
 import contextlib
+import itertools
 import json
 import signal
 import socket
@@ -39,13 +43,17 @@ import yaml
 from ray import serve
 
 from deployments import ops
+from deployments.rollout import Rollout
 from rag.config import load_serve_config, pipeline_configs
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator, LoadResult
+from rag.rollout import ServeDocument
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_CONFIG = REPO / "serve_config.yaml"
-SCENARIOS = ("project", "gunicorn", "serve-defaults")
+UPGRADES = ("project", "gunicorn", "serve-defaults")
+ROLLOUTS = ("canary", "rollback")
+SCENARIOS = UPGRADES + ROLLOUTS
 # What scenario (c) deletes from every deployment, so Ray's defaults apply (surge 0, 20 s drain, 5 ongoing).
 SERVE_TUNING = ("max_surge_percent", "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s",
                 "max_ongoing_requests")
@@ -247,6 +255,64 @@ def run_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) 
         return {"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def rollout_config(work: Path, kb: Path, port: int, args: argparse.Namespace) -> Path:
+    path = ops.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=port, kb_root=kb,
+                            pipeline_args={"generation": {"extractive_piece_delay_s": args.piece_delay}})
+    doc = ServeDocument.load(path)
+    gateway = next(a for a in doc.data["applications"] if a["import_path"].endswith(":build_gateway_app"))
+    gateway["args"]["rollout"] = {"steps": [5, 25, 50, 100], "interval_s": args.step_seconds, "min_requests": 10,
+                                  "max_wait_intervals": 3, "drain_timeout_s": DRAIN_LIMIT_S}
+    doc.save(path)
+    return path
+
+
+def phase_rows(scenario: str, result: LoadResult, marks: list[tuple[float, str]]) -> list[dict[str, Any]]:
+    """One row per rollout phase: the answers that started between one applied step and the next."""
+    bounds = [*marks, (float("inf"), "")]
+    rows = []
+    for (begin, label), (end, _) in itertools.pairwise(bounds):
+        part = LoadResult(answers=[a for a in result.answers if begin <= a.started_at < end])
+        if part.answers:
+            rows.append({**summarize(f"{scenario}: {label}", part, None, True), "answers": []})
+    return rows
+
+
+def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Under the load, the rollout tool moves traffic to a new version (or gives up on a faulty one)."""
+    dashboard_port, http_port = free_port(), free_port()
+    path = rollout_config(work, kb, http_port, args)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, log_to_driver=False)
+    marks: list[tuple[float, str]] = []
+
+    def note(line: str) -> None:
+        if line.startswith("event=ROLLOUT_APPLY"):
+            marks.append((time.time(), line.split('what="')[1].split('"')[0][:40]))
+        print(f"[{scenario}] {line}", flush=True)
+
+    try:
+        dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
+        ops.deploy(path, dashboard)
+        ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        faults = {"faults": {"error_rate": 0.5}} if scenario == "rollback" else {}
+        with LoadGenerator(gateway, concurrency=args.clients, max_seconds=DRAIN_LIMIT_S * 4,
+                           max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
+            time.sleep(args.step_seconds)
+            marks.append((0.0, "before the rollout"))
+            status = Rollout(path, dashboard=dashboard, gateway=gateway, say=note).start(
+                "v2", "v1", {"revision": "2", **faults})
+            marks.append((time.time(), f"after: {status}"))
+            time.sleep(args.step_seconds)
+        whole = {**summarize(f"{scenario} ({status})", load.result, None, True), "answers": []}
+        return [whole, *phase_rows(scenario, load.result, marks)]
+    except Exception as exc:
+        print(f"[{scenario}] error: {exc!r}", flush=True)
+        return [{"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"}]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -256,7 +322,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [header] + [[row["scenario"], *(fmt(row.get(key)) for key in COLUMNS)] for row in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [f"clients={args.clients} seconds={args.seconds:g} piece_delay={args.piece_delay:g}s "
-            f"upgrade at {args.upgrade_at:g} x seconds, trigger={args.trigger}"]
+            f"upgrade at {args.upgrade_at:g} x seconds, trigger={args.trigger}, rollout step={args.step_seconds:g}s"]
     text += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
              for line in lines]
     for row in rows:
@@ -275,6 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trigger", choices=("revision", "num-cpus"), default="revision",
                         help="Serve upgrade: bump args.revision (new code) or nudge every stage's num_cpus")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--step-seconds", type=float, default=20, help="rollout: observation interval per step")
     parser.add_argument("--json", default=None, help="write the raw results to this path")
     return parser.parse_args(argv)
 
@@ -287,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples",
                          next(iter(pipeline_configs(load_serve_config(SOURCE_CONFIG)).values())))
         for scenario in args.scenarios:
-            rows.append(run_scenario(scenario, work, work / "kb", args))
+            if scenario in ROLLOUTS:
+                (work / scenario).mkdir()
+                rows += rollout_scenario(scenario, work / scenario, work / "kb", args)
+            else:
+                rows.append(run_scenario(scenario, work, work / "kb", args))
     print(table(rows, args))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
