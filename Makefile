@@ -11,12 +11,13 @@ export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo stop test lint bench
+.PHONY: help install demo stop test lint bench bench-rollout
 help:
 	@echo "make demo   start local Ray, ingest the sample KB, deploy, stream an answer"
 	@echo "make stop   drain and remove the apps, stop Ray"
 	@echo "make test   install what the tests need and run lint, types and the whole suite"
-	@echo "make bench  benchmark Serve HTTP vs in-process"
+	@echo "make bench  benchmark Serve HTTP vs in-process (needs make demo running)"
+	@echo "make bench-rollout  upgrades and rollouts under load, three ways (about 20 minutes)"
 
 # torch goes in first: with no GPU the CPU build (a bare `torch` requirement, pulled in by
 # sentence-transformers, would drag a multi-GB CUDA build onto a machine that cannot use it).
@@ -48,3 +49,6 @@ test: lint
 
 bench: install
 	$(PY) -m scripts.bench_pipeline
+
+bench-rollout: install
+	$(PY) -m scripts.bench_rollout

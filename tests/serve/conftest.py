@@ -63,6 +63,8 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
 
     from deployments import ops
 
+    if ray.is_initialized():
+        raise RuntimeError("a Ray cluster from another fixture is still up: clusters must not overlap")
     kb_root = work / "kb"
     ingest_samples(kb_root)
     dashboard_port, http_port = free_port(), free_port()
@@ -84,7 +86,8 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    """A cluster for one test module: modules run one after another, and one process holds one Ray."""
     with running_service(tmp_path_factory.mktemp("cluster")) as local:
         yield local
