@@ -18,7 +18,7 @@ from rag.client import stream_chat
 from rag.config import load_serve_config, pipeline_configs
 from rag.constants import resolve_path
 from rag.ingest import ingest_directory
-from scripts.ingest import _Bars
+from scripts.ingest import ProgressBars
 
 QUESTION = "How do I upgrade the service without dropping requests?"
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in pipeline_configs(load_serve_config(args.config)).values():
         for kb in config.retrieval.knowledge_bases:
             result = ingest_directory(resolve_path("data/sample_kb"), config.retrieval.kb_root_path, kb, config,
-                                      progress=_Bars())
+                                      progress=ProgressBars())
             print(f"2/4 knowledge base {kb}: v{result.manifest.version} "
                   f"({'new' if result.created else 'unchanged'}, {result.manifest.count} chunks)")
     print("3/4 serve deploy", args.config)

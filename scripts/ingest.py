@@ -31,7 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Bars:
+class ProgressBars:
+    """tqdm bars for the library's (stage, done, total) progress callback."""
+
     def __init__(self) -> None:
         self._bars: dict[str, tqdm] = {}
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = versions[args.version] if args.version else next(iter(versions.values()))
         kb_root = resolve_path(args.kb_root) if args.kb_root else config.retrieval.kb_root_path
         result = ingest_directory(resolve_path(args.source), kb_root, args.kb, config, force=args.force,
-                                  progress=_Bars())
+                                  progress=ProgressBars())
     except (RagError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
