@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,13 @@ from rag.config import check_serve_config, load_serve_config
 DASHBOARD = "http://127.0.0.1:8265"
 GATEWAY = "http://127.0.0.1:8000"
 METRICS_PORT = 8080  # Prometheus scrapes http://127.0.0.1:8080/metrics
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for private clusters in tests and benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def ray_env() -> dict[str, str]:

@@ -7,6 +7,7 @@ gateway's `user_config` is a `TrafficConfig`. Scripts (ingest, demo) read the sa
 
 from __future__ import annotations
 
+import re
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -67,8 +68,6 @@ class RetrievalConfig(_Strict):
     @field_validator("knowledge_bases")
     @classmethod
     def _names_and_versions(cls, value: dict[str, int | str]) -> dict[str, int | str]:
-        import re
-
         if not value:
             raise ValueError("at least one knowledge base is needed")
         for name, version in value.items():
@@ -145,8 +144,6 @@ class TrafficConfig(_Strict):
     @field_validator("weights")
     @classmethod
     def _some_traffic(cls, value: dict[str, float]) -> dict[str, float]:
-        import re
-
         for name, weight in value.items():
             if not re.match(VERSION_PATTERN, name):
                 raise ValueError(f"version name {name!r} must match {VERSION_PATTERN}")

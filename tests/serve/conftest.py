@@ -7,7 +7,6 @@ Each cluster belongs to the test process (`ray.init` with a dashboard on a free 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,12 +38,6 @@ class LocalService:
         return ops.write_config(self.config_path, self.work / name, **overrides)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def ingest_samples(kb_root: Path) -> None:
     from rag.config import load_serve_config, pipeline_configs
     from rag.ingest import ingest_directory
@@ -67,8 +60,8 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
         raise RuntimeError("a Ray cluster from another fixture is still up: clusters must not overlap")
     kb_root = work / "kb"
     ingest_samples(kb_root)
-    dashboard_port, http_port = free_port(), free_port()
-    metrics_port = free_port() if with_metrics else None
+    dashboard_port, http_port = ops.free_port(), ops.free_port()
+    metrics_port = ops.free_port() if with_metrics else None
     config = ops.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=http_port,
                               kb_root=kb_root, **overrides)
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments import ops
+from rag.loadgen import LoadResult
 
 EVENT = re.compile(r"event=(\w+) deployment=(\w+) version=(\S+) replica=(\w+)(.*)$")
 
@@ -24,6 +25,13 @@ def wait_for(condition: Any, timeout_s: float, what: str, interval_s: float = 0.
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"gave up after {timeout_s}s waiting for {what}")
+
+
+def assert_clean(result: LoadResult, min_sent: int) -> None:
+    """The load sent enough requests and none failed, was truncated or broke the connection."""
+    assert result.sent >= min_sent and not result.errors, result.errors[:3]
+    assert not result.failed, [(a.status, a.error) for a in result.failed[:3]]
+    assert not result.truncated, [a.error for a in result.truncated[:3]]
 
 
 def session_logs() -> Path:

@@ -19,7 +19,7 @@ from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator
 from rag.rollout import ServeDocument
 from tests.serve.conftest import REPO, LocalService, running_service
-from tests.serve.lifecycle_helpers import replicas, wait_for
+from tests.serve.lifecycle_helpers import assert_clean, replicas, wait_for
 
 pytestmark = pytest.mark.cluster
 FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 4, "min_requests": 5, "max_wait_intervals": 3,
@@ -42,13 +42,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
 
 def _rollout(service: LocalService, log: list[str]) -> Rollout:
     return Rollout(service.config_path, dashboard=service.dashboard, gateway=service.gateway, say=log.append)
-
-
-def _assert_clean(load: LoadGenerator) -> None:
-    result = load.result
-    assert result.sent >= 20 and not result.errors, result.errors[:3]
-    assert not result.failed, [(a.status, a.error) for a in result.failed[:3]]
-    assert not result.truncated, [a.error for a in result.truncated[:3]]
 
 
 def _new_index_version(service: LocalService, tmp_path) -> int:
@@ -86,7 +79,7 @@ def test_knowledge_base_update_is_promoted_with_zero_failures(live: LocalService
     doc = ServeDocument.load(live.config_path)
     assert list(doc.versions) == [canary] and doc.weights == {canary: 100.0}
     wait_for(lambda: stable not in ops.applications(live.dashboard), 60, "the old version to be removed")
-    _assert_clean(load)
+    assert_clean(load.result, min_sent=20)
     # The old index kept serving the old version until it was removed; the new one answers from the update.
     assert seen and all(not has for version, has in seen if version == stable)
     assert any(has for version, has in seen if version == canary)
@@ -106,5 +99,5 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     doc = ServeDocument.load(live.config_path)
     assert list(doc.versions) == [stable] and doc.weights == {stable: 100.0}
     # Injected failures happen before the first byte, so the gateway retried them on the stable version.
-    _assert_clean(load)
+    assert_clean(load.result, min_sent=20)
     assert {d: replicas(live.dashboard, stable, d) for d in stable_replicas} == stable_replicas
