@@ -105,7 +105,8 @@ class GatewayDeployment:
         self._life = ReplicaLifecycle("gateway")
         self.service = GatewayService(config, self._life.metrics, self._life.in_flight,
                                       lambda: self.readiness.current.serving)
-        self.readiness = ReadinessMonitor(lambda: self.service.split.live, config.ready_poll_interval_s)
+        self.readiness = ReadinessMonitor(lambda: self.service.split.live, config.ready_poll_interval_s,
+                                          self.service.prime, lambda: list(self.service.traffic.weights))
         await self._life.start("HTTP routes and the readiness monitor", lambda: None, lambda: None)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -167,6 +167,14 @@ class GatewayService:
         if self.draining:
             raise ServiceUnavailableError("the service is draining for a stop; send new requests elsewhere")
 
+    def prime(self, version: str) -> None:
+        """Open the route to `version` with one cheap call through it, before it gets a user's request:
+        a new handle's first call waits for the controller and for its replica list. Blocking: it runs
+        on the readiness thread, never on the event loop."""
+        handle = serve.get_app_handle(version)
+        handle.knowledge_bases.remote().result(timeout_s=self.config.first_event_timeout_s)
+        self._handles[version] = handle
+
     async def _handle(self, version: str) -> DeploymentHandle:
         if version not in self._handles:
             # get_app_handle is a blocking controller call: keep it off the event loop, and cache it.

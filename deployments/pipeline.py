@@ -26,8 +26,9 @@ class PipelineDeployment:
         self._generator = generator.options(stream=True)
         self._pipeline = RagPipeline(config, self._embed, self._search, self._generate)
         self._life = ReplicaLifecycle(config.version)
-        # Nothing of its own to load: each stage warms itself before Serve routes to it.
-        await self._life.start("handles to Embedder, Retriever, Generator", lambda: None, lambda: None)
+        # Nothing of its own to load; the warm-up is one probe question through the three handles, so
+        # the first user request finds their routers populated instead of paying for that itself.
+        await self._life.start("handles to Embedder, Retriever, Generator", lambda: None, self._pipeline.warmup)
 
     async def answer(self, question: Question) -> AsyncIterator[list[AnswerEvent]]:
         """Answer events in batches (the first, `AnswerStart`, alone), as the Generator sends them."""

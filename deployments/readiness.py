@@ -65,12 +65,43 @@ def _running(replica_states: dict) -> int:
     return sum(n for state, n in replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
 
-class ReadinessMonitor:
-    """A daemon thread keeping a fresh `Readiness` for the versions `live()` returns."""
+class RoutePrimer:
+    """Counts a version as serving only once `prime(version)` has succeeded: the gateway opens its
+    route to the version (handle, router, replica list) before sending it a user's request."""
 
-    def __init__(self, live: Callable[[], list[str]], interval_s: float) -> None:
+    def __init__(self, prime: Callable[[str], None]) -> None:
+        self._prime = prime
+        self.primed: set[str] = set()
+
+    def apply(self, named: list[str], live: list[str], state: Readiness) -> Readiness:
+        """`state` less the serving versions, of those the traffic config names, whose route could not
+        be primed yet."""
+        self.primed &= state.serving  # a version that comes back after removal is primed again
+        for version in sorted(state.serving.intersection(named) - self.primed):
+            began = time.monotonic()
+            try:
+                self._prime(version)
+            except Exception as exc:  # not routable yet: leave it out, try again at the next poll
+                logger.warning("event=ROUTE_PRIME_FAILED version=%s error=%r", version, exc)
+                continue
+            self.primed.add(version)
+            logger.info("event=ROUTE_READY version=%s seconds=%.3f", version, time.monotonic() - began)
+        unprimed = state.serving.intersection(named) - self.primed
+        waiting = state.waiting_for + [f"{v} (gateway route)" for v in sorted(unprimed) if v in live]
+        return Readiness(not waiting, waiting, state.checked_at, state.serving - unprimed)
+
+
+class ReadinessMonitor:
+    """A daemon thread keeping a fresh `Readiness` for the versions `live()` returns (weight > 0);
+    `named()` (all versions in the weights, 0 included) are primed as soon as they serve."""
+
+    def __init__(self, live: Callable[[], list[str]], interval_s: float,
+                 prime: Callable[[str], None] = lambda version: None,
+                 named: Callable[[], list[str]] | None = None) -> None:
         self._live = live
+        self._named = named or live
         self._interval_s = interval_s
+        self._routes = RoutePrimer(prime)
         self.current = Readiness(False, ["first status check"])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="readiness", daemon=True)
@@ -79,7 +110,9 @@ class ReadinessMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.current = assess(self._live(), read_app_states(), self.current.serving)
+                live = self._live()
+                state = assess(live, read_app_states(), self.current.serving)
+                self.current = self._routes.apply(self._named(), live, state)
             except Exception as exc:  # the controller may be briefly unreachable; report, keep polling
                 # Keep routing to what was serving: a controller hiccup should not refuse traffic.
                 self.current = Readiness(False, [f"serve status unavailable: {exc}"], time.time(),

@@ -162,7 +162,8 @@ class RolloutConfig(_Strict):
     min_requests: int = Field(20, ge=0, description="canary requests needed before a step is judged")
     max_wait_intervals: int = Field(4, ge=1, le=100, description="intervals to wait for min_requests")
     max_error_rate_increase: float = Field(0.02, ge=0, le=1, description="canary minus stable error rate")
-    max_ttft_p99_ratio: float = Field(2.0, ge=1, description="canary p99 time to first token / stable's")
+    max_ttft_ratio: float = Field(2.0, ge=1, description="canary tail time to first token / stable's: p99 when "
+                                  "both versions have 100 samples in the window, p90 from 10, else p50")
     ttft_slack_s: float = Field(0.05, ge=0, description="p99 differences below this never count")
     drain_timeout_s: float = Field(300.0, gt=0, description="wait for the old version's in-flight to reach 0")
 

@@ -14,9 +14,9 @@ import numpy as np
 
 from rag.config import PipelineConfig
 from rag.embedding import TextEmbedder
-from rag.errors import InvalidRequestError
+from rag.errors import GenerationError, InvalidRequestError
 from rag.faults import FaultInjector
-from rag.generation import Generator, build_generator
+from rag.generation import PROBE, Generator, build_generator
 from rag.records import (
     AnswerDelta,
     AnswerEnd,
@@ -57,6 +57,23 @@ class RagPipeline:
             raise InvalidRequestError("the question is empty")
         vector = await self._embed(question.text)
         return await self._search(question.knowledge_base, vector, question.top_k, question.score_threshold)
+
+    async def warmup(self) -> None:
+        """One probe question through every stage, in a request's order and without injected faults.
+
+        Run over remote stages, it opens each connection the first user request would otherwise
+        have to open, so a new version's first answers are as fast as its later ones.
+        """
+        question = "What does the warm-up probe check?"
+        vector = await self._embed(question)
+        passages: list[Passage] = []
+        for name in list(self.config.retrieval.knowledge_bases)[:1]:
+            passages = await self._search(name, vector, 1, None)
+        request = GenerationRequest(question=question, passages=passages or [PROBE],
+                                    max_new_tokens=self.config.generation.warmup_tokens,
+                                    max_seconds=self.config.generation.max_stream_seconds)
+        if not any([chunk.text async for chunk in self._generate(request)]):
+            raise GenerationError("the warm-up answer through the pipeline produced no text")
 
     async def answer(self, question: Question) -> AsyncIterator[AnswerEvent]:
         """Sources first, then answer text, then the finish reason: the order clients render in.

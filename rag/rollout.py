@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from rag.config import GatewayConfig, RolloutConfig, check_serve_config, validate
 from rag.errors import InvalidRequestError
+from rag.stats import TTFT_QUANTILES, ttft_key
 
 PIPELINE_BUILDER = ":build_pipeline_app"
 GATEWAY_BUILDER = ":build_gateway_app"
@@ -149,12 +150,20 @@ def judge(canary: dict[str, Any], stable: dict[str, Any] | None, cfg: RolloutCon
     if increase > cfg.max_error_rate_increase:
         return Verdict("rollback", f"canary error rate {canary['error_rate']:.3f} is {increase:.3f} above stable "
                                    f"{baseline:.3f} (limit {cfg.max_error_rate_increase})", numbers)
-    c99, s99 = canary.get("ttft_p99_s"), (stable or {}).get("ttft_p99_s")
-    if c99 is not None and s99 and c99 - s99 > cfg.ttft_slack_s and c99 > s99 * cfg.max_ttft_p99_ratio:
-        return Verdict("rollback", f"canary p99 time to first token {c99:.3f}s is over {cfg.max_ttft_p99_ratio}x "
-                                   f"stable {s99:.3f}s", numbers)
-    return Verdict("continue", f"canary error rate {canary['error_rate']:.3f} (stable {baseline:.3f}), p99 TTFT "
-                               f"{_seconds(c99)} (stable {_seconds(s99)})", numbers)
+    q = tail_quantile(min(canary.get("ttft_samples", 0), (stable or {}).get("ttft_samples", 0)))
+    name = f"p{round(q * 100)}"
+    c_tail, s_tail = canary.get(ttft_key(q)), (stable or {}).get(ttft_key(q))
+    if c_tail is not None and s_tail and c_tail - s_tail > cfg.ttft_slack_s and c_tail > s_tail * cfg.max_ttft_ratio:
+        return Verdict("rollback", f"canary {name} time to first token {c_tail:.3f}s is over {cfg.max_ttft_ratio}x "
+                                   f"stable {s_tail:.3f}s", numbers)
+    return Verdict("continue", f"canary error rate {canary['error_rate']:.3f} (stable {baseline:.3f}), {name} TTFT "
+                               f"{_seconds(c_tail)} (stable {_seconds(s_tail)})", numbers)
+
+
+def tail_quantile(samples: int) -> float:
+    """The highest of p99, p90, p50 that `samples` observations estimate: p99 of 10 requests would be
+    their maximum, so one slow request would decide the rollout."""
+    return next((q for q in sorted(TTFT_QUANTILES, reverse=True) if samples * (1 - q) >= 1 - 1e-9), 0.5)
 
 
 def _seconds(value: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -51,10 +52,18 @@ class VersionStats:
         errors = sum(1 for r in recent if not r.ok)
         ttfts = sorted(r.first_token_s for r in recent if r.first_token_s is not None)
         return {"requests": len(recent), "errors": errors,
-                "error_rate": errors / len(recent) if recent else 0.0,
-                "ttft_p50_s": _pick(ttfts, 0.50), "ttft_p99_s": _pick(ttfts, 0.99),
+                "error_rate": errors / len(recent) if recent else 0.0, "ttft_samples": len(ttfts),
+                **{ttft_key(q): quantile(ttfts, q) for q in TTFT_QUANTILES},
                 "in_flight": self._in_flight.get(version, 0)}
 
 
-def _pick(values: list[float], q: float) -> float | None:
-    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+TTFT_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def ttft_key(q: float) -> str:
+    return f"ttft_p{round(q * 100)}_s"
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """Nearest-rank quantile of sorted `values`: p99 of 100 values is the 99th, not the largest."""
+    return values[max(0, math.ceil(q * len(values)) - 1)] if values else None

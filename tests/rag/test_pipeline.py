@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from rag.config import GenerationConfig, PipelineConfig, RetrievalConfig
+from rag.config import FaultConfig, GenerationConfig, PipelineConfig, RetrievalConfig
 from rag.embedding import TextEmbedder
-from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, ServiceUnavailableError
-from rag.pipeline import LocalPipeline
-from rag.records import AnswerDelta, AnswerEnd, AnswerEvent, AnswerStart, ChatTurn, Passage, Question
+from rag.errors import GenerationError, InvalidRequestError, KnowledgeBaseNotFoundError, ServiceUnavailableError
+from rag.faults import InjectedFault
+from rag.pipeline import LocalPipeline, RagPipeline
+from rag.records import (
+    AnswerDelta,
+    AnswerEnd,
+    AnswerEvent,
+    AnswerStart,
+    ChatTurn,
+    GenerationChunk,
+    GenerationRequest,
+    Passage,
+    Question,
+)
 
 
 def _local(kb_root: Path, embedder: TextEmbedder, **generation: object) -> LocalPipeline:
@@ -181,3 +193,47 @@ def test_full_lifecycle_with_own_embedder(sample_kb_root: Path) -> None:
         local.retriever.check_health()
     with pytest.raises(ServiceUnavailableError):
         local.generator.check_health()
+
+
+class _Stages:
+    """Stand-ins for the remote stages that record what the pipeline asks of them."""
+
+    def __init__(self, text: str = "an answer") -> None:
+        self.calls: list[tuple] = []
+        self.text = text
+
+    async def embed(self, text: str) -> np.ndarray:
+        self.calls.append(("embed", text))
+        return np.ones(4, dtype=np.float32)
+
+    async def search(self, kb: str, vector: np.ndarray, top_k: int | None, threshold: float | None) -> list[Passage]:
+        self.calls.append(("search", kb, top_k))
+        return [Passage(id=1, text="Stop it with make stop.", source="ops.md", score=0.9)]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.calls.append(("generate", request.max_new_tokens, [p.source for p in request.passages]))
+        yield GenerationChunk(self.text, "stop")
+
+
+def test_warmup_runs_every_stage_in_request_order_without_injected_faults() -> None:
+    stages = _Stages()
+    config = PipelineConfig(retrieval=RetrievalConfig(knowledge_bases={"ops": 3, "samples": "latest"}),
+                            generation=GenerationConfig(warmup_tokens=3), faults=FaultConfig(error_rate=1.0))
+    pipeline = RagPipeline(config, stages.embed, stages.search, stages.generate)
+    asyncio.run(pipeline.warmup())
+    assert [c[0] for c in stages.calls] == ["embed", "search", "generate"]
+    assert stages.calls[1] == ("search", "ops", 1) and stages.calls[2] == ("generate", 3, ["ops.md"])
+    # The same pipeline's answers do get the injected fault: the warm-up alone skips it.
+    with pytest.raises(InjectedFault):
+        asyncio.run(_first(pipeline.answer(Question("How do I stop it?", "ops"))))
+
+
+def test_warmup_fails_when_the_generator_says_nothing() -> None:
+    stages = _Stages(text="")
+    pipeline = RagPipeline(PipelineConfig(), stages.embed, stages.search, stages.generate)
+    with pytest.raises(GenerationError, match="warm-up"):
+        asyncio.run(pipeline.warmup())
+
+
+async def _first(events: AsyncIterator[AnswerEvent]) -> AnswerEvent:
+    return await anext(aiter(events))

@@ -10,7 +10,7 @@ import pytest
 
 from rag.config import FaultConfig
 from rag.faults import FaultInjector, InjectedFault
-from rag.stats import VersionStats
+from rag.stats import VersionStats, quantile
 
 
 def test_stats_count_errors_in_flight_and_percentiles() -> None:
@@ -23,9 +23,18 @@ def test_stats_count_errors_in_flight_and_percentiles() -> None:
     summary = stats.summary()
     assert summary["v1"]["requests"] == 100 and summary["v1"]["errors"] == 10
     assert summary["v1"]["error_rate"] == pytest.approx(0.1)
-    assert summary["v1"]["ttft_p50_s"] == pytest.approx(0.5) and summary["v1"]["ttft_p99_s"] == pytest.approx(0.99)
+    # Nearest rank over 0.00 .. 0.99: the 50th, 90th and 99th smallest values.
+    assert summary["v1"]["ttft_samples"] == 100
+    assert [summary["v1"][k] for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")] == pytest.approx([0.49, 0.89, 0.98])
     assert summary["v1"]["in_flight"] == 0
     assert summary["v2"] == {**summary["v2"], "in_flight": 1, "errors": 1}
+
+
+def test_quantile_is_nearest_rank() -> None:
+    assert quantile([], 0.5) is None
+    assert quantile([1.0], 0.99) == 1.0
+    assert quantile([float(i) for i in range(1, 11)], 0.9) == 9.0  # not the maximum of ten
+    assert quantile([float(i) for i in range(1, 11)], 0.5) == 5.0
 
 
 def test_stats_window_and_capacity() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deployments.readiness import assess
+from deployments.readiness import RoutePrimer, assess
 
 STAGES = {"Pipeline": 1, "Embedder": 1, "Retriever": 1, "Generator": 1}
 
@@ -32,3 +32,40 @@ def test_rebuild_after_args_change_keeps_serving_only_what_served_before() -> No
 def test_a_failed_or_deleting_version_is_not_serving() -> None:
     for status in ("DEPLOY_FAILED", "DELETING"):
         assert not assess(["v1"], {"v1": (status, STAGES)}, previously_serving={"v1"}).ready
+
+
+def test_a_version_serves_only_once_its_route_is_primed() -> None:
+    calls: list[str] = []
+    broken = {"v2"}
+
+    def prime(version: str) -> None:
+        calls.append(version)
+        if version in broken:
+            raise TimeoutError("router not populated")
+
+    primer = RoutePrimer(prime)
+    apps = {"v1": ("RUNNING", STAGES), "v2": ("RUNNING", STAGES), "gateway": ("RUNNING", {"Gateway": 1})}
+    state = primer.apply(["v1", "v2"], ["v1", "v2"], assess(["v1", "v2"], apps))
+    # The gateway's own app is not a version: never primed, and still listed as serving.
+    assert calls == ["v1", "v2"] and state.serving == {"v1", "gateway"}
+    assert not state.ready and state.waiting_for == ["v2 (gateway route)"]
+    broken.clear()
+    state = primer.apply(["v1", "v2"], ["v1", "v2"], assess(["v1", "v2"], apps))
+    assert calls == ["v1", "v2", "v2"] and state.ready and state.serving == {"v1", "v2", "gateway"}
+
+
+def test_a_weight_zero_version_is_primed_but_never_awaited() -> None:
+    primer = RoutePrimer(lambda version: (_ for _ in ()).throw(TimeoutError("not yet")))
+    apps = {"v1": ("RUNNING", STAGES), "v2": ("RUNNING", STAGES)}
+    state = primer.apply(["v1", "v2"], ["v1"], assess(["v1"], apps))
+    assert state.serving == set() and state.waiting_for == ["v1 (gateway route)"]
+
+
+def test_a_removed_version_is_primed_again_when_it_returns() -> None:
+    calls: list[str] = []
+    primer = RoutePrimer(calls.append)
+    with_v2 = {"v1": ("RUNNING", STAGES), "v2": ("RUNNING", STAGES)}
+    primer.apply(["v1", "v2"], ["v1"], assess(["v1"], with_v2))
+    primer.apply(["v1"], ["v1"], assess(["v1"], {"v1": ("RUNNING", STAGES)}))
+    primer.apply(["v1", "v2"], ["v1"], assess(["v1"], with_v2))
+    assert calls == ["v1", "v2", "v2"]

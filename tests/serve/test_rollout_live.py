@@ -22,8 +22,11 @@ from tests.serve.conftest import REPO, LocalService, running_service
 from tests.serve.lifecycle_helpers import assert_clean, replicas, wait_for
 
 pytestmark = pytest.mark.cluster
-FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 4, "min_requests": 5, "max_wait_intervals": 3,
-                "drain_timeout_s": 60}
+# Two pipelines share this machine's two cores, where a scheduling hiccup can double one request's time
+# to first token: the latency rule is covered by unit tests (tests/rag/test_rollout.py), so here a
+# latency difference counts only above 0.3 s.
+FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 4, "min_requests": 10, "max_wait_intervals": 3,
+                "drain_timeout_s": 60, "ttft_slack_s": 0.3}
 MARKER = "The aurora release adds a zebra crossing mode"
 MARKER_QUESTION = "What does the aurora release add?"
 
@@ -75,7 +78,7 @@ def test_knowledge_base_update_is_promoted_with_zero_failures(live: LocalService
         status = _rollout(live, log).start(canary, stable, {"retrieval.knowledge_bases": {"samples": index}})
         stop.set()
     watcher.join()
-    assert status == "promoted", log
+    assert status == "promoted", "\n".join(log)
     doc = ServeDocument.load(live.config_path)
     assert list(doc.versions) == [canary] and doc.weights == {canary: 100.0}
     wait_for(lambda: stable not in ops.applications(live.dashboard), 60, "the old version to be removed")
@@ -94,7 +97,7 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     log: list[str] = []
     with LoadGenerator(live.gateway, concurrency=6, max_seconds=240) as load:
         status = _rollout(live, log).start(canary, stable, {"faults": {"error_rate": 0.6}})
-    assert status == "rolled_back", log
+    assert status == "rolled_back", "\n".join(log)
     assert any("rollback" in line and "error rate" in line for line in log)
     doc = ServeDocument.load(live.config_path)
     assert list(doc.versions) == [stable] and doc.weights == {stable: 100.0}
