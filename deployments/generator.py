@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -26,11 +28,19 @@ class GeneratorDeployment:
         """Chunks in batches: the first alone (time to first token), then what arrives within the
         configured window, so a fast stream does not pay one inter-process message per piece."""
         self._life.log.first_traffic()
+        sent, began = 0, time.monotonic()
         with self._life.in_flight.track():
-            async for batch in batched(self._generator.stream(request), self._window_s):
-                if pieces := sum(1 for chunk in batch if chunk.text):
-                    self._life.metrics.tokens.inc(pieces)
-                yield batch
+            try:
+                async for batch in batched(self._generator.stream(request), self._window_s):
+                    if pieces := sum(1 for chunk in batch if chunk.text):
+                        self._life.metrics.tokens.inc(pieces)
+                        sent += pieces
+                    yield batch
+            except (asyncio.CancelledError, GeneratorExit):
+                # The client went away (or a caller upstream gave up): closing `batched` has closed
+                # the backend's stream, so the model stops; say how far it got.
+                self._life.log.event("CANCELLED", pieces_sent=sent, after_s=time.monotonic() - began)
+                raise
 
     def check_health(self) -> None:
         self._generator.check_health()

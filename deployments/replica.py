@@ -25,17 +25,21 @@ _WAITING = re.compile(r"Waiting for an additional [\d.]+s to shut down: (\d+) on
 _DRAINED = "Drained ongoing requests"
 
 
-class _DrainWatcher(logging.Handler):
+class _DrainWatcher(logging.Filter):
+    """A filter, not a handler, on Serve's logger: Serve clears that logger's handlers whenever it
+    reconfigures a replica's logging (a `serve deploy` of a changed config can), but keeps its filters."""
+
     def __init__(self, on_drain: Callable[[int], None]) -> None:
-        super().__init__(logging.INFO)
+        super().__init__()
         self._on_drain = on_drain
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if match := _WAITING.search(message):
             self._on_drain(int(match.group(1)))
         elif message.startswith(_DRAINED):
             self._on_drain(0)
+        return True
 
 
 def _log_through_serve() -> None:
@@ -59,7 +63,7 @@ class ReplicaLifecycle:
         self.metrics = StageMetrics(version)
         self.in_flight = InFlight(self.metrics.set_in_flight)
         self._stop_requested_at: float | None = None
-        logging.getLogger("ray.serve").addHandler(_DrainWatcher(self._on_drain))
+        logging.getLogger("ray.serve").addFilter(_DrainWatcher(self._on_drain))
 
     async def start(self, what: str, load: Callable[[], None], warmup: Callable[[], Awaitable[None] | None],
                     extra_delay_s: float = 0.0) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -73,6 +75,38 @@ def test_embedder_replacement_lets_every_stream_finish(paced: LocalService) -> N
     assert events[0] == "STARTUP" and events[-1] == "CLEANUP"
 
 
+def test_scale_down_lets_the_removed_replicas_streams_finish(paced: LocalService) -> None:
+    # Answers of 6 s or more, and Serve counting a stopping replica's requests after 0.5 s instead of
+    # 2 s: the removed replica is caught with streams in flight (a DRAINING count above 0).
+    slow = {"generation": {"extractive_piece_delay_s": 0.12}}
+
+    def generators(count: int) -> Path:
+        return paced.config(f"generators-{count}.yaml", pipeline_args=slow, deployment_options={
+            "Generator": {"num_replicas": count, "graceful_shutdown_wait_loop_s": 0.5}})
+
+    ops.deploy(generators(2), dashboard=paced.dashboard)
+    wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 2
+             and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 120, "two Generator replicas")
+    both = replicas(paced.dashboard, "v1", "Generator")
+    with LoadGenerator(paced.gateway, concurrency=6, max_seconds=120) as load:
+        wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
+        ops.deploy(generators(1), dashboard=paced.dashboard)  # only num_replicas differs: no replacement
+        wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 1
+                 and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 120, "the scale-down")
+        sent_at_switch = load.result.sent
+        wait_for(lambda: load.result.sent >= sent_at_switch + 6, 30, "requests on the remaining replica")
+    assert_clean(load.result, min_sent=12)
+    kept = replicas(paced.dashboard, "v1", "Generator")
+    assert kept < both  # the survivor is one of the two: scaled down, not replaced
+    (removed,) = both - kept
+    events = lifecycle_events(removed)
+    names = [e for e, _ in events]
+    assert names.index("SHUTDOWN") < names.index("DRAINING") < names.index("CLEANUP"), events
+    shutdown = next(rest for e, rest in events if e == "SHUTDOWN")
+    assert "in_flight=0" not in shutdown, events  # it held streams when told to stop ...
+    assert "in_flight=0" in [rest for e, rest in events if e == "DRAINING"][-1]  # ... and let them finish
+
+
 def test_revision_bump_replaces_every_stage_without_a_failure(paced: LocalService) -> None:
     """An args change makes Serve rebuild the application and replace all four stages at once."""
     before = {d: replicas(paced.dashboard, "v1", d) for d in ("Pipeline", "Embedder", "Retriever", "Generator")}
@@ -114,6 +148,33 @@ def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: Local
 
     wait_for(next_ok, 120, "Serve to replace the killed replica", interval_s=1)
     assert all(next_ok() for _ in range(5))
+
+
+def test_client_that_hangs_up_stops_the_generation(paced: LocalService) -> None:
+    """Closing the HTTP connection mid-answer cancels the whole chain down to the model's stream."""
+    (generator,) = replicas(paced.dashboard, "v1", "Generator")
+
+    def cancellations() -> list[str]:
+        return [rest for event, rest in lifecycle_events(generator) if event == "CANCELLED"]
+
+    before = len(cancellations())
+    body = {"model": "samples", "stream": True,
+            "messages": [{"role": "user", "content": "How do I stop the service?"}]}
+    with httpx.Client(base_url=paced.gateway, timeout=60) as client, \
+            client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        # Hang up at the first piece of answer text, with the rest of the paced answer still to come.
+        next(line for line in response.iter_lines() if _answer_text(line))
+    wait_for(lambda: len(cancellations()) > before, 30, "the Generator to stop the abandoned answer")
+    assert "pieces_sent=" in cancellations()[-1]
+    wait_for(lambda: httpx.get(f"{paced.gateway}/stats", timeout=10).json()["versions"]["v1"]["in_flight"] == 0,
+             30, "the gateway to let go of the abandoned answer")
+
+
+def _answer_text(line: str) -> str:
+    if not line.startswith("data: {"):
+        return ""
+    return "".join(c["delta"].get("content") or "" for c in json.loads(line[6:]).get("choices", []))
 
 
 def test_lifecycle_events_come_in_order(paced: LocalService) -> None:
