@@ -74,6 +74,8 @@ class Rollout:
                 raise InvalidRequestError(f"version {new!r} is not in {self.path}: add its application, or "
                                           "give --from VERSION and --set KEY=VALUE to derive it")
             doc.add_version(new, copy_of or stable, {"version": new, **overrides})
+        if pins := doc.pin_latest(new):
+            self._log("ROLLOUT_PIN", version=new, knowledge_bases=pins)
         doc.set_weights({**doc.weights, new: 0})
         self._apply(doc, f"add {new} at weight 0 beside stable {stable}")
         self._wait_serving(new, doc.gateway.rollout)

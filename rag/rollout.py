@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 from ruamel.yaml import YAML
 
-from rag.config import GatewayConfig, RolloutConfig, check_serve_config, validate
+from rag.config import GatewayConfig, PipelineConfig, RolloutConfig, check_serve_config, validate
 from rag.errors import InvalidRequestError
+from rag.index import resolve_version
 from rag.stats import TTFT_QUANTILES, ttft_key
 
 PIPELINE_BUILDER = ":build_pipeline_app"
@@ -106,6 +107,20 @@ class ServeDocument:
         for dotted, value in overrides.items():
             _set_dotted(app["args"], dotted, value)
         self.data["applications"].append(app)
+
+    def pin_latest(self, name: str) -> dict[str, int]:
+        """Replace `latest` among version `name`'s knowledge bases with the index version published now.
+
+        `latest` is resolved each time a replica starts, so a version left on it would switch index
+        the next time a replica restarts after an ingest: pinned, a version answers from the same
+        index for as long as it lives. Returns the pins made."""
+        args = self.versions[name].setdefault("args", {})
+        config = validate(PipelineConfig, _plain(args), f"args of version {name!r}")
+        pins = {kb: resolve_version(config.retrieval.kb_root_path, kb, "latest")
+                for kb, version in config.retrieval.knowledge_bases.items() if version == "latest"}
+        if pins:
+            _set_dotted(args, "retrieval.knowledge_bases", {**config.retrieval.knowledge_bases, **pins})
+        return pins
 
     def remove_version(self, name: str) -> None:
         self.data["applications"] = [a for a in self.data["applications"] if a.get("name") != name]

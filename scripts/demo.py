@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                                       progress=ProgressBars())
             print(f"2/4 knowledge base {kb}: v{result.manifest.version} "
                   f"({'new' if result.created else 'unchanged'}, {result.manifest.count} chunks)")
+            pinned, built, name = config.retrieval.knowledge_bases[kb], result.manifest.version, config.version
+            if pinned not in ("latest", built):
+                print(f"    version {name} serves index v{pinned} of {kb}; to serve v{built}, roll it out:\n"
+                      f"    python -m scripts.rollout start {name}-kb{built} --from {name} "
+                      f"--set retrieval.knowledge_bases.{kb}={built}")
     print("3/4 serve deploy", args.config)
     ops.deploy(args.config)
     ops.wait_ready(on_poll=lambda status, body: print(f"    /ready {status} {body.get('status')} "

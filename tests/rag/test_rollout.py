@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rag.config import ConfigError, RolloutConfig
-from rag.errors import InvalidRequestError
+from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError
 from rag.rollout import ServeDocument, judge, tail_quantile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +35,33 @@ def test_add_version_clones_stable_with_overrides_and_keeps_comments(tmp_path: P
     assert "# The one place where versions" in (tmp_path / "c.yaml").read_text()
     # the stable version is untouched
     assert again.plain()["applications"][1]["args"]["generation"]["max_new_tokens"] == 256
+
+
+def _published(kb_root: Path, name: str, *versions: int) -> Path:
+    for v in versions:
+        (kb_root / name / f"v{v}").mkdir(parents=True)
+        (kb_root / name / f"v{v}" / "manifest.json").write_text("{}")
+    return kb_root
+
+
+def test_pin_latest_fixes_a_new_version_to_the_index_published_now(tmp_path: Path) -> None:
+    kb_root = _published(tmp_path, "samples", 1, 2)
+    doc = ServeDocument.load(REPO / "serve_config.yaml")
+    doc.add_version("v2", "v1", {"version": "v2", "retrieval.kb_root": str(kb_root),
+                                 "retrieval.knowledge_bases": {"samples": "latest", "faq": 1}})
+    assert doc.pin_latest("v2") == {"samples": 2}
+    assert doc.plain()["applications"][-1]["args"]["retrieval"]["knowledge_bases"] == {"samples": 2, "faq": 1}
+    assert doc.pin_latest("v2") == {}  # pinned already: nothing to do
+    assert doc.plain()["applications"][1]["args"]["retrieval"]["knowledge_bases"] == {"samples": 1}  # v1 untouched
+    doc.check()
+
+
+def test_pin_latest_without_an_index_says_what_to_do(tmp_path: Path) -> None:
+    doc = ServeDocument.load(REPO / "serve_config.yaml")
+    doc.add_version("v2", "v1", {"version": "v2", "retrieval.kb_root": str(tmp_path),
+                                 "retrieval.knowledge_bases": {"samples": "latest"}})
+    with pytest.raises(KnowledgeBaseNotFoundError, match="ingest it first"):
+        doc.pin_latest("v2")
 
 
 def test_remove_version_drops_its_app_and_weight() -> None:
