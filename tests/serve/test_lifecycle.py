@@ -84,9 +84,11 @@ def test_scale_down_lets_the_removed_replicas_streams_finish(paced: LocalService
         return paced.config(f"generators-{count}.yaml", pipeline_args=slow, deployment_options={
             "Generator": {"num_replicas": count, "graceful_shutdown_wait_loop_s": 0.5}})
 
-    ops.deploy(generators(2), dashboard=paced.dashboard)
-    wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 2
-             and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 120, "two Generator replicas")
+    old = replicas(paced.dashboard, "v1", "Generator")
+    ops.deploy(generators(2), dashboard=paced.dashboard)  # new args: the app is rebuilt, old replicas go
+    wait_for(lambda: len(now := replicas(paced.dashboard, "v1", "Generator")) == 2 and not now & old
+             and not replicas(paced.dashboard, "v1", "Generator", "STOPPING")
+             and ops.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 120, "two new Generator replicas")
     both = replicas(paced.dashboard, "v1", "Generator")
     with LoadGenerator(paced.gateway, concurrency=6, max_seconds=120) as load:
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
@@ -152,6 +154,7 @@ def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: Local
 
 def test_client_that_hangs_up_stops_the_generation(paced: LocalService) -> None:
     """Closing the HTTP connection mid-answer cancels the whole chain down to the model's stream."""
+    wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 1, 60, "one running Generator")
     (generator,) = replicas(paced.dashboard, "v1", "Generator")
 
     def cancellations() -> list[str]:
