@@ -164,7 +164,7 @@ class RolloutConfig(_Strict):
     max_error_rate_increase: float = Field(0.02, ge=0, le=1, description="canary minus stable error rate")
     max_ttft_ratio: float = Field(2.0, ge=1, description="canary tail time to first token / stable's: p99 when "
                                   "both versions have 100 samples in the window, p90 from 10, else p50")
-    ttft_slack_s: float = Field(0.05, ge=0, description="p99 differences below this never count")
+    ttft_slack_s: float = Field(0.05, ge=0, description="tail differences below this never count")
     drain_timeout_s: float = Field(300.0, gt=0, description="wait for the old version's in-flight to reach 0")
 
     @field_validator("steps")
