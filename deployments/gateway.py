@@ -148,7 +148,7 @@ class GatewayDeployment:
 
     @app.get("/stats")
     async def stats(self, window_s: float | None = None) -> dict[str, Any]:
-        """Per-version requests, error rate, p50/p99 time to first token and in-flight, over the last
+        """Per-version requests, error rate, p50/p90/p99 time to first token and in-flight, over the last
         `window_s` seconds of this gateway replica: what `rollout` compares."""
         return {"versions": self.service.stats.summary(window_s), "weights": self.service.split.weights,
                 "draining": self.service.draining, "window_s": window_s}

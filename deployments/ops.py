@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from rag.config import check_serve_config, load_serve_config
+from rag.config import PIPELINE_BUILDER, check_serve_config, is_app, load_serve_config
 
 DASHBOARD = "http://127.0.0.1:8265"
 GATEWAY = "http://127.0.0.1:8000"
@@ -151,7 +151,7 @@ def write_config(source: str | Path, target: str | Path, *, http_port: int | Non
 
 def _patch_app(app: dict[str, Any], kb_root: str | Path | None, pipeline_args: dict[str, Any],
                traffic: dict[str, Any], deployment_options: dict[str, dict[str, Any]]) -> None:
-    if str(app.get("import_path", "")).endswith(":build_pipeline_app"):
+    if is_app(app, PIPELINE_BUILDER):
         args = app.setdefault("args", {})
         if kb_root is not None:
             args.setdefault("retrieval", {})["kb_root"] = str(kb_root)

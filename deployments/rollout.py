@@ -162,7 +162,7 @@ class Rollout:
         if self.dry_run:
             return
         deadline = time.monotonic() + timeout_s
-        time.sleep(1.0)  # the weight change reaches the gateway asynchronously
+        self.sleep(1.0)  # the weight change reaches the gateway asynchronously
         while time.monotonic() < deadline:
             left = self._stats(None).get(version, {}).get("in_flight", 0)
             if left == 0:

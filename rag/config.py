@@ -216,11 +216,21 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# The builders in `deployments/app.py` that `import_path` names: they tell what an application is.
+PIPELINE_BUILDER = "build_pipeline_app"
+GATEWAY_BUILDER = "build_gateway_app"
+
+
+def is_app(app: dict[str, Any], builder: str) -> bool:
+    """Whether a Serve config application is built by `builder` (PIPELINE_BUILDER or GATEWAY_BUILDER)."""
+    return str(app.get("import_path", "")).endswith(f":{builder}")
+
+
 def pipeline_configs(serve_config: dict[str, Any]) -> dict[str, PipelineConfig]:
     """The pipeline versions a Serve config deploys, by version name."""
     found: dict[str, PipelineConfig] = {}
     for app in serve_config["applications"]:
-        if str(app.get("import_path", "")).endswith(":build_pipeline_app"):
+        if is_app(app, PIPELINE_BUILDER):
             cfg = validate(PipelineConfig, app.get("args"), f"args of application {app.get('name')!r}")
             found[cfg.version] = cfg
     return found
@@ -229,10 +239,6 @@ def pipeline_configs(serve_config: dict[str, Any]) -> dict[str, PipelineConfig]:
 # Serve's default when a deployment does not set it.
 SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
 STREAMING_DEPLOYMENTS = ("Pipeline", "Generator")
-
-
-def _is_app(app: dict[str, Any], builder: str) -> bool:
-    return str(app.get("import_path", "")).endswith(f":{builder}")
 
 
 def _graceful_timeouts(app: dict[str, Any]) -> dict[str, float]:
@@ -245,7 +251,7 @@ def stream_drain_problems(serve_config: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     longest = 0.0
     for app in serve_config["applications"]:
-        if not _is_app(app, "build_pipeline_app"):
+        if not is_app(app, PIPELINE_BUILDER):
             continue
         cfg = validate(PipelineConfig, app.get("args"), f"args of application {app.get('name')!r}")
         bound = cfg.generation.max_stream_seconds + cfg.lifecycle.drain_margin_s
@@ -260,7 +266,7 @@ def stream_drain_problems(serve_config: dict[str, Any]) -> list[str]:
                     f"lifecycle.drain_margin_s ({cfg.lifecycle.drain_margin_s:g}) = {bound:g}; raise the timeout "
                     "or lower max_stream_seconds")
     for app in serve_config["applications"]:
-        if _is_app(app, "build_gateway_app"):
+        if is_app(app, GATEWAY_BUILDER):
             timeout = _graceful_timeouts(app).get("Gateway", SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
             if timeout <= longest:
                 problems.append(
@@ -275,7 +281,7 @@ def check_serve_config(serve_config: dict[str, Any]) -> None:
     versions = pipeline_configs(serve_config)
     problems = stream_drain_problems(serve_config)
     for app in serve_config["applications"]:
-        if _is_app(app, "build_gateway_app"):
+        if is_app(app, GATEWAY_BUILDER):
             validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
             for deployment in app.get("deployments") or []:
                 if deployment.get("name") == "Gateway" and "user_config" in deployment:

@@ -66,9 +66,8 @@ class RagPipeline:
         """
         question = "What does the warm-up probe check?"
         vector = await self._embed(question)
-        passages: list[Passage] = []
-        for name in list(self.config.retrieval.knowledge_bases)[:1]:
-            passages = await self._search(name, vector, 1, None)
+        first_kb = next(iter(self.config.retrieval.knowledge_bases))  # the schema requires one at least
+        passages = await self._search(first_kb, vector, 1, None)
         request = GenerationRequest(question=question, passages=passages or [PROBE],
                                     max_new_tokens=self.config.generation.warmup_tokens,
                                     max_seconds=self.config.generation.max_stream_seconds)

@@ -14,13 +14,19 @@ from typing import Any, Literal
 
 from ruamel.yaml import YAML
 
-from rag.config import GatewayConfig, PipelineConfig, RolloutConfig, check_serve_config, validate
+from rag.config import (
+    GATEWAY_BUILDER,
+    PIPELINE_BUILDER,
+    GatewayConfig,
+    PipelineConfig,
+    RolloutConfig,
+    check_serve_config,
+    is_app,
+    validate,
+)
 from rag.errors import InvalidRequestError
 from rag.index import resolve_version
-from rag.stats import TTFT_QUANTILES, ttft_key
-
-PIPELINE_BUILDER = ":build_pipeline_app"
-GATEWAY_BUILDER = ":build_gateway_app"
+from rag.stats import ttft_key
 
 
 def _represent_null(representer: Any, _: None) -> Any:
@@ -64,12 +70,11 @@ class ServeDocument:
 
     @property
     def versions(self) -> dict[str, Any]:
-        return {app["name"]: app for app in self.data["applications"]
-                if str(app.get("import_path", "")).endswith(PIPELINE_BUILDER)}
+        return {app["name"]: app for app in self.data["applications"] if is_app(app, PIPELINE_BUILDER)}
 
     def _gateway_deployment(self) -> Any:
         for app in self.data["applications"]:
-            if str(app.get("import_path", "")).endswith(GATEWAY_BUILDER):
+            if is_app(app, GATEWAY_BUILDER):
                 for deployment in app.get("deployments") or []:
                     if deployment.get("name") == "Gateway":
                         return deployment
@@ -77,7 +82,7 @@ class ServeDocument:
 
     @property
     def gateway(self) -> GatewayConfig:
-        app = next(a for a in self.data["applications"] if str(a.get("import_path", "")).endswith(GATEWAY_BUILDER))
+        app = next(a for a in self.data["applications"] if is_app(a, GATEWAY_BUILDER))
         return validate(GatewayConfig, _plain(app.get("args")), "gateway application args")
 
     @property
@@ -178,7 +183,9 @@ def judge(canary: dict[str, Any], stable: dict[str, Any] | None, cfg: RolloutCon
 def tail_quantile(samples: int) -> float:
     """The highest of p99, p90, p50 that `samples` observations estimate: p99 of 10 requests would be
     their maximum, so one slow request would decide the rollout."""
-    return next((q for q in sorted(TTFT_QUANTILES, reverse=True) if samples * (1 - q) >= 1 - 1e-9), 0.5)
+    if samples >= 100:
+        return 0.99
+    return 0.9 if samples >= 10 else 0.5
 
 
 def _seconds(value: float | None) -> str:

@@ -43,7 +43,7 @@ from ray import serve
 
 from deployments import ops
 from deployments.rollout import Rollout
-from rag.config import load_serve_config, pipeline_configs
+from rag.config import GATEWAY_BUILDER, PIPELINE_BUILDER, is_app, load_serve_config, pipeline_configs
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator, LoadResult
 from rag.rollout import ServeDocument
@@ -84,7 +84,7 @@ def upgrade_overrides(trigger: str) -> dict[str, Any]:
     source = load_serve_config(SOURCE_CONFIG)
     if trigger == "revision":  # a new code revision: Serve rebuilds the application
         return {"pipeline_args": {"revision": f"{next(iter(pipeline_configs(source).values())).revision}-up"}}
-    app = next(a for a in source["applications"] if a["import_path"].endswith(":build_pipeline_app"))
+    app = next(a for a in source["applications"] if is_app(a, PIPELINE_BUILDER))
     return {"deployment_options": {d["name"]: {"ray_actor_options": {
         **d["ray_actor_options"], "num_cpus": d["ray_actor_options"]["num_cpus"] + 0.01}} for d in app["deployments"]}}
 
@@ -141,7 +141,7 @@ def serve_target(work: Path, kb: Path, args: argparse.Namespace, defaults: bool)
     dashboard_port, http_port = ops.free_port(), ops.free_port()
     start, upgraded = serve_configs(work, kb, http_port, args, defaults)
     app = next(a["name"] for a in load_serve_config(start)["applications"]
-               if a["import_path"].endswith(":build_pipeline_app"))
+               if is_app(a, PIPELINE_BUILDER))
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port, log_to_driver=False)
     try:
@@ -252,7 +252,7 @@ def rollout_config(work: Path, kb: Path, port: int, args: argparse.Namespace) ->
     path = ops.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=port, kb_root=kb,
                             pipeline_args={"generation": {"extractive_piece_delay_s": args.piece_delay}})
     doc = ServeDocument.load(path)
-    gateway = next(a for a in doc.data["applications"] if a["import_path"].endswith(":build_gateway_app"))
+    gateway = next(a for a in doc.data["applications"] if is_app(a, GATEWAY_BUILDER))
     gateway["args"]["rollout"] = {"steps": [5, 25, 50, 100], "interval_s": args.step_seconds, "min_requests": 10,
                                   "max_wait_intervals": 3, "drain_timeout_s": DRAIN_LIMIT_S}
     doc.save(path)

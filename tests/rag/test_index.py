@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,15 @@ def _publish(root: Path, vectors: np.ndarray, name: str = "kb", chunks: list[Chu
                          splitter={"chunk_size": 750, "chunk_overlap": 150})
 
 
+@pytest.fixture
+def published(tmp_path: Path, vectors: np.ndarray) -> Iterator[KnowledgeBaseIndex]:
+    """The test chunks published as version 1 under `tmp_path` and loaded; closed afterwards."""
+    _publish(tmp_path, vectors)
+    index = KnowledgeBaseIndex.load(tmp_path, "kb")
+    yield index
+    index.close()
+
+
 def test_publish_load_search_round_trip(tmp_path: Path, embedder, vectors: np.ndarray) -> None:
     manifest = _publish(tmp_path, vectors)
     assert (manifest.knowledge_base, manifest.version, manifest.count, manifest.dimension) == ("kb", 1, 4, 384)
@@ -74,21 +84,16 @@ def test_publish_load_search_round_trip(tmp_path: Path, embedder, vectors: np.nd
         index.close()
 
 
-def test_search_many_queries_and_1d_query(tmp_path: Path, embedder, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
-    index = KnowledgeBaseIndex.load(tmp_path, "kb")
-    try:
-        queries = embedder.embed(["Which version answers a request?", "水果", "文件如何切分"])
-        results = index.search(queries, 1)
-        assert len(results) == 3
-        assert results[0][0].source == "upgrading.md"
-        assert results[2][0].source == "faq_zh.md"
-        # The exact stored vector finds itself with similarity ~1.
-        [self_hit] = index.search(vectors[3], 1)
-        assert self_hit[0].id == 3
-        assert self_hit[0].score == pytest.approx(1.0, abs=1e-4)
-    finally:
-        index.close()
+def test_search_many_queries_and_1d_query(published: KnowledgeBaseIndex, embedder, vectors: np.ndarray) -> None:
+    queries = embedder.embed(["Which version answers a request?", "水果", "文件如何切分"])
+    results = published.search(queries, 1)
+    assert len(results) == 3
+    assert results[0][0].source == "upgrading.md"
+    assert results[2][0].source == "faq_zh.md"
+    # The exact stored vector finds itself with similarity ~1.
+    [self_hit] = published.search(vectors[3], 1)
+    assert self_hit[0].id == 3
+    assert self_hit[0].score == pytest.approx(1.0, abs=1e-4)
 
 
 def test_versions_increment_and_old_ones_stay_loadable(tmp_path: Path, embedder, vectors: np.ndarray) -> None:
@@ -188,44 +193,29 @@ def test_other_embedding_model_is_a_mismatch(tmp_path: Path, vectors: np.ndarray
 
 
 @pytest.mark.parametrize("shape", [(1, 10), (10,), (2, 383), (1, 385)])
-def test_query_of_wrong_dimension(tmp_path: Path, vectors: np.ndarray, shape: tuple[int, ...]) -> None:
-    _publish(tmp_path, vectors)
-    index = KnowledgeBaseIndex.load(tmp_path, "kb")
-    try:
-        with pytest.raises(IndexMismatchError, match="384"):
-            index.search(np.ones(shape, dtype=np.float32), 1)
-    finally:
-        index.close()
+def test_query_of_wrong_dimension(published: KnowledgeBaseIndex, shape: tuple[int, ...]) -> None:
+    with pytest.raises(IndexMismatchError, match="384"):
+        published.search(np.ones(shape, dtype=np.float32), 1)
 
 
-def test_score_threshold_filters(tmp_path: Path, embedder, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
-    index = KnowledgeBaseIndex.load(tmp_path, "kb")
-    try:
-        query = embedder.embed(["How do I stop the service?"])
-        everything = index.search(query, 10, -1.0)[0]
-        assert len(everything) == 4
-        scores = [p.score for p in everything]
-        assert scores == sorted(scores, reverse=True)
-        cut = (scores[0] + scores[1]) / 2
-        kept = index.search(query, 10, cut)[0]
-        assert [p.id for p in kept] == [everything[0].id]
-        assert all(p.score >= cut for p in kept)
-        assert index.search(query, 10, 0.999)[0] == []
-    finally:
-        index.close()
+def test_score_threshold_filters(published: KnowledgeBaseIndex, embedder) -> None:
+    query = embedder.embed(["How do I stop the service?"])
+    everything = published.search(query, 10, -1.0)[0]
+    assert len(everything) == 4
+    scores = [p.score for p in everything]
+    assert scores == sorted(scores, reverse=True)
+    cut = (scores[0] + scores[1]) / 2
+    kept = published.search(query, 10, cut)[0]
+    assert [p.id for p in kept] == [everything[0].id]
+    assert all(p.score >= cut for p in kept)
+    assert published.search(query, 10, 0.999)[0] == []
 
 
-def test_top_k_larger_than_count(tmp_path: Path, embedder, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
-    index = KnowledgeBaseIndex.load(tmp_path, "kb")
-    try:
-        hits = index.search(embedder.embed(["anything at all"]), 50)[0]
-        assert sorted(p.id for p in hits) == [0, 1, 2, 3]
-        with pytest.raises(InvalidRequestError):
-            index.search(embedder.embed(["anything at all"]), 0)
-    finally:
-        index.close()
+def test_top_k_larger_than_count(published: KnowledgeBaseIndex, embedder) -> None:
+    hits = published.search(embedder.embed(["anything at all"]), 50)[0]
+    assert sorted(p.id for p in hits) == [0, 1, 2, 3]
+    with pytest.raises(InvalidRequestError):
+        published.search(embedder.embed(["anything at all"]), 0)
 
 
 def test_metadata_round_trips_through_json(tmp_path: Path, vectors: np.ndarray) -> None:
