@@ -20,8 +20,8 @@ drain: from the upgrade's trigger until the old replicas / workers are gone.
 
 import os
 
-# Before anything imports ray or torch: no token auth or usage stats on the private clusters, one BLAS thread.
-os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+# Before anything imports ray or torch: token auth on, no usage stats, one BLAS thread.
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 import argparse
@@ -37,16 +37,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import ray
-import yaml
-from ray import serve
-
 from deployments import ops
 from deployments.rollout import Rollout
-from rag.config import GATEWAY_BUILDER, PIPELINE_BUILDER, is_app, load_serve_config, pipeline_configs
+from deployments.serve_document import ServeDocument
+from rag.config import PIPELINE_BUILDER, is_app, load_serve_config, pipeline_configs
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator, LoadResult
-from rag.rollout import ServeDocument
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_CONFIG = REPO / "serve_config.yaml"
@@ -71,11 +67,11 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, interval_s: float =
 
 
 def strip_tuning(path: Path) -> Path:
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for deployment in (d for app in config["applications"] for d in app.get("deployments") or []):
+    doc = ServeDocument.load(path)
+    for deployment in (d for app in doc.data["applications"] for d in app.get("deployments") or []):
         for key in SERVE_TUNING:
             deployment.pop(key, None)
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    doc.save(path)
     return path
 
 
@@ -138,20 +134,15 @@ def serve_upgrade(path: Path, dashboard: str, checked: bool, app: str) -> OldGon
 @contextlib.contextmanager
 def serve_target(work: Path, kb: Path, args: argparse.Namespace, defaults: bool) -> Iterator[Target]:
     """A private local cluster (its own dashboard and HTTP ports) with the service deployed and ready."""
-    dashboard_port, http_port = ops.free_port(), ops.free_port()
+    http_port = ops.free_port()
     start, upgraded = serve_configs(work, kb, http_port, args, defaults)
     app = next(a["name"] for a in load_serve_config(start)["applications"]
                if is_app(a, PIPELINE_BUILDER))
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, log_to_driver=False)
-    try:
-        dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
+    with ops.private_cluster() as dashboard:
+        gateway = f"http://127.0.0.1:{http_port}"
         deploy(start, dashboard, checked=not defaults)
         ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
         yield gateway, lambda: serve_upgrade(upgraded, dashboard, not defaults, app)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def proc_stat(pid: int) -> list[str]:
@@ -249,14 +240,11 @@ def run_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) 
 
 
 def rollout_config(work: Path, kb: Path, port: int, args: argparse.Namespace) -> Path:
-    path = ops.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=port, kb_root=kb,
-                            pipeline_args={"generation": {"extractive_piece_delay_s": args.piece_delay}})
-    doc = ServeDocument.load(path)
-    gateway = next(a for a in doc.data["applications"] if is_app(a, GATEWAY_BUILDER))
-    gateway["args"]["rollout"] = {"steps": [5, 25, 50, 100], "interval_s": args.step_seconds, "min_requests": 10,
-                                  "max_wait_intervals": 3, "drain_timeout_s": DRAIN_LIMIT_S}
-    doc.save(path)
-    return path
+    rollout = {"steps": [5, 25, 50, 100], "interval_s": args.step_seconds, "min_requests": 10,
+               "max_wait_intervals": 3, "drain_timeout_s": DRAIN_LIMIT_S}
+    return ops.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=port, kb_root=kb,
+                            pipeline_args={"generation": {"extractive_piece_delay_s": args.piece_delay}},
+                            gateway_args={"rollout": rollout})
 
 
 def phase_rows(scenario: str, result: LoadResult, marks: list[tuple[float, str]]) -> list[dict[str, Any]]:
@@ -272,10 +260,8 @@ def phase_rows(scenario: str, result: LoadResult, marks: list[tuple[float, str]]
 
 def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Under the load, the rollout tool moves traffic to a new version (or gives up on a faulty one)."""
-    dashboard_port, http_port = ops.free_port(), ops.free_port()
+    http_port = ops.free_port()
     path = rollout_config(work, kb, http_port, args)
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, log_to_driver=False)
     marks: list[tuple[float, str]] = []
 
     def note(line: str) -> None:
@@ -284,26 +270,24 @@ def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespa
         print(f"[{scenario}] {line}", flush=True)
 
     try:
-        dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
-        ops.deploy(path, dashboard)
-        ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-        faults = {"faults": {"error_rate": 0.5}} if scenario == "rollback" else {}
-        with LoadGenerator(gateway, concurrency=args.clients, max_seconds=DRAIN_LIMIT_S * 4,
-                           max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
-            time.sleep(args.step_seconds)
-            marks.append((0.0, "before the rollout"))
-            status = Rollout(path, dashboard=dashboard, gateway=gateway, say=note).start(
-                "v2", "v1", {"revision": "2", **faults})
-            marks.append((time.time(), f"after: {status}"))
-            time.sleep(args.step_seconds)
+        with ops.private_cluster() as dashboard:
+            gateway = f"http://127.0.0.1:{http_port}"
+            ops.deploy(path, dashboard)
+            ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+            faults = {"faults": {"error_rate": 0.5}} if scenario == "rollback" else {}
+            with LoadGenerator(gateway, concurrency=args.clients, max_seconds=DRAIN_LIMIT_S * 4,
+                               max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
+                time.sleep(args.step_seconds)
+                marks.append((0.0, "before the rollout"))
+                status = Rollout(path, ops.ClusterClient(dashboard, gateway), say=note).start(
+                    "v2", "v1", {"revision": "2", **faults})
+                marks.append((time.time(), f"after: {status}"))
+                time.sleep(args.step_seconds)
         whole = {**summarize(f"{scenario} ({status})", load.result, None, True), "answers": []}
         return [whole, *phase_rows(scenario, load.result, marks)]
     except Exception as exc:
         print(f"[{scenario}] error: {exc!r}", flush=True)
         return [{"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"}]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def fmt(value: Any) -> str:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from deployments import ops
-from rag.rollout import ServeDocument
+from deployments.serve_document import ServeDocument
 from tests.serve.conftest import LocalService, running_service
 from tests.serve.lifecycle_helpers import replicas, wait_for
 

@@ -1,16 +1,18 @@
-"""The pure half of a rollout: editing the Serve config document and judging each traffic step.
+"""The Serve config file as a document: the one place `serve_config.yaml` is read for editing and written.
 
-The document is edited with ruamel.yaml's round trip, so the operator's comments and layout in
-`serve_config.yaml` survive every step the tool writes.
+ruamel.yaml's round trip keeps the operator's comments and layout through every edit the tools make,
+and every save is atomic (a temporary file renamed over the old one), so a crash mid-write leaves the
+previous file whole.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-from dataclasses import dataclass, field
+import os
+import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ruamel.yaml import YAML
 
@@ -19,14 +21,12 @@ from rag.config import (
     PIPELINE_BUILDER,
     GatewayConfig,
     PipelineConfig,
-    RolloutConfig,
     check_serve_config,
     is_app,
     validate,
 )
 from rag.errors import InvalidRequestError
 from rag.index import resolve_version
-from rag.stats import ttft_key
 
 
 def _represent_null(representer: Any, _: None) -> Any:
@@ -53,13 +53,40 @@ class ServeDocument:
     def load(cls, path: str | Path) -> ServeDocument:
         return cls(_yaml().load(Path(path).read_text(encoding="utf-8")))
 
+    @classmethod
+    def from_text(cls, text: str) -> ServeDocument:
+        return cls(_yaml().load(text))
+
     def dump(self) -> str:
         out = io.StringIO()
         _yaml().dump(self.data, out)
         return out.getvalue()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.dump(), encoding="utf-8")
+        write_atomically(path, self.dump())
+
+    def copy(self) -> ServeDocument:
+        return ServeDocument(copy.deepcopy(self.data))
+
+    def variant(self, *, http_port: int | None = None, kb_root: str | Path | None = None,
+                pipeline_args: dict[str, Any] | None = None, traffic: dict[str, Any] | None = None,
+                deployment_options: dict[str, dict[str, Any]] | None = None,
+                gateway_args: dict[str, Any] | None = None) -> ServeDocument:
+        """A copy with another HTTP port, KB root, pipeline settings (merged per section), gateway args
+        or traffic settings, or per-deployment options (`{"Generator": {"ray_actor_options": ...}}`)."""
+        doc = self.copy()
+        if http_port is not None:
+            doc.data.setdefault("http_options", {})["port"] = http_port
+        for app in doc.data["applications"]:
+            if is_app(app, PIPELINE_BUILDER):
+                _patch_pipeline(app.setdefault("args", {}), kb_root, pipeline_args or {})
+            if is_app(app, GATEWAY_BUILDER) and gateway_args:
+                app["args"] = {**(app.get("args") or {}), **gateway_args}
+            for deployment in app.get("deployments") or []:
+                deployment.update((deployment_options or {}).get(deployment["name"], {}))
+                if deployment["name"] == "Gateway" and traffic:
+                    deployment["user_config"] = {**(deployment.get("user_config") or {}), **traffic}
+        return doc
 
     def plain(self) -> dict[str, Any]:
         """The document as plain dicts and lists (what the Serve REST API and the checks take)."""
@@ -132,6 +159,32 @@ class ServeDocument:
         self.set_weights({v: w for v, w in self.weights.items() if v != name})
 
 
+def write_atomically(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader, or a crash, sees the old file or the new one, never half."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if target.exists():
+            os.chmod(tmp, target.stat().st_mode & 0o777)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _patch_pipeline(args: Any, kb_root: str | Path | None, pipeline_args: dict[str, Any]) -> None:
+    if kb_root is not None:
+        if args.get("retrieval") is None:
+            args["retrieval"] = {}
+        args["retrieval"]["kb_root"] = str(kb_root)
+    for section, values in pipeline_args.items():
+        args[section] = {**(args.get(section) or {}), **values} if isinstance(values, dict) else values
+
+
 def _plain(node: Any) -> Any:
     if isinstance(node, dict):
         return {str(k): _plain(v) for k, v in node.items()}
@@ -151,42 +204,3 @@ def _set_dotted(target: Any, dotted: str, value: Any) -> None:
             target[key] = {}
         target = target[key]
     target[last] = value
-
-
-@dataclass(frozen=True)
-class Verdict:
-    action: Literal["continue", "rollback", "wait"]
-    reason: str
-    numbers: dict[str, Any] = field(default_factory=dict)
-
-
-def judge(canary: dict[str, Any], stable: dict[str, Any] | None, cfg: RolloutConfig) -> Verdict:
-    """Compare the canary with the stable version over one observation window."""
-    numbers = {"canary": canary, "stable": stable}
-    if canary.get("requests", 0) < cfg.min_requests:
-        return Verdict("wait", f"only {canary.get('requests', 0)} canary requests, need {cfg.min_requests}", numbers)
-    baseline = stable["error_rate"] if stable and stable.get("requests") else 0.0
-    increase = canary["error_rate"] - baseline
-    if increase > cfg.max_error_rate_increase:
-        return Verdict("rollback", f"canary error rate {canary['error_rate']:.3f} is {increase:.3f} above stable "
-                                   f"{baseline:.3f} (limit {cfg.max_error_rate_increase})", numbers)
-    q = tail_quantile(min(canary.get("ttft_samples", 0), (stable or {}).get("ttft_samples", 0)))
-    name = f"p{round(q * 100)}"
-    c_tail, s_tail = canary.get(ttft_key(q)), (stable or {}).get(ttft_key(q))
-    if c_tail is not None and s_tail and c_tail - s_tail > cfg.ttft_slack_s and c_tail > s_tail * cfg.max_ttft_ratio:
-        return Verdict("rollback", f"canary {name} time to first token {c_tail:.3f}s is over {cfg.max_ttft_ratio}x "
-                                   f"stable {s_tail:.3f}s", numbers)
-    return Verdict("continue", f"canary error rate {canary['error_rate']:.3f} (stable {baseline:.3f}), {name} TTFT "
-                               f"{_seconds(c_tail)} (stable {_seconds(s_tail)})", numbers)
-
-
-def tail_quantile(samples: int) -> float:
-    """The highest of p99, p90, p50 that `samples` observations estimate: p99 of 10 requests would be
-    their maximum, so one slow request would decide the rollout."""
-    if samples >= 100:
-        return 0.99
-    return 0.9 if samples >= 10 else 0.5
-
-
-def _seconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}s"

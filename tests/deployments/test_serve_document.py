@@ -1,4 +1,4 @@
-"""The pure half of a rollout: config document edits and step verdicts."""
+"""The Serve config document: round trips that keep comments, version edits, atomic saves."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rag.config import ConfigError, RolloutConfig
+from deployments.serve_document import ServeDocument, write_atomically
+from rag.config import ConfigError
 from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError
-from rag.rollout import ServeDocument, judge, tail_quantile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,59 +94,33 @@ def test_rollout_settings_live_in_the_gateway_args() -> None:
     assert cfg.steps[-1] == 100 and cfg.interval_s > 0
 
 
-@pytest.mark.parametrize("steps", [[], [5, 50], [50, 25, 100], [0, 100]])
-def test_steps_must_increase_to_100(steps: list[float]) -> None:
-    with pytest.raises(ValueError, match="steps"):
-        RolloutConfig(steps=steps)
+def test_variant_changes_port_kb_root_and_deployments_and_keeps_comments(tmp_path: Path) -> None:
+    doc = ServeDocument.load(REPO / "serve_config.yaml").variant(
+        http_port=8123, kb_root=tmp_path, pipeline_args={"generation": {"max_new_tokens": 7}},
+        traffic={"draining": True}, deployment_options={"Generator": {"num_replicas": 2}})
+    plain = doc.plain()
+    v1 = next(a for a in plain["applications"] if a["name"] == "v1")
+    assert plain["http_options"]["port"] == 8123
+    assert v1["args"]["retrieval"]["kb_root"] == str(tmp_path)
+    assert v1["args"]["generation"]["max_new_tokens"] == 7 and v1["args"]["generation"]["backend"] == "extractive"
+    assert next(d for d in v1["deployments"] if d["name"] == "Generator")["num_replicas"] == 2
+    assert doc.weights == {"v1": 100.0}
+    assert "# The one place where versions" in doc.dump()
+    assert ServeDocument.load(REPO / "serve_config.yaml").plain()["http_options"]["port"] == 8000  # a copy
 
 
-CFG = RolloutConfig(min_requests=10, max_error_rate_increase=0.02, max_ttft_ratio=2.0, ttft_slack_s=0.05)
+def test_a_crash_mid_write_leaves_the_old_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "serve_config.yaml"
+    path.write_text("old: 1\n")
 
+    def crash(*_: object) -> None:
+        raise OSError("disk full")
 
-def _stats(requests: int, errors: int = 0, p99: float | None = 0.1, p90: float | None = None,
-           p50: float | None = None) -> dict:
-    return {"requests": requests, "errors": errors, "error_rate": errors / requests if requests else 0.0,
-            "ttft_samples": requests - errors, "ttft_p99_s": p99, "ttft_p90_s": p90 or p99, "ttft_p50_s": p50 or p99}
-
-
-def test_healthy_canary_continues() -> None:
-    verdict = judge(_stats(50, 0, 0.12), _stats(500, 1, 0.1), CFG)
-    assert verdict.action == "continue" and "error rate" in verdict.reason
-
-
-def test_erroring_canary_rolls_back_with_numbers() -> None:
-    verdict = judge(_stats(50, 10), _stats(500, 0), CFG)
-    assert verdict.action == "rollback"
-    assert "0.200" in verdict.reason and verdict.numbers["canary"]["errors"] == 10
-
-
-def test_slow_canary_rolls_back_but_small_differences_do_not() -> None:
-    assert judge(_stats(50, 0, 0.9), _stats(500, 0, 0.1), CFG).action == "rollback"
-    assert judge(_stats(50, 0, 0.04), _stats(500, 0, 0.01), CFG).action == "continue"  # within slack
-
-
-def test_latency_is_judged_at_the_tail_the_sample_count_supports() -> None:
-    # 20 canary answers: their p99 is their slowest one, so p90 decides, and says so.
-    one_slow = _stats(20, 0, p99=1.5, p90=0.12)
-    verdict = judge(one_slow, _stats(500, 0, p99=0.3, p90=0.1), CFG)
-    assert verdict.action == "continue" and "p90" in verdict.reason
-    verdict = judge(_stats(20, 0, p99=1.5, p90=0.9), _stats(500, 0, p99=0.3, p90=0.1), CFG)
-    assert verdict.action == "rollback" and "p90 time to first token 0.900s" in verdict.reason
-    # With 100 samples on both sides p99 is measured, and decides.
-    assert judge(_stats(100, 0, p99=1.5, p90=0.12), _stats(500, 0, p99=0.3, p90=0.1), CFG).action == "rollback"
-    assert judge(_stats(5, 0, p99=1.5, p50=0.1), _stats(500, 0, p99=0.3, p50=0.1),
-                 RolloutConfig(min_requests=5)).reason.count("p50") == 1
-
-
-@pytest.mark.parametrize(("samples", "q"), [(0, 0.5), (9, 0.5), (10, 0.9), (99, 0.9), (100, 0.99), (5000, 0.99)])
-def test_tail_quantile_needs_enough_samples(samples: int, q: float) -> None:
-    assert tail_quantile(samples) == q
-
-
-def test_too_few_canary_requests_waits() -> None:
-    assert judge(_stats(3), _stats(500), CFG).action == "wait"
-
-
-def test_canary_alone_is_judged_on_absolute_error_rate() -> None:
-    assert judge(_stats(50, 0), None, CFG).action == "continue"
-    assert judge(_stats(50, 5), {"requests": 0, "error_rate": 0.0}, CFG).action == "rollback"
+    monkeypatch.setattr("deployments.serve_document.os.fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, "new: 2\n" * 1000)
+    assert path.read_text() == "old: 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["serve_config.yaml"]  # no temporary file left behind
+    monkeypatch.undo()
+    write_atomically(path, "new: 2\n")
+    assert path.read_text() == "new: 2\n"
