@@ -1,29 +1,40 @@
-"""Operating a local cluster: start Ray, deploy the Serve config, wait for readiness, stop gracefully.
+"""The cluster client: Ray's CLI and dashboard REST API, and the gateway's probes, for the demo, the
+stop script, the rollout driver and the cluster tests, so what the README tells a person to run is what
+the tests exercise.
 
-The demo, the stop script and the cluster tests all go through these, so what the README tells a
-person to run is what the tests exercise.
+Ray's token auth stays on: every CLI runs with `RAY_AUTH_MODE=token` and every dashboard call carries
+the cluster's token, read from where Ray itself reads it (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, or
+`~/.ray/auth_token`). With auth disabled, Ray's GCS, client server and job agent listen beyond loopback
+and run whatever anyone sends them (CVE-2023-48022).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-from rag.config import PIPELINE_BUILDER, check_serve_config, is_app, load_serve_config
+from deployments.preflight import free_by_node
+from deployments.serve_document import ServeDocument
+from rag.config import check_serve_config, load_serve_config
 
 DASHBOARD = "http://127.0.0.1:8265"
 GATEWAY = "http://127.0.0.1:8000"
 METRICS_PORT = 8080  # Prometheus scrapes http://127.0.0.1:8080/metrics
+# The documented demo machine has 2 cores and `make demo` gives Ray all of them: tests and benchmarks
+# run on that shape, so a reservation that cannot be scheduled there fails here first.
+DEMO_CPUS = 2
 
 
 def free_port() -> int:
@@ -33,11 +44,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ray_token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def ensure_ray_token() -> Path:
+    """Create the cluster token (as `ray get-auth-token --generate` does, readable by its owner only)
+    unless one exists; the token itself is never printed."""
+    path = ray_token_path()
+    if not os.environ.get("RAY_AUTH_TOKEN") and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """The header every dashboard REST call carries (what Ray's own CLI sends)."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = ray_token_path()
+        token = path.read_text(encoding="utf-8").strip() if path.exists() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def ray_env() -> dict[str, str]:
-    """Environment for Ray CLIs: no token auth on the local cluster (Ray 2.60 turns it on by default,
-    after which `serve deploy` is refused), no usage stats, one BLAS thread per process."""
+    """Environment for Ray CLIs: token auth on, no usage stats, one BLAS thread per process."""
     env = dict(os.environ)
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+    env.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
@@ -54,7 +89,7 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
 
 def ray_running(dashboard: str = DASHBOARD) -> bool:
     try:
-        return httpx.get(f"{dashboard}/api/version", timeout=2).status_code == 200
+        return httpx.get(f"{dashboard}/api/version", headers=ray_auth_headers(), timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -63,6 +98,7 @@ def start_head(num_cpus: int | None = None) -> bool:
     """Start a local Ray head with the dashboard on 127.0.0.1, unless one runs; True if started."""
     if ray_running():
         return False
+    ensure_ray_token()
     args = ["ray", "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
             "--metrics-export-port", str(METRICS_PORT)]
     if num_cpus:
@@ -82,13 +118,14 @@ def apply(config: dict[str, Any], dashboard: str = DASHBOARD) -> None:
     """Declaratively apply a whole Serve config through the dashboard's REST API (the call behind
     `serve deploy`, without the CLI's start-up cost): applications left out are drained and removed."""
     check_serve_config(config)
-    response = httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60)
+    response = httpx.put(f"{dashboard}/api/serve/applications/", json=config, headers=ray_auth_headers(),
+                         timeout=60)
     if response.status_code != 200:
         raise RuntimeError(f"applying the Serve config failed ({response.status_code}): {response.text}")
 
 
 def applications(dashboard: str = DASHBOARD) -> dict[str, Any]:
-    response = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10)
+    response = httpx.get(f"{dashboard}/api/serve/applications/", headers=ray_auth_headers(), timeout=10)
     response.raise_for_status()
     return response.json().get("applications", {})
 
@@ -129,38 +166,14 @@ def _safe_apps(dashboard: str = DASHBOARD) -> dict[str, Any]:
 def remove_all_apps(config_path: str | Path, timeout_s: float = 180, dashboard: str = DASHBOARD) -> None:
     """Deploy the same config with no applications: Serve drains and removes them (unlike
     `serve shutdown`, which cuts streams in flight)."""
-    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-    apply({**config, "applications": []}, dashboard)
+    apply({**ServeDocument.load(config_path).plain(), "applications": []}, dashboard)
     _wait(lambda: not _safe_apps(dashboard), timeout_s, "the applications to drain and stop")
 
 
-def write_config(source: str | Path, target: str | Path, *, http_port: int | None = None,
-                 kb_root: str | Path | None = None, pipeline_args: dict[str, Any] | None = None,
-                 traffic: dict[str, Any] | None = None,
-                 deployment_options: dict[str, dict[str, Any]] | None = None) -> Path:
-    """A copy of a Serve config with another HTTP port, KB root, pipeline settings, gateway traffic
-    settings or per-deployment options (`{"Generator": {"ray_actor_options": ...}}`)."""
-    config = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    if http_port is not None:
-        config.setdefault("http_options", {})["port"] = http_port
-    for app in config["applications"]:
-        _patch_app(app, kb_root, pipeline_args or {}, traffic or {}, deployment_options or {})
-    Path(target).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+def write_config(source: str | Path, target: str | Path, **changes: Any) -> Path:
+    """A copy of a Serve config with the changes `ServeDocument.variant` takes (port, KB root, ...)."""
+    ServeDocument.load(source).variant(**changes).save(target)
     return Path(target)
-
-
-def _patch_app(app: dict[str, Any], kb_root: str | Path | None, pipeline_args: dict[str, Any],
-               traffic: dict[str, Any], deployment_options: dict[str, dict[str, Any]]) -> None:
-    if is_app(app, PIPELINE_BUILDER):
-        args = app.setdefault("args", {})
-        if kb_root is not None:
-            args.setdefault("retrieval", {})["kb_root"] = str(kb_root)
-        for section, values in pipeline_args.items():
-            args[section] = {**args.get(section, {}), **values} if isinstance(values, dict) else values
-    for deployment in app.get("deployments") or []:
-        deployment.update(deployment_options.get(deployment["name"], {}))
-        if deployment["name"] == "Gateway" and traffic:
-            deployment["user_config"] = {**(deployment.get("user_config") or {}), **traffic}
 
 
 def wait_drained(base_url: str = GATEWAY, timeout_s: float = 120) -> int:
@@ -195,6 +208,27 @@ def graceful_stop(config_path: str | Path, *, dashboard: str = DASHBOARD, gatewa
         stop_ray()
 
 
+@contextmanager
+def private_cluster(num_cpus: float = DEMO_CPUS, **init_args: Any) -> Iterator[str]:
+    """A Ray cluster owned by this process, with token auth and a dashboard on a free 127.0.0.1 port;
+    yields the dashboard's URL. Serve and Ray are shut down on exit, stopping exactly this cluster."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        raise RuntimeError("a Ray cluster from another fixture is still up: clusters must not overlap")
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
+    ensure_ray_token()
+    port = free_port()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=False, **init_args)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def stop_ray() -> None:
     run_cli("ray", "stop", check=False, timeout=120)
 
@@ -206,3 +240,53 @@ def _wait(condition: Any, timeout_s: float, what: str) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"gave up after {timeout_s}s waiting for {what}")
+
+
+class StatsUnavailableError(RuntimeError):
+    """The gateway's statistics could not be read: a rollout must not judge, let alone promote, on them."""
+
+
+class ClusterClient:
+    """What the rollout driver needs from a running cluster, over the dashboard's REST API and the
+    gateway's HTTP routes (a fake with the same methods stands in for it in unit tests)."""
+
+    def __init__(self, dashboard: str = DASHBOARD, gateway: str = GATEWAY, api_key: str | None = None) -> None:
+        self.dashboard, self.gateway = dashboard, gateway
+        self._gateway_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def apply(self, config: dict[str, Any]) -> None:
+        apply(config, self.dashboard)
+
+    def applications(self) -> dict[str, Any]:
+        return applications(self.dashboard)
+
+    def free_resources(self) -> dict[str, dict[str, float]]:
+        """What each node has free now, from the usage Ray's monitor reports every few seconds."""
+        response = httpx.get(f"{self.dashboard}/api/cluster_status", headers=ray_auth_headers(), timeout=10)
+        response.raise_for_status()
+        status = (response.json().get("data") or {}).get("clusterStatus") or {}
+        usage = (status.get("loadMetricsReport") or {}).get("usageByNode")
+        if not usage:
+            raise RuntimeError("the cluster does not report its resource usage yet; try again in a few seconds")
+        return free_by_node(usage)
+
+    def serving(self) -> set[str]:
+        """Versions the gateway routes to now; empty when it cannot be asked."""
+        return set(readiness(self.gateway)[1].get("serving") or [])
+
+    def ready(self) -> tuple[int, dict[str, Any]]:
+        return readiness(self.gateway)
+
+    def stats(self, window_s: float | None) -> dict[str, Any]:
+        """Per-version outcomes over every gateway replica; raises StatsUnavailableError otherwise."""
+        params = {"window_s": window_s} if window_s else {}
+        try:
+            response = httpx.get(f"{self.gateway}/stats", params=params, headers=self._gateway_headers, timeout=10)
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise StatsUnavailableError(f"reading {self.gateway}/stats failed: {exc}") from exc
+        if response.status_code != 200 or not isinstance(body.get("versions"), dict):
+            raise StatsUnavailableError(f"{self.gateway}/stats answered {response.status_code}")
+        if body.get("scope", "cluster") != "cluster":
+            raise StatsUnavailableError("the gateway reports one replica's numbers, not the cluster's")
+        return body["versions"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+for key, value in {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ[key] = value
 
@@ -51,32 +51,22 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
                     **overrides: Any) -> Iterator[LocalService]:
     """Ingest the sample KB, start a local cluster, `serve deploy` the repo's config (with `overrides`
     passed to `ops.write_config`), optionally wait for /ready; shut everything down afterwards."""
-    import ray
-    from ray import serve
-
     from deployments import ops
 
-    if ray.is_initialized():
-        raise RuntimeError("a Ray cluster from another fixture is still up: clusters must not overlap")
     kb_root = work / "kb"
     ingest_samples(kb_root)
-    dashboard_port, http_port = ops.free_port(), ops.free_port()
+    http_port = ops.free_port()
     metrics_port = ops.free_port() if with_metrics else None
     config = ops.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=http_port,
                               kb_root=kb_root, **overrides)
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, log_to_driver=False, **extra)
-    try:
-        local = LocalService(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard_port}", config, kb_root,
+    with ops.private_cluster(**extra) as dashboard:
+        local = LocalService(f"http://127.0.0.1:{http_port}", dashboard, config, kb_root,
                              work, f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None)
         ops.deploy(config, dashboard=local.dashboard)
         if wait:
             ops.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
         yield local
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
