@@ -166,6 +166,11 @@ class RolloutConfig(_Strict):
                                   "both versions have 100 samples in the window, p90 from 10, else p50")
     ttft_slack_s: float = Field(0.05, ge=0, description="tail differences below this never count")
     drain_timeout_s: float = Field(300.0, gt=0, description="wait for the old version's in-flight to reach 0")
+    start_timeout_s: float = Field(180.0, gt=0, le=3600, description="a new version that is not serving by "
+                                   "then is rolled back, with Serve's message for each stuck deployment")
+    on_inconclusive: Literal["rollback", "hold"] = Field(
+        "rollback", description="when a step cannot be judged (no stats, too few answers): roll back, or hold "
+        "the weights where they are for an operator to resume or abort; never promote")
 
     @field_validator("steps")
     @classmethod

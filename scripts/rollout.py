@@ -4,9 +4,12 @@
     python -m scripts.rollout start v2            (v2's application already in serve_config.yaml)
     python -m scripts.rollout status
     python -m scripts.rollout abort
-    python -m scripts.rollout start v2 --resume   (continue an interrupted rollout)
+    python -m scripts.rollout start v2 --resume   (continue an interrupted or held rollout)
+    python -m scripts.rollout --dry-run start v2 --from v1 ...   (plan and preflight only)
 
-Steps, interval and thresholds come from the gateway's `rollout` settings in the config.
+Before changing anything, `start` checks that the new version fits in what the cluster has free (plus
+room for a replacement's surge replicas) and refuses in seconds when it does not. Any failure rolls
+back by itself. Steps, interval, thresholds and deadlines come from the gateway's `rollout` settings.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="serve_config.yaml")
     parser.add_argument("--dashboard", default=ops.DASHBOARD)
     parser.add_argument("--gateway", default=ops.GATEWAY)
-    parser.add_argument("--dry-run", action="store_true", help="print each config it would apply; change nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the config it would add and whether it fits; change nothing")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="roll a version out")
     start.add_argument("version")
@@ -49,18 +53,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rollout = Rollout(args.config, dashboard=args.dashboard, gateway=args.gateway, dry_run=args.dry_run)
+    cluster = ops.ClusterClient(args.dashboard, args.gateway)
+    rollout = Rollout(args.config, cluster, dry_run=args.dry_run)
     try:
         if args.command == "start":
             status = rollout.start(args.version, args.copy_of, dict(args.settings), resume=args.resume)
             print(f"rollout of {args.version}: {status}")
-            return 0 if status == "promoted" else 1
+            return 0 if status in ("promoted", "dry_run") else 1
         if args.command == "abort":
-            rollout.abort()
+            print(f"rollout: {rollout.abort()}")
             return 0
         print(json.dumps(rollout.status(), indent=2, default=str))
         return 0
-    except (RagError, RuntimeError, TimeoutError) as exc:
+    except (RagError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

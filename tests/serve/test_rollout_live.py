@@ -13,11 +13,11 @@ import pytest
 
 from deployments import ops
 from deployments.rollout import Rollout
+from deployments.serve_document import ServeDocument
 from rag.client import stream_chat
 from rag.config import load_serve_config, pipeline_configs
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator
-from rag.rollout import ServeDocument
 from tests.serve.conftest import REPO, LocalService, running_service
 from tests.serve.lifecycle_helpers import assert_clean, replicas, wait_for
 
@@ -44,7 +44,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
 
 
 def _rollout(service: LocalService, log: list[str]) -> Rollout:
-    return Rollout(service.config_path, dashboard=service.dashboard, gateway=service.gateway, say=log.append)
+    return Rollout(service.config_path, ops.ClusterClient(service.dashboard, service.gateway), say=log.append)
 
 
 def _new_index_version(service: LocalService, tmp_path) -> int:

@@ -1,0 +1,134 @@
+"""Will a new version fit? Its replicas' reservations, plus surge room for a replacement, against what
+each node has free, decided before anything changes.
+
+Serve keeps an application that cannot be scheduled in DEPLOYING forever, holding whatever part of it
+did fit, so the rollout asks this first and refuses in seconds instead of waiting on a version that
+cannot start. Pure: it takes the config and Ray's per-node usage as data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Serve's own defaults for a deployment the config does not size.
+SERVE_DEFAULT_NUM_CPUS = 1.0
+SERVE_DEFAULT_SURGE_PERCENT = 0
+# Ray's resource bookkeeping is exact to 1e-4; below that a "shortfall" is rounding.
+EPSILON = 1e-4
+# What Ray names the resources that ray_actor_options reserve.
+RESOURCE_OF_OPTION = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """One deployment's replicas: how many, what each reserves, and how many extra a replacement starts."""
+
+    app: str
+    deployment: str
+    count: int
+    each: dict[str, float]
+    surge: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.app}/{self.deployment}"
+
+
+@dataclass
+class Fit:
+    fits: bool
+    lines: list[str] = field(default_factory=list)
+    suggestion: str = ""
+
+    def report(self) -> str:
+        text = "\n".join(self.lines)
+        return f"{text}\n{self.suggestion}" if self.suggestion else text
+
+
+def deployment_replicas(app: dict[str, Any]) -> list[Replicas]:
+    """The replicas an application's config asks for (listed deployments; Serve defaults elsewhere)."""
+    found = []
+    for d in app.get("deployments") or []:
+        options = d.get("ray_actor_options") or {}
+        each = {RESOURCE_OF_OPTION[k]: float(v) for k, v in options.items() if k in RESOURCE_OF_OPTION and v}
+        each.setdefault("CPU", SERVE_DEFAULT_NUM_CPUS if options.get("num_cpus") is None else 0.0)
+        each.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+        auto = d.get("autoscaling_config") or {}
+        count = int(auto.get("initial_replicas") or auto.get("min_replicas") or d.get("num_replicas") or 1)
+        surge_pct = d.get("max_surge_percent", SERVE_DEFAULT_SURGE_PERCENT) or 0
+        found.append(Replicas(app["name"], d["name"], count, each, math.ceil(count * surge_pct / 100)))
+    return found
+
+
+def free_by_node(usage_by_node: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Ray's `usageByNode` ({node: {resource: [used, total]}}) as what each node has free."""
+    return {node: {r: total - used for r, (used, total) in usage.items()} for node, usage in usage_by_node.items()}
+
+
+def check_fit(new: list[Replicas], every: list[Replicas], free: dict[str, dict[str, float]]) -> Fit:
+    """Place `new`'s replicas on the nodes' free resources (largest first), then require room left for the
+    largest surge that any deployment in `every` (old and new) would start on a replacement."""
+    left = {node: dict(res) for node, res in free.items()}
+    fit = Fit(True, [f"free now: {_describe_nodes(free)}"])
+    needed = _total([(r.each, r.count) for r in new])
+    fit.lines.append(f"the new version reserves {_describe(needed)} in {sum(r.count for r in new)} replicas")
+    for replicas in sorted(new, key=lambda r: -r.each.get("CPU", 0)):
+        for _ in range(replicas.count):
+            if not _place(replicas.each, left):
+                fit.fits = False
+                fit.lines.append(f"no node has room for a {replicas.name} replica ({_describe(replicas.each)})")
+    surges = [r for r in every if r.surge]
+    if fit.fits and surges:
+        largest = max(surges, key=lambda r: r.surge * r.each.get("CPU", 0))
+        trial = {node: dict(res) for node, res in left.items()}
+        if not all(_place(largest.each, trial) for _ in range(largest.surge)):
+            fit.fits = False
+            fit.lines.append(f"after it, no room remains for replacing {largest.name} ({largest.surge} surge "
+                             f"replica(s) of {_describe(largest.each)}); free then: {_describe_nodes(left)}")
+    if not fit.fits:
+        fit.suggestion = _suggest(new, every, free)
+    return fit
+
+
+def _place(each: dict[str, float], left: dict[str, dict[str, float]]) -> bool:
+    for resources in left.values():
+        if all(resources.get(r, 0.0) + EPSILON >= amount for r, amount in each.items() if amount):
+            for r, amount in each.items():
+                resources[r] = resources.get(r, 0.0) - amount
+            return True
+    return False
+
+
+def _suggest(new: list[Replicas], every: list[Replicas], free: dict[str, dict[str, float]]) -> str:
+    """num_cpus for the new version's deployments, scaled by one factor, that would fit beside the rest."""
+    free_cpu = sum(res.get("CPU", 0.0) for res in free.values())
+    largest_surge = max((r.surge * r.each.get("CPU", 0.0) for r in every), default=0.0)
+    needed = sum(r.count * r.each.get("CPU", 0.0) for r in new) + largest_surge
+    if needed <= 0 or free_cpu <= 0:
+        return "no CPU is free: remove a version or add a node before rolling out"
+    factor = free_cpu / needed * 0.95
+    settings = ", ".join(f"{r.deployment}.num_cpus={math.floor(r.each.get('CPU', 0) * factor * 100) / 100:g}"
+                         for r in new if r.each.get("CPU"))
+    return (f"it would fit with the new version's reservations scaled by {factor:.2f} ({settings}), with fewer "
+            "replicas, or on a bigger cluster; num_cpus is scheduling bookkeeping, not a limit")
+
+
+def _total(items: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for each, count in items:
+        for r, amount in each.items():
+            total[r] = total.get(r, 0.0) + amount * count
+    return total
+
+
+def _describe(resources: dict[str, float]) -> str:
+    parts = [f"{v / 2**30:.1f} GiB memory" if r == "memory" else f"{v:.2f} {r}"
+             for r, v in sorted(resources.items()) if v and not r.startswith(("node:", "object"))]
+    return ", ".join(parts) or "nothing"
+
+
+def _describe_nodes(free: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"node {node[:8]}: {_describe({r: v for r, v in res.items() if r in ('CPU', 'GPU')})}"
+                     for node, res in free.items()) or "no nodes"
