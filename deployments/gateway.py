@@ -7,9 +7,10 @@ No `from __future__ import annotations` here: Serve's ingress rebuilds the route
 must see real annotation objects to read the request bodies.
 """
 
+import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,8 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from deployments.gateway_service import AnswerStream, GatewayService
+from deployments.handles import ServeHandles
 from deployments.readiness import ReadinessMonitor
 from deployments.replica import ReplicaLifecycle
+from deployments.stats_board import report_forever, stats_board
 from rag.api import ChatCompletionRequest, CompletionFormatter, KbChatRequest, SearchDocsRequest, error_body
 from rag.config import GatewayConfig, TrafficConfig, validate
 from rag.errors import (
@@ -103,10 +106,15 @@ class GatewayDeployment:
 
     async def __init__(self, config: GatewayConfig) -> None:  # type: ignore[misc]
         self._life = ReplicaLifecycle("gateway")
-        self.service = GatewayService(config, self._life.metrics, self._life.in_flight,
+        self.service = GatewayService(config, self._life.metrics, self._life.in_flight, ServeHandles(),
                                       lambda: self.readiness.current.serving)
         self.readiness = ReadinessMonitor(lambda: self.service.split.live, config.ready_poll_interval_s,
                                           self.service.prime, lambda: list(self.service.traffic.weights))
+        self._board = stats_board(config.stats_window_records)
+        self._stop_reporting = asyncio.Event()
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._reporter = asyncio.create_task(report_forever(self._board, replica, self.service.stats,
+                                                            self._stop_reporting))
         await self._life.start("HTTP routes and the readiness monitor", lambda: None, lambda: None)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -146,12 +154,23 @@ class GatewayDeployment:
     async def health(self) -> dict[str, Any]:
         return {"status": "alive", "uptime_s": round(time.monotonic() - self.service.started, 3)}
 
-    @app.get("/stats")
-    async def stats(self, window_s: float | None = None) -> dict[str, Any]:
-        """Per-version requests, error rate, p50/p90/p99 time to first token and in-flight, over the last
-        `window_s` seconds of this gateway replica: what `rollout` compares."""
-        return {"versions": self.service.stats.summary(window_s), "weights": self.service.split.weights,
-                "draining": self.service.draining, "window_s": window_s}
+    @app.get("/stats", response_model=None)
+    async def stats(self, window_s: float | None = None,
+                    scope: Literal["cluster", "replica"] = "cluster") -> dict[str, Any] | JSONResponse:
+        """Per-version requests, error rate, p50/p90/p99 time to first token and in-flight over the last
+        `window_s` seconds, of every gateway replica (`scope=replica`: of the one answering): what
+        `rollout` compares."""
+        body = {"weights": self.service.split.weights, "draining": self.service.draining, "window_s": window_s,
+                "scope": scope}
+        if scope == "replica":
+            return {**body, "versions": self.service.stats.summary(window_s)}
+        try:
+            merged = await asyncio.wait_for(self._board.summary.remote(window_s), 5)
+        except Exception as exc:
+            logger.warning("event=STATS_UNAVAILABLE error=%r", exc)
+            return JSONResponse(error_body("the merged statistics of the gateway replicas are unavailable", 503),
+                                status_code=503, headers={"retry-after": "1"})
+        return {**body, **merged}
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
@@ -163,4 +182,5 @@ class GatewayDeployment:
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     def __del__(self) -> None:
+        self._stop_reporting.set()
         self._life.stop(self.readiness.stop)

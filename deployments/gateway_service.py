@@ -1,5 +1,10 @@
 """The gateway's logic: choose a version, start its answer (retrying once before the first byte),
-relay the events, and keep the counts that /ready and the metrics report."""
+relay the events, and keep the counts that /ready, /stats and the metrics report.
+
+Plain code: the versions' handles come in through `VersionHandles` (Serve's in the deployment, a fake
+in unit tests), the way vLLM's serving layer takes an engine client, so routing, retry, relaying and
+accounting are tested without a cluster.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
-from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-
-from deployments.metrics import StageMetrics
 from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, document_json, sse
 from rag.config import GatewayConfig, TrafficConfig
-from rag.errors import RagError, ServiceUnavailableError
+from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, RagError, ServiceUnavailableError
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
 from rag.stats import VersionStats
@@ -25,12 +26,28 @@ from rag.traffic import TrafficSplit
 logger = logging.getLogger("rag.gateway")
 DEFAULT_MODEL_ALIAS = "rag"
 ATTEMPTS = 2
+# The request's own fault: any version would refuse it alike, so it says nothing about the version.
+REQUEST_FAULTS = (InvalidRequestError, KnowledgeBaseNotFoundError)
+
+
+class VersionHandles(Protocol):
+    """Handles to the pipeline versions (each with `answer`, `search`, `knowledge_bases` methods)."""
+
+    async def get(self, version: str) -> Any: ...
+
+    def prime(self, version: str, timeout_s: float) -> None: ...
+
+
+class Metrics(Protocol):
+    first_token: Any
+
+    def count_request(self, endpoint: str, status: int | str, version: str | None = None) -> None: ...
 
 
 class GatewayService:
     """Picks a version for each request and relays its answer events in the requested shape."""
 
-    def __init__(self, config: GatewayConfig, metrics: StageMetrics, in_flight: InFlight,
+    def __init__(self, config: GatewayConfig, metrics: Metrics, in_flight: InFlight, handles: VersionHandles,
                  ready_versions: Callable[[], set[str]] | None = None) -> None:
         self.config = config
         self.metrics = metrics
@@ -40,7 +57,7 @@ class GatewayService:
         self.started = time.monotonic()
         self.ready_versions = ready_versions or (lambda: set(self.split.live))
         self.stats = VersionStats(config.stats_window_records)
-        self._handles: dict[str, DeploymentHandle] = {}
+        self.handles = handles
 
     def set_traffic(self, traffic: TrafficConfig) -> None:
         self.traffic = traffic
@@ -76,8 +93,12 @@ class GatewayService:
             try:
                 first, stream = await self._first_event(version, question)
                 return version, first, stream
-            except RagError:
-                raise  # the request's own fault (unknown knowledge base, ...): no other version would do better
+            except RagError as exc:
+                # Raised by a stage: not retried (it is an answer, not a lost replica), but counted against
+                # the version unless the request itself was at fault.
+                if not isinstance(exc, REQUEST_FAULTS):
+                    self.stats.failed_to_start(version)
+                raise
             except Exception as exc:
                 logger.warning("event=RETRY version=%s attempt=%d error=%r", version, attempt, exc)
                 self.stats.failed_to_start(version)
@@ -85,7 +106,7 @@ class GatewayService:
         raise ServiceUnavailableError(f"no version could start the answer (tried {failed}); retry shortly")
 
     async def _first_event(self, version: str, question: Question) -> tuple[AnswerStart, AnswerStream]:
-        stream = AnswerStream((await self._handle(version)).answer.options(stream=True).remote(question))
+        stream = AnswerStream((await self.handles.get(version)).answer.options(stream=True).remote(question))
         try:
             first = await stream.start(self.config.first_event_timeout_s)
         except BaseException:
@@ -153,14 +174,14 @@ class GatewayService:
         self.refuse_if_draining()
         version = self.choose_version(key)
         with self.in_flight.track():
-            passages = await (await self._handle(version)).search.remote(question)
+            passages = await (await self.handles.get(version)).search.remote(question)
         self.metrics.count_request("search_docs", 200, version)
         return version, [document_json(p) for p in passages]
 
     async def models(self) -> list[dict[str, Any]]:
         names: set[str] = set()
         for version in self.split.live:
-            names.update(await (await self._handle(version)).knowledge_bases.remote())
+            names.update(await (await self.handles.get(version)).knowledge_bases.remote())
         return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve"} for n in sorted(names)]
 
     def refuse_if_draining(self) -> None:
@@ -168,24 +189,14 @@ class GatewayService:
             raise ServiceUnavailableError("the service is draining for a stop; send new requests elsewhere")
 
     def prime(self, version: str) -> None:
-        """Open the route to `version` with one cheap call through it, before it gets a user's request:
-        a new handle's first call waits for the controller and for its replica list. Blocking: it runs
-        on the readiness thread, never on the event loop."""
-        handle = serve.get_app_handle(version)
-        handle.knowledge_bases.remote().result(timeout_s=self.config.first_event_timeout_s)
-        self._handles[version] = handle
-
-    async def _handle(self, version: str) -> DeploymentHandle:
-        if version not in self._handles:
-            # get_app_handle is a blocking controller call: keep it off the event loop, and cache it.
-            self._handles[version] = await asyncio.to_thread(serve.get_app_handle, version)
-        return self._handles[version]
+        """Open the route to `version` before it gets a user's request (blocking: the readiness thread)."""
+        self.handles.prime(version, self.config.first_event_timeout_s)
 
 
 class AnswerStream:
     """A version's answer as it arrives: batches of events over a Serve streaming response."""
 
-    def __init__(self, response: DeploymentResponseGenerator) -> None:
+    def __init__(self, response: Any) -> None:
         self._response = response
         self._held: list[AnswerEvent] = []
 
@@ -206,7 +217,7 @@ class AnswerStream:
         _cancel_quietly(self._response)
 
 
-def _cancel_quietly(stream: DeploymentResponseGenerator) -> None:
+def _cancel_quietly(stream: Any) -> None:
     # cancel() can re-raise the routing error of a request that never reached a replica.
     try:
         stream.cancel()

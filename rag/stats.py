@@ -1,4 +1,7 @@
-"""Per-version request outcomes over a sliding time window: what a rollout compares."""
+"""Per-version request outcomes over a sliding time window: what a rollout compares.
+
+Each gateway replica keeps its own `VersionStats` and hands the outcomes it recorded since the last
+hand-over (`take_new`) to one `MergedStats`, so the numbers a rollout judges cover every replica."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ class VersionStats:
     def __init__(self, capacity: int = 20_000) -> None:
         self._records: dict[str, deque[Outcome]] = {}
         self._in_flight: dict[str, int] = {}
+        self._new: list[tuple[str, Outcome]] = []
         self._capacity = capacity
         self._lock = threading.Lock()
 
@@ -33,28 +37,81 @@ class VersionStats:
     def finished(self, version: str, ok: bool, first_token_s: float | None) -> None:
         with self._lock:
             self._in_flight[version] = self._in_flight.get(version, 1) - 1
-            records = self._records.setdefault(version, deque(maxlen=self._capacity))
-            records.append(Outcome(time.time(), ok, first_token_s))
+            self._record(version, Outcome(time.time(), ok, first_token_s))
 
     def failed_to_start(self, version: str) -> None:
         """An attempt that failed before its first event (and may have been retried elsewhere)."""
         with self._lock:
-            self._records.setdefault(version, deque(maxlen=self._capacity)).append(Outcome(time.time(), False, None))
+            self._record(version, Outcome(time.time(), False, None))
 
-    def summary(self, window_s: float | None = None) -> dict[str, dict[str, Any]]:
+    def add(self, version: str, outcome: Outcome) -> None:
+        """An outcome recorded elsewhere (another gateway replica)."""
+        with self._lock:
+            self._records.setdefault(version, deque(maxlen=self._capacity)).append(outcome)
+
+    def _record(self, version: str, outcome: Outcome) -> None:
+        self._records.setdefault(version, deque(maxlen=self._capacity)).append(outcome)
+        self._new.append((version, outcome))
+        del self._new[:-self._capacity]
+
+    def take_new(self) -> list[tuple[str, Outcome]]:
+        """Outcomes recorded since the last call, for the merged view."""
+        with self._lock:
+            new, self._new = self._new, []
+            return new
+
+    def give_back(self, outcomes: list[tuple[str, Outcome]]) -> None:
+        """Outcomes that could not be handed over, to go with the next hand-over."""
+        with self._lock:
+            self._new[:0] = outcomes
+            del self._new[:-self._capacity]
+
+    def in_flight(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._in_flight)
+
+    def summary(self, window_s: float | None = None,
+                in_flight: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+        """Per version over the last `window_s` seconds; `in_flight` replaces this replica's own counts."""
         since = time.time() - window_s if window_s else 0.0
         with self._lock:
-            versions = set(self._records) | set(self._in_flight)
-            return {v: self._summarise(v, since) for v in sorted(versions)}
+            counts = self._in_flight if in_flight is None else in_flight
+            return {v: self._summarise(v, since, counts.get(v, 0)) for v in sorted(set(self._records) | set(counts))}
 
-    def _summarise(self, version: str, since: float) -> dict[str, Any]:
+    def _summarise(self, version: str, since: float, in_flight: int) -> dict[str, Any]:
         recent = [r for r in self._records.get(version, ()) if r.at >= since]
         errors = sum(1 for r in recent if not r.ok)
         ttfts = sorted(r.first_token_s for r in recent if r.first_token_s is not None)
         return {"requests": len(recent), "errors": errors,
                 "error_rate": errors / len(recent) if recent else 0.0, "ttft_samples": len(ttfts),
-                **{ttft_key(q): quantile(ttfts, q) for q in TTFT_QUANTILES},
-                "in_flight": self._in_flight.get(version, 0)}
+                **{ttft_key(q): quantile(ttfts, q) for q in TTFT_QUANTILES}, "in_flight": in_flight}
+
+
+class MergedStats:
+    """The outcomes of every gateway replica, and their in-flight counts as last reported. A replica that
+    stopped reporting for `stale_after_s` (stopped, or lost with its node) no longer counts as in flight."""
+
+    def __init__(self, capacity: int = 20_000, stale_after_s: float = 10.0) -> None:
+        self._outcomes = VersionStats(capacity)
+        self._in_flight: dict[str, tuple[float, dict[str, int]]] = {}
+        self._stale_after_s = stale_after_s
+
+    def report(self, replica: str, outcomes: list[tuple[str, Outcome]], in_flight: dict[str, int]) -> None:
+        for version, outcome in outcomes:
+            self._outcomes.add(version, outcome)
+        self._in_flight[replica] = (time.monotonic(), in_flight)
+
+    def summary(self, window_s: float | None = None) -> dict[str, dict[str, Any]]:
+        totals: dict[str, int] = {}
+        for seen, counts in self._in_flight.values():
+            if time.monotonic() - seen <= self._stale_after_s:
+                for version, n in counts.items():
+                    totals[version] = totals.get(version, 0) + n
+        return self._outcomes.summary(window_s, totals)
+
+    @property
+    def replicas(self) -> int:
+        return len(self._in_flight)
 
 
 TTFT_QUANTILES = (0.5, 0.9, 0.99)

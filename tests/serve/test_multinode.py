@@ -1,0 +1,80 @@
+"""A rollout on a two-node Ray cluster (a head and a worker on this machine, each with its own CPUs),
+with replicas on both nodes, under streaming load: nothing fails and nothing is cut."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deployments import ops
+from deployments.rollout import Rollout
+from deployments.serve_document import ServeDocument
+from rag.loadgen import LoadGenerator
+from tests.serve.conftest import REPO, ingest_samples
+from tests.serve.lifecycle_helpers import assert_clean
+
+pytestmark = pytest.mark.cluster
+# A custom resource only the worker has: the stages that ask for it must run there.
+WORKER = "worker_node"
+ON_WORKER = ("Retriever", "Generator")
+ROLLOUT = {"steps": [50, 100], "interval_s": 4, "min_requests": 5, "max_wait_intervals": 3,
+           "drain_timeout_s": 60, "ttft_slack_s": 0.3}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    work = tmp_path_factory.mktemp("two-nodes")
+    kb_root = work / "kb"  # one path both nodes see: the shared kb_root a real cluster needs
+    ingest_samples(kb_root)
+    http_port, dashboard_port = ops.free_port(), ops.free_port()
+    options = {name: {"ray_actor_options": {"num_cpus": 0.2 if name == "Generator" else 0.1,
+                                            "resources": {WORKER: 0.01}}} for name in ON_WORKER}
+    doc = ServeDocument.load(REPO / "serve_config.yaml").variant(
+        http_port=http_port, kb_root=kb_root, deployment_options=options,
+        gateway_args={"rollout": ROLLOUT}, pipeline_args={"generation": {"extractive_piece_delay_s": 0.01}})
+    doc.data["proxy_location"] = "HeadOnly"  # both nodes share 127.0.0.1: one proxy owns the port
+    config = work / "serve_config.yaml"
+    doc.save(config)
+
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
+    ops.ensure_ray_token()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
+    try:
+        cluster.add_node(num_cpus=1, resources={WORKER: 1})
+        ray.init(address=cluster.address, log_to_driver=False)
+        dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
+        ops.deploy(config, dashboard)
+        ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        yield dashboard, gateway, config
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _nodes_of(dashboard: str, app: str) -> dict[str, set[str]]:
+    deployments = ops.applications(dashboard)[app]["deployments"]
+    return {name: {r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING"} for name, d in deployments.items()}
+
+
+def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: tuple[str, str, Path]) -> None:
+    dashboard, gateway, config = two_nodes
+    nodes = _nodes_of(dashboard, "v1")
+    assert len(set().union(*nodes.values())) == 2, nodes  # replicas on both nodes
+    assert nodes["Generator"] == nodes["Retriever"] and nodes["Generator"] != nodes["Embedder"]
+    log: list[str] = []
+    with LoadGenerator(gateway, concurrency=4, max_seconds=240) as load:
+        status = Rollout(config, ops.ClusterClient(dashboard, gateway), say=log.append).start(
+            "v2", "v1", {"revision": "multi-node"})
+    assert status == "promoted", "\n".join(log)
+    assert_clean(load.result, min_sent=10)
+    assert ServeDocument.load(config).weights == {"v2": 100.0}
+    assert set().union(*_nodes_of(dashboard, "v2").values()) == set().union(*nodes.values())
