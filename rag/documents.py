@@ -266,8 +266,12 @@ def load_file(path: Path, root: Path | None = None, *, max_bytes: int = DEFAULT_
 
 
 def _source_name(path: Path, root: Path) -> str:
-    # Lexical, not resolved: a symlink inside the folder is cited by its own name, not its target's.
-    return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+    # Lexical first: a symlink inside the folder is cited by its own name, not its target's. Resolved
+    # when the two were spelt through different links (a checked file always resolves inside root).
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
 
 
 def iter_files(root: Path) -> list[Path]:

@@ -293,6 +293,13 @@ def test_symlinks_inside_the_folder_are_read_once_under_their_own_name(tmp_path:
         ("draft-link.md", "A draft kept in a hidden folder."), ("good.md", "A good document.")]
 
 
+def test_root_and_file_spelt_through_different_links(tmp_path: Path) -> None:
+    source = _source_folder(tmp_path)
+    (tmp_path / "alias").symlink_to(source, target_is_directory=True)
+    [doc] = load_file(source / "good.md", tmp_path / "alias")
+    assert doc.metadata["source"] == "good.md"
+
+
 def _nested(depth: int) -> str:
     return '{"a": ' * (depth - 1) + '["deep"]' + "}" * (depth - 1)
 
