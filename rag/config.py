@@ -13,15 +13,57 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rag.constants import BUNDLED_EMBEDDING_MODEL, resolve_path
-from rag.errors import RagError
+from rag.errors import InvalidRequestError, RagError
 
 Device = Literal["auto", "cpu", "cuda"]
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# A KB name becomes one path component under kb_root: no separators, no leading dot, so no
+# traversal, absolute path or hidden (staging) name can be spelt with it.
 KB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+_SHOWN_NAME_CHARS = 40  # a refusal quotes this much of a bad name, never megabytes
 T = TypeVar("T", bound=BaseModel)
+
+
+def check_kb_name(name: object) -> str:
+    """`name` itself when it is a valid knowledge-base name; else `InvalidRequestError` quoting it (truncated).
+
+    Every path built from a KB name goes through this, so the pattern is the only thing that keeps
+    a name inside kb_root.
+    """
+    # fullmatch, not match: `$` would let a trailing newline through.
+    if isinstance(name, str) and re.fullmatch(KB_NAME_PATTERN, name):
+        return name
+    raise InvalidRequestError(f"invalid knowledge base name {_shown(name)}: use 1-63 letters, digits, '_' or '-', "
+                              "starting with a letter or digit")
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, str) and len(value) > _SHOWN_NAME_CHARS:
+        return f"{value[:_SHOWN_NAME_CHARS]!r}... ({len(value)} chars)"
+    return repr(value)
+
+
+def _kb_name_field(name: str) -> str:
+    # pydantic reports ValueError as a validation error; our InvalidRequestError is not one.
+    try:
+        return check_kb_name(name)
+    except InvalidRequestError as exc:
+        raise ValueError(str(exc)) from None
+
+
+KnowledgeBaseName = Annotated[str, AfterValidator(_kb_name_field)]
 
 
 class ConfigError(RagError, ValueError):
@@ -60,7 +102,7 @@ def _sample_kb() -> dict[str, int | Literal["latest"]]:
 class RetrievalConfig(_Strict):
     kb_root: Path = Path("var/kb")
     # Which knowledge bases this pipeline serves, each pinned to an index version or "latest".
-    knowledge_bases: dict[str, int | Literal["latest"]] = Field(default_factory=_sample_kb)
+    knowledge_bases: dict[KnowledgeBaseName, int | Literal["latest"]] = Field(default_factory=_sample_kb)
     top_k: int = Field(3, ge=1, le=50)
     score_threshold: float = Field(0.0, ge=-1.0, le=1.0, description="minimum cosine similarity")
     device: Device = "auto"
@@ -71,8 +113,6 @@ class RetrievalConfig(_Strict):
         if not value:
             raise ValueError("at least one knowledge base is needed")
         for name, version in value.items():
-            if not re.match(KB_NAME_PATTERN, name):
-                raise ValueError(f"knowledge base name {name!r} must match {KB_NAME_PATTERN}")
             if isinstance(version, int) and version < 1:
                 raise ValueError(f"knowledge base {name!r}: version {version} must be >= 1 or 'latest'")
         return value
@@ -183,7 +223,7 @@ class RolloutConfig(_Strict):
 class GatewayConfig(_Strict):
     """Settings of the HTTP ingress."""
 
-    default_knowledge_base: str = Field("samples", pattern=KB_NAME_PATTERN)
+    default_knowledge_base: KnowledgeBaseName = "samples"
     max_question_chars: int = Field(4000, ge=1, le=100_000)
     max_history_turns: int = Field(20, ge=0, le=500)
     first_event_timeout_s: float = Field(30.0, gt=0, description="wait for a version's first event")

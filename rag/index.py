@@ -4,11 +4,15 @@ Layout: `<kb_root>/<kb>/v<N>/{index.faiss, docstore.sqlite, manifest.json}`. A v
 hidden staging directory and renamed into place, and `manifest.json` is written last, so a crash
 mid-build never leaves a half-written version that `latest` would pick. Nothing is pickled: FAISS
 writes its own format and the docstore is SQLite with JSON metadata.
+
+Every path here is built from a KB name through `kb_directory`, which refuses names that are not a
+single safe path component (`rag.config.check_kb_name`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -17,6 +21,8 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +30,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from rag.config import check_kb_name
 from rag.errors import (
     IndexMismatchError,
     InvalidRequestError,
@@ -34,6 +41,8 @@ from rag.records import Passage
 
 FORMAT_VERSION = 1
 _VERSION_DIR = re.compile(r"^v(\d+)$")
+_STAGING_PREFIX = ".staging-"
+_PUBLISH_LOCK = ".publish.lock"
 
 
 @dataclass(frozen=True)
@@ -63,9 +72,19 @@ class Manifest:
         return cls(**json.loads((directory / "manifest.json").read_text(encoding="utf-8")))
 
 
+def kb_directory(kb_root: Path, name: str) -> Path:
+    """The folder of knowledge base `name` under `kb_root`; `InvalidRequestError` for an unsafe name."""
+    return Path(kb_root) / check_kb_name(name)
+
+
+def version_directory(kb_root: Path, name: str, version: int) -> Path:
+    """The folder of one published version (which may not exist)."""
+    return kb_directory(kb_root, name) / f"v{int(version)}"
+
+
 def list_versions(kb_root: Path, name: str) -> list[int]:
     """Published versions of a knowledge base, oldest first (only those with a manifest)."""
-    base = kb_root / name
+    base = kb_directory(kb_root, name)
     if not base.is_dir():
         return []
     found = [int(m.group(1)) for p in base.iterdir() if (m := _VERSION_DIR.match(p.name))
@@ -76,10 +95,20 @@ def list_versions(kb_root: Path, name: str) -> list[int]:
 def list_knowledge_bases(kb_root: Path) -> list[str]:
     if not kb_root.is_dir():
         return []
-    return sorted(p.name for p in kb_root.iterdir() if p.is_dir() and list_versions(kb_root, p.name))
+    return sorted(p.name for p in kb_root.iterdir()
+                  if p.is_dir() and _is_kb_name(p.name) and list_versions(kb_root, p.name))
+
+
+def _is_kb_name(name: str) -> bool:
+    try:
+        check_kb_name(name)
+    except InvalidRequestError:
+        return False
+    return True
 
 
 def resolve_version(kb_root: Path, name: str, version: int | Literal["latest"]) -> int:
+    check_kb_name(name)
     versions = list_versions(kb_root, name)
     if not versions:
         raise KnowledgeBaseNotFoundError(f"knowledge base {name!r} has no index under {kb_root}; ingest it first")
@@ -93,19 +122,56 @@ def resolve_version(kb_root: Path, name: str, version: int | Literal["latest"]) 
 
 def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.ndarray, *,
                   embedding_model: str, fingerprint: str, splitter: dict[str, Any] | None = None) -> Manifest:
-    """Write a new immutable version of `name` and publish it atomically; returns its manifest."""
+    """Write a new immutable version of `name` and publish it atomically; returns its manifest.
+
+    Staging leftovers of killed publishes are removed first (see `clean_staging`).
+    """
+    base = kb_directory(kb_root, name)
     vectors = _check_vectors(chunks, vectors)
-    base = kb_root / name
     base.mkdir(parents=True, exist_ok=True)
-    staging = base / f".staging-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
-        _write_faiss(staging, vectors)
-        _write_docstore(staging, chunks)
-        return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
-                                  fingerprint, splitter or {}, sorted({c.source for c in chunks}))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    clean_staging(kb_root, name)
+    with _publishing(base):
+        staging = base / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            _write_faiss(staging, vectors)
+            _write_docstore(staging, chunks)
+            return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
+                                      fingerprint, splitter or {}, sorted({c.source for c in chunks}))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def clean_staging(kb_root: Path, name: str) -> list[Path]:
+    """Remove the staging folders of publishes that died (SIGKILL, power loss); returns those removed.
+
+    A live publisher holds a shared flock on the KB's lock file from before it creates its staging
+    folder until after its rename; this takes the lock exclusively without waiting, so it succeeds
+    only when no publisher of this KB is alive, and then every staging folder is stale. The kernel
+    drops a dead process's flock, so no pid or age guess is needed (an age cut-off would delete a
+    slow live build, a pid check is fooled by pid reuse and other hosts). When a publisher is live,
+    nothing is removed now; the next run cleans up.
+    """
+    base = kb_directory(kb_root, name)
+    if not base.is_dir():
+        return []
+    with open(base / _PUBLISH_LOCK, "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []
+        stale = [p for p in base.iterdir() if p.name.startswith(_STAGING_PREFIX) and p.is_dir()]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return [p for p in stale if not p.exists()]
+
+
+@contextmanager
+def _publishing(base: Path) -> Iterator[None]:
+    # Shared, so concurrent publishers of one KB do not wait for each other (see clean_staging).
+    with open(base / _PUBLISH_LOCK, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield
 
 
 def _check_vectors(chunks: list[Chunk], vectors: np.ndarray) -> np.ndarray:
@@ -189,8 +255,7 @@ class KnowledgeBaseIndex:
     @classmethod
     def load(cls, kb_root: Path, name: str, version: int | Literal["latest"] = "latest", *,
              device: str = "cpu", expected_model: str | None = None) -> KnowledgeBaseIndex:
-        number = resolve_version(kb_root, name, version)
-        directory = kb_root / name / f"v{number}"
+        directory = version_directory(kb_root, name, resolve_version(kb_root, name, version))
         manifest = Manifest.read(directory)
         if expected_model is not None and manifest.embedding_model != expected_model:
             raise IndexMismatchError(

@@ -9,15 +9,20 @@ matches what serves it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from rag.config import ConfigError, load_serve_config, pipeline_configs
+from rag.config import ConfigError, PipelineConfig, check_kb_name, load_serve_config, pipeline_configs
 from rag.constants import resolve_path
+from rag.documents import DEFAULT_MAX_FILE_BYTES
 from rag.errors import RagError
-from rag.ingest import ingest_directory
+from rag.index import version_directory
+from rag.ingest import IngestResult, ingest_directory
+
+_MIB = 1024 * 1024
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", default=None, help="pipeline version whose settings to use (default: first)")
     parser.add_argument("--kb-root", type=Path, default=None, help="override retrieval.kb_root")
     parser.add_argument("--force", action="store_true", help="publish a new version even if nothing changed")
+    parser.add_argument("--max-file-mib", type=float, default=DEFAULT_MAX_FILE_BYTES / _MIB,
+                        help="refuse any document larger than this (default: %(default)g)")
     return parser.parse_args(argv)
 
 
@@ -43,27 +50,52 @@ class ProgressBars:
         if done >= total:
             bar.close()
 
+    def close(self) -> None:
+        """End any bar left open by a failure, so the error starts on a line of its own."""
+        for bar in self._bars.values():
+            bar.close()
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    bars = ProgressBars()
     try:
-        versions = pipeline_configs(load_serve_config(args.config))
-        if not versions:
-            raise ConfigError(f"{args.config} deploys no pipeline version")
-        if args.version and args.version not in versions:
-            raise ConfigError(f"no pipeline version {args.version!r} in {args.config}; there are {sorted(versions)}")
-        config = versions[args.version] if args.version else next(iter(versions.values()))
+        check_kb_name(args.kb)  # before reading any config or document
+        if not (math.isfinite(args.max_file_mib) and args.max_file_mib > 0):
+            raise ConfigError(f"--max-file-mib must be a positive number, got {args.max_file_mib}")
+        config = _pipeline_config(args.config, args.version)
         kb_root = resolve_path(args.kb_root) if args.kb_root else config.retrieval.kb_root_path
         result = ingest_directory(resolve_path(args.source), kb_root, args.kb, config, force=args.force,
-                                  progress=ProgressBars())
+                                  progress=bars, max_file_bytes=int(args.max_file_mib * _MIB))
     except (RagError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        bars.close()
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    _report(result, kb_root)
+    return 0
+
+
+def _pipeline_config(path: str, version: str | None) -> PipelineConfig:
+    versions = pipeline_configs(load_serve_config(path))
+    if not versions:
+        raise ConfigError(f"{path} deploys no pipeline version")
+    if version and version not in versions:
+        raise ConfigError(f"no pipeline version {version!r} in {path}; there are {sorted(versions)}")
+    return versions[version] if version else next(iter(versions.values()))
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a config error lists each bad key) as one line, for scripts that grep stderr."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _report(result: IngestResult, kb_root: Path) -> None:
     m = result.manifest
+    if result.stale_staging_removed:
+        print(f"removed {result.stale_staging_removed} staging folder(s) left by killed ingests")
     state = "published" if result.created else "unchanged, kept"
     print(f"{state} {m.knowledge_base} v{m.version}: {m.count} chunks from {len(m.sources)} files "
-          f"({m.embedding_model}, dim {m.dimension}) at {kb_root / m.knowledge_base / f'v{m.version}'}")
-    return 0
+          f"({m.embedding_model}, dim {m.dimension}) at {version_directory(kb_root, m.knowledge_base, m.version)}")
 
 
 if __name__ == "__main__":

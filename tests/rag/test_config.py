@@ -17,12 +17,13 @@ from rag.config import (
     RetrievalConfig,
     SplitterConfig,
     TrafficConfig,
+    check_kb_name,
     load_serve_config,
     pipeline_configs,
     validate,
 )
 from rag.constants import BUNDLED_EMBEDDING_MODEL
-from rag.errors import RagError
+from rag.errors import InvalidRequestError, RagError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,6 +128,45 @@ def test_bad_knowledge_base_name() -> None:
     message = _error(RetrievalConfig, {"knowledge_bases": {"bad name!": "latest"}})
     assert "knowledge_bases" in message
     assert "'bad name!'" in message
+
+
+BAD_KB_NAMES = ["", "../x", "..", ".", "/abs", "/etc/passwd", "a/b", "a\\b", ".staging-1", "-x", "a b",
+                "x" * 64, "x\n", "x\x00", "é"]
+
+
+@pytest.mark.parametrize("name", BAD_KB_NAMES)
+def test_check_kb_name_refuses_anything_but_one_safe_path_component(name: str) -> None:
+    with pytest.raises(InvalidRequestError, match="invalid knowledge base name"):
+        check_kb_name(name)
+
+
+@pytest.mark.parametrize("name", ["a", "samples", "KB_2-x", "0", "x" * 63])
+def test_check_kb_name_returns_a_good_name(name: str) -> None:
+    assert check_kb_name(name) == name
+
+
+def test_check_kb_name_refuses_non_strings() -> None:
+    with pytest.raises(InvalidRequestError, match="None"):
+        check_kb_name(None)
+
+
+def test_check_kb_name_quotes_a_long_name_truncated() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        check_kb_name("../" + "y" * 1_000_000)
+    message = str(info.value)
+    assert len(message) < 300
+    assert "'../yyy" in message
+    assert "1000003 chars" in message
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "x" * 64])
+def test_config_kb_names_use_check_kb_name(name: str) -> None:
+    with pytest.raises(InvalidRequestError) as expected:
+        check_kb_name(name)
+    retrieval = _error(RetrievalConfig, {"knowledge_bases": {name: "latest"}})
+    gateway = _error(GatewayConfig, {"default_knowledge_base": name})
+    assert str(expected.value) in retrieval
+    assert str(expected.value) in gateway
 
 
 def test_knowledge_base_version_zero() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rag.config import EmbeddingConfig, PipelineConfig, SplitterConfig
-from rag.errors import InvalidRequestError
+from rag.errors import InvalidRequestError, UnsupportedDocumentError
 from rag.index import Manifest, list_versions
 from rag.ingest import ingest_directory
 from scripts.ingest import main as ingest_cli
@@ -183,3 +184,90 @@ def test_cli_requires_kb_and_source(capsys: pytest.CaptureFixture[str]) -> None:
         ingest_cli(["--kb", "x"])
     assert info.value.code == 2
     assert "--source" in capsys.readouterr().err
+
+
+# --- refusals: a clean error, nothing written -------------------------------------------------------
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "/abs", "a/b", "", "x" * 64, ".staging-1"])
+def test_unsafe_kb_name_is_refused_before_any_work(tmp_path: Path, name: str) -> None:
+    source, kb_root = _small_corpus(tmp_path / "src"), tmp_path / "root" / "kb"
+    before = _tree(tmp_path)
+    with pytest.raises(InvalidRequestError, match="invalid knowledge base name"):
+        # No embedder given: a refusal that came after loading would load the model and be slow.
+        ingest_directory(source, kb_root, name if name != "/abs" else str(tmp_path / "abs"), PipelineConfig())
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "", "x" * 64, "y" * 1_000_000])
+def test_cli_refuses_unsafe_kb_name_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 name: str) -> None:
+    source, kb_root = _small_corpus(tmp_path / "src"), tmp_path / "root" / "kb"
+    before = _tree(tmp_path)
+    assert ingest_cli(["--kb", name, "--source", str(source), "--kb-root", str(kb_root)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: invalid knowledge base name")
+    assert captured.err.count("\n") == 1
+    assert len(captured.err) < 300  # a huge name is quoted truncated
+    assert captured.out == ""
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.timeout(60)
+def test_cli_refuses_fifo_and_symlink_out_naming_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source, kb_root = _small_corpus(tmp_path / "src"), tmp_path / "kb"
+    os.mkfifo(source / "pipe.md")
+    (source / "sub" / "leak.md").symlink_to(_small_corpus(tmp_path / "outside") / "a.md")
+    assert ingest_cli(["--kb", "x", "--source", str(source), "--kb-root", str(kb_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
+    assert "pipe.md is a FIFO" in err
+    assert "sub/leak.md is a symlink leading outside the source folder" in err
+    assert list_versions(kb_root, "x") == []
+
+
+def test_cli_refuses_nested_json_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source, kb_root = _small_corpus(tmp_path / "src"), tmp_path / "kb"
+    (source / "deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert ingest_cli(["--kb", "x", "--source", str(source), "--kb-root", str(kb_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ")  # progress bars may share stderr
+    assert "deep.json: JSON nested deeper than" in err
+    assert "Traceback" not in err
+    assert list_versions(kb_root, "x") == []
+
+
+def test_cli_max_file_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _small_corpus(tmp_path / "src")
+    base = ["--kb", "x", "--source", str(source), "--kb-root", str(tmp_path / "kb")]
+    assert ingest_cli([*base, "--max-file-mib", "0.0001"]) == 2  # about 105 bytes; a.md is larger
+    assert "a.md: larger than the 104-byte limit" in capsys.readouterr().err
+    for bad in ("0", "-1", "nan", "inf"):
+        assert ingest_cli([*base, "--max-file-mib", bad]) == 2
+        assert "--max-file-mib must be a positive number" in capsys.readouterr().err
+    assert list_versions(tmp_path / "kb", "x") == []
+
+
+def test_unsupported_document_error_publishes_nothing(tmp_path: Path, embedder) -> None:
+    source = _small_corpus(tmp_path / "src")
+    os.mkfifo(source / "pipe.md")
+    with pytest.raises(UnsupportedDocumentError, match=r"pipe\.md"):
+        ingest_directory(source, tmp_path / "kb", "x", PipelineConfig(), embedder=embedder)
+    assert list_versions(tmp_path / "kb", "x") == []
+
+
+def test_unchanged_reingest_still_removes_staging_leftovers(tmp_path: Path, embedder,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    source, kb_root = _small_corpus(tmp_path / "src"), tmp_path / "kb"
+    ingest_directory(source, kb_root, "small", PipelineConfig(), embedder=embedder)
+    leftover = kb_root / "small" / ".staging-killed"
+    leftover.mkdir()
+    (leftover / "index.faiss").write_bytes(b"partial")
+    again = ingest_directory(source, kb_root, "small", PipelineConfig(), embedder=embedder)
+    assert (again.created, again.stale_staging_removed) == (False, 1)
+    assert not leftover.exists()
+    assert list_versions(kb_root, "small") == [1]
