@@ -34,7 +34,8 @@ def _represent_null(representer: Any, _: None) -> Any:
     return representer.represent_scalar("tag:yaml.org,2002:null", "null")
 
 
-def _yaml() -> YAML:
+def round_trip_yaml() -> YAML:
+    """The one YAML set-up for documents the tools edit: comments, quotes and layout kept."""
     yaml = YAML()
     yaml.representer.add_representer(type(None), _represent_null)
     yaml.preserve_quotes = True
@@ -51,15 +52,15 @@ class ServeDocument:
 
     @classmethod
     def load(cls, path: str | Path) -> ServeDocument:
-        return cls(_yaml().load(Path(path).read_text(encoding="utf-8")))
+        return cls(round_trip_yaml().load(Path(path).read_text(encoding="utf-8")))
 
     @classmethod
     def from_text(cls, text: str) -> ServeDocument:
-        return cls(_yaml().load(text))
+        return cls(round_trip_yaml().load(text))
 
     def dump(self) -> str:
         out = io.StringIO()
-        _yaml().dump(self.data, out)
+        round_trip_yaml().dump(self.data, out)
         return out.getvalue()
 
     def save(self, path: str | Path) -> None:

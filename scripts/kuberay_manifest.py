@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import LiteralScalarString
 
+from deployments.serve_document import ServeDocument, round_trip_yaml
 from rag.config import GATEWAY_BUILDER, PIPELINE_BUILDER, is_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,29 +34,15 @@ HEADER = ("Generated from serve_config.yaml by `python -m scripts.kuberay_manife
           "The Kubernetes substitutions: http_options.host, retrieval.kb_root, the gateway's api_key_file.")
 
 
-def _represent_null(representer: Any, _: None) -> Any:
-    # Serve needs `route_prefix: null` written out: an omitted one means "/".
-    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
-
-
-def _yaml() -> YAML:
-    yaml = YAML()
-    yaml.representer.add_representer(type(None), _represent_null)
-    yaml.preserve_quotes = True
-    yaml.width = 120
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    return yaml
-
-
 def _dump(data: Any) -> str:
     out = io.StringIO()
-    _yaml().dump(data, out)
+    round_trip_yaml().dump(data, out)
     return out.getvalue()
 
 
 def serve_config_v2(serve_config_text: str) -> str:
     """serve_config.yaml with the Kubernetes substitutions, comments kept."""
-    config = _yaml().load(serve_config_text)
+    config = ServeDocument.from_text(serve_config_text).data
     config.ca.comment = None  # its header tells how to deploy it locally
     config.yaml_set_start_comment(HEADER)
     config["http_options"]["host"] = HTTP_HOST
@@ -70,7 +56,7 @@ def serve_config_v2(serve_config_text: str) -> str:
 
 
 def render_manifest(manifest_text: str, serve_config_v2_text: str) -> str:
-    manifest = _yaml().load(manifest_text)
+    manifest = round_trip_yaml().load(manifest_text)
     manifest["spec"]["serveConfigV2"] = LiteralScalarString(serve_config_v2_text)
     return _dump(manifest)
 
