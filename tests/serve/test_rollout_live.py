@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from deployments.rollout import Rollout
 from deployments.serve_document import ServeDocument
 from rag.client import stream_chat
 from rag.config import load_serve_config, pipeline_configs
+from rag.errors import InvalidRequestError
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator
 from tests.serve.conftest import REPO, LocalService, running_service
@@ -26,20 +28,17 @@ pytestmark = pytest.mark.cluster
 # to first token: the latency rule is covered by unit tests (tests/rag/test_rollout.py), so here a
 # latency difference counts only above 0.3 s.
 FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 4, "min_requests": 10, "max_wait_intervals": 3,
-                "drain_timeout_s": 60, "ttft_slack_s": 0.3}
+                "drain_timeout_s": 60, "ttft_slack_s": 0.3, "start_timeout_s": 150}
 MARKER = "The aurora release adds a zebra crossing mode"
 MARKER_QUESTION = "What does the aurora release add?"
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    # Two gateway replicas: the numbers the rollout judges must cover both.
     with running_service(tmp_path_factory.mktemp("rollout"), pipeline_args={
-            "generation": {"extractive_piece_delay_s": 0.01}}) as service:
-        doc = ServeDocument.load(service.config_path)
-        gateway = next(a for a in doc.data["applications"] if a["name"] == "gateway")
-        gateway["args"]["rollout"] = FAST_ROLLOUT
-        doc.save(service.config_path)
-        ops.apply(doc.plain(), service.dashboard)
+            "generation": {"extractive_piece_delay_s": 0.01}}, gateway_args={"rollout": FAST_ROLLOUT},
+            deployment_options={"Gateway": {"num_replicas": 2}}) as service:
         yield service
 
 
@@ -104,3 +103,73 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     # Injected failures happen before the first byte, so the gateway retried them on the stable version.
     assert_clean(load.result, min_sent=20)
     assert {d: replicas(live.dashboard, stable, d) for d in stable_replicas} == stable_replicas
+
+
+def _snapshot(service: LocalService) -> tuple[list[str], str, int, dict]:
+    status, body = ops.readiness(service.gateway)
+    return sorted(ops.applications(service.dashboard)), service.config_path.read_text(), status, body["weights"]
+
+
+def test_a_version_too_big_for_the_cluster_is_refused_in_seconds_and_changes_nothing(live: LocalService) -> None:
+    before = _snapshot(live)
+    doc = ServeDocument.load(live.config_path)
+    doc.add_version("huge", doc.stable_version(excluding=""), {"version": "huge"})
+    generator = next(d for d in doc.versions["huge"]["deployments"] if d["name"] == "Generator")
+    generator["ray_actor_options"] = {"num_cpus": 3}  # more than the 2-CPU cluster has
+    doc.save(live.config_path)  # the operator adds the version to the file, then rolls it out
+    edited = live.config_path.read_text()
+    started = time.monotonic()
+    try:
+        with pytest.raises(InvalidRequestError, match="does not fit") as refused:
+            _rollout(live, []).start("huge")
+        assert time.monotonic() - started < 120
+        assert live.config_path.read_text() == edited
+    finally:
+        live.config_path.write_text(before[1])
+    assert "Generator" in str(refused.value) and "num_cpus=" in str(refused.value)
+    assert _snapshot(live) == before
+    status = _rollout(live, []).status()
+    assert status["agree"] and status["cluster"]["applications"] == before[0]
+
+
+def test_a_version_whose_replicas_cannot_start_is_rolled_back(live: LocalService) -> None:
+    before = _snapshot(live)
+    stable = ServeDocument.load(live.config_path).stable_version(excluding="")
+    log: list[str] = []
+    broken = {"generation": {"backend": "transformers", "model": "/nonexistent/model"}}
+    with LoadGenerator(live.gateway, concurrency=2, max_seconds=240) as load:
+        status = _rollout(live, log).start("broken", stable, broken)
+    assert status == "rolled_back", "\n".join(log)
+    assert any("ROLLOUT_DONE" in line and "failed to deploy" in line for line in log), "\n".join(log)
+    wait_for(lambda: "broken" not in ops.applications(live.dashboard), 120, "the broken version to be removed")
+    assert _snapshot(live) == before
+    assert_clean(load.result, min_sent=5)
+
+
+def test_stats_cover_every_gateway_replica(live: LocalService) -> None:
+    assert len(replicas(live.dashboard, "gateway", "Gateway")) == 2
+    version = ServeDocument.load(live.config_path).stable_version(excluding="")
+
+    def total() -> int:
+        body = httpx.get(f"{live.gateway}/stats", timeout=10).json()
+        assert body["scope"] == "cluster"
+        return int(body["versions"].get(version, {}).get("requests", 0))
+
+    start = total()
+    for i in range(12):
+        with httpx.Client(base_url=live.gateway, timeout=60) as client:  # a new connection each time
+            assert stream_chat(client, "How do I roll back?", user=f"stats-{i}").complete
+    wait_for(lambda: total() - start == 12, 10, "the merged count to reach 12")
+    per_replica = {httpx.get(f"{live.gateway}/stats", params={"scope": "replica"}, timeout=10).json()["versions"]
+                   .get(version, {}).get("requests", 0) for _ in range(10)}
+    assert max(per_replica) <= total()
+
+
+def test_ray_refuses_unauthenticated_control_calls(live: LocalService) -> None:
+    apps = sorted(ops.applications(live.dashboard))
+    put = httpx.put(f"{live.dashboard}/api/serve/applications/", json={"applications": []}, timeout=10)
+    job = httpx.post(f"{live.dashboard}/api/jobs/", json={"entrypoint": "touch /tmp/rag-serve-pwned"}, timeout=10)
+    wrong = httpx.post(f"{live.dashboard}/api/jobs/", json={"entrypoint": "true"}, timeout=10,
+                       headers={"Authorization": "Bearer not-the-token"})
+    assert put.status_code == 401 and job.status_code == 401 and wrong.status_code == 403
+    assert sorted(ops.applications(live.dashboard)) == apps
