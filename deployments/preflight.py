@@ -54,12 +54,19 @@ def deployment_replicas(app: dict[str, Any]) -> list[Replicas]:
         options = d.get("ray_actor_options") or {}
         each = {RESOURCE_OF_OPTION[k]: float(v) for k, v in options.items() if k in RESOURCE_OF_OPTION and v}
         each.setdefault("CPU", SERVE_DEFAULT_NUM_CPUS if options.get("num_cpus") is None else 0.0)
-        each.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+        each.update({as_reported(k): float(v) for k, v in (options.get("resources") or {}).items()})
         auto = d.get("autoscaling_config") or {}
         count = int(auto.get("initial_replicas") or auto.get("min_replicas") or d.get("num_replicas") or 1)
         surge_pct = d.get("max_surge_percent", SERVE_DEFAULT_SURGE_PERCENT) or 0
         found.append(Replicas(app["name"], d["name"], count, each, math.ceil(count * surge_pct / 100)))
     return found
+
+
+def as_reported(resource: str) -> str:
+    """A custom resource's name as the dashboard reports it: its JSON turns snake_case keys into
+    camelCase (Ray's `to_camel_case`), resource names included, so `worker_node` arrives as `workerNode`."""
+    first, *rest = resource.split("_")
+    return first + "".join(part.title() for part in rest)
 
 
 def free_by_node(usage_by_node: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:

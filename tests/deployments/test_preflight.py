@@ -17,12 +17,12 @@ def app(name: str, *deployments: dict) -> dict:
 def test_replicas_read_serves_defaults_for_what_the_config_leaves_out() -> None:
     found = deployment_replicas(app("v2", {"name": "A"}, {"name": "B", "num_replicas": 3, "max_surge_percent": 50,
                                                           "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25,
-                                                                                "resources": {"ssd": 1}}},
+                                                                                "resources": {"fast_ssd": 1}}},
                                     {"name": "C", "autoscaling_config": {"min_replicas": 2, "max_replicas": 9},
                                      "ray_actor_options": {"num_cpus": 0}}))
     a, b, c = found
     assert (a.count, a.each, a.surge) == (1, {"CPU": 1.0}, 0)  # Serve: 1 replica, 1 CPU, no surge
-    assert (b.count, b.each, b.surge) == (3, {"CPU": 0.5, "GPU": 0.25, "ssd": 1.0}, 2)
+    assert (b.count, b.each, b.surge) == (3, {"CPU": 0.5, "GPU": 0.25, "fastSsd": 1.0}, 2)
     assert (c.count, c.each) == (2, {"CPU": 0.0})
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.cluster
 # Two pipelines share this machine's two cores, where a scheduling hiccup can double one request's time
 # to first token: the latency rule is covered by unit tests (tests/rag/test_rollout.py), so here a
 # latency difference counts only above 0.3 s.
-FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 4, "min_requests": 10, "max_wait_intervals": 3,
+FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 4, "min_requests": 5, "max_wait_intervals": 4,
                 "drain_timeout_s": 60, "ttft_slack_s": 0.3, "start_timeout_s": 150}
 MARKER = "The aurora release adds a zebra crossing mode"
 MARKER_QUESTION = "What does the aurora release add?"
@@ -103,6 +103,7 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     # Injected failures happen before the first byte, so the gateway retried them on the stable version.
     assert_clean(load.result, min_sent=20)
     assert {d: replicas(live.dashboard, stable, d) for d in stable_replicas} == stable_replicas
+    wait_for(lambda: canary not in ops.applications(live.dashboard), 120, "the canary to be removed")
 
 
 def _snapshot(service: LocalService) -> tuple[list[str], str, int, dict]:
