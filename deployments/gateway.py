@@ -195,6 +195,17 @@ async def _answer(service: GatewayService, question: Question, key: str | None, 
     return JSONResponse(formatter.completion(events), headers={VERSION_HEADER: version})
 
 
+def _guard_settings(config: GatewayConfig) -> GuardSettings:
+    if config.allow_unauthenticated:
+        logger.warning("event=AUTH mode=none reason=allow_unauthenticated: every route is open to anyone "
+                       "who can reach the gateway")
+        keys = None
+    else:
+        keys = ApiKeys(config.api_key_path)
+        logger.info("event=AUTH mode=api_key file=%s", config.api_key_path)
+    return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown)
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress(app)
 class GatewayDeployment:
@@ -265,15 +276,7 @@ class GatewayDeployment:
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     def __del__(self) -> None:
-        self._life.stop(self.readiness.stop)
+        # A constructor that failed (a missing key file) left no readiness monitor to stop.
+        readiness = getattr(self, "readiness", None)
+        self._life.stop(readiness.stop if readiness else lambda: None)
 
-
-def _guard_settings(config: GatewayConfig) -> GuardSettings:
-    if config.allow_unauthenticated:
-        logger.warning("event=AUTH mode=none reason=allow_unauthenticated: every route is open to anyone "
-                       "who can reach the gateway")
-        keys = None
-    else:
-        keys = ApiKeys(config.api_key_path)
-        logger.info("event=AUTH mode=api_key file=%s", config.api_key_path)
-    return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown)

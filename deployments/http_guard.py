@@ -47,9 +47,13 @@ class HttpGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        # Serve's proxy gives every request an id (the caller's x-request-id when sent) and returns it in
+        # the x-request-id response header; outside Serve, this middleware makes and returns one.
+        given = _header(scope, REQUEST_ID_HEADER.encode())
+        request_id = given if given and _CALLER_ID.match(given) else f"req-{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
-        send = _with_request_id(send, request_id)
+        if not given:
+            send = _with_request_id(send, request_id)
         settings = self.settings()
         if scope["path"] not in OPEN_PATHS and settings.keys is not None \
                 and not settings.keys.accepts(_header(scope, b"authorization")):
@@ -68,11 +72,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
-
-
-def _request_id(scope: Scope) -> str:
-    given = _header(scope, REQUEST_ID_HEADER.encode())
-    return given if given and _CALLER_ID.match(given) else f"req-{uuid.uuid4().hex}"
 
 
 def _with_request_id(send: Send, request_id: str) -> Send:

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+
+from rag.auth import create_key_file, read_client_key
+from rag.client import gateway_client
 
 for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -30,6 +34,11 @@ class LocalService:
     kb_root: Path
     work: Path
     metrics: str | None = None
+    api_key: str | None = None  # the gateway's key (`Authorization: Bearer <api_key>`)
+
+    def client(self, **options: Any) -> httpx.Client:
+        """An httpx client for this gateway that sends the API key."""
+        return gateway_client(self.gateway, self.api_key, **options)
 
     def config(self, name: str, **overrides: Any) -> Path:
         """A variant of this service's config (same port and KB root) written next to it."""
@@ -64,12 +73,13 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
     metrics_port = ops.free_port() if with_metrics else None
     config = ops.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=http_port,
                               kb_root=kb_root, **overrides)
+    api_key = _point_gateway_at_a_key_file(config, work / "api_key")
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port, log_to_driver=False, **extra)
     try:
         local = LocalService(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard_port}", config, kb_root,
-                             work, f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None)
+                             work, f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, api_key)
         ops.deploy(config, dashboard=local.dashboard)
         if wait:
             ops.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
@@ -77,6 +87,21 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _point_gateway_at_a_key_file(config: Path, key_file: Path) -> str:
+    """A fresh key for this cluster's gateway, in a file of its own (the repo's var/api_key is untouched)."""
+    import yaml
+
+    from rag.config import GATEWAY_BUILDER, is_app
+
+    create_key_file(key_file)
+    document = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for app in document["applications"]:
+        if is_app(app, GATEWAY_BUILDER):
+            app.setdefault("args", {})["api_key_file"] = str(key_file)
+    config.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return read_client_key(key_file)
 
 
 @pytest.fixture(scope="module")

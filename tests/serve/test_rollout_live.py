@@ -8,7 +8,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from deployments import ops
@@ -56,7 +55,7 @@ def _new_index_version(service: LocalService, tmp_path) -> int:
 
 
 def _watch_marker(service: LocalService, stop: threading.Event, seen: list[tuple[str, bool]]) -> None:
-    with httpx.Client(base_url=service.gateway, timeout=60) as client:
+    with service.client(timeout=60) as client:
         for i in range(400):
             if stop.wait(0.1):
                 return
@@ -73,7 +72,7 @@ def test_knowledge_base_update_is_promoted_with_zero_failures(live: LocalService
     seen: list[tuple[str, bool]] = []
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_marker, args=(live, stop, seen))
-    with LoadGenerator(live.gateway, concurrency=6, max_seconds=240) as load:
+    with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=6, max_seconds=240) as load:
         watcher.start()
         status = _rollout(live, log).start(canary, stable, {"retrieval.knowledge_bases": {"samples": index}})
         stop.set()
@@ -95,7 +94,7 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     stable_replicas = {d: replicas(live.dashboard, stable, d) for d in ("Pipeline", "Generator", "Retriever")}
     canary = f"bad-{uuid.uuid4().hex[:4]}"
     log: list[str] = []
-    with LoadGenerator(live.gateway, concurrency=6, max_seconds=240) as load:
+    with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=6, max_seconds=240) as load:
         status = _rollout(live, log).start(canary, stable, {"faults": {"error_rate": 0.6}})
     assert status == "rolled_back", "\n".join(log)
     assert any("rollback" in line and "error rate" in line for line in log)
