@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.gateway_service import AnswerStream, GatewayService
 from deployments.http_guard import OPEN_PATHS, GuardSettings, HttpGuard
@@ -133,6 +134,14 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("event=UNHANDLED request_id=%s error=%r", _request_id(request), exc)
     return JSONResponse(error_body(f"{PUBLIC_FAILURE[500]} (request id {_request_id(request)})", 500),
                         status_code=500)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's and Starlette's own refusals (an unparsable body, no such route, method not allowed) in
+    # the same OpenAI shape as every other error, keeping their headers (Allow on a 405).
+    return JSONResponse(error_body(str(exc.detail)[:200], exc.status_code), status_code=exc.status_code,
+                        headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
