@@ -9,7 +9,7 @@ from ray import serve
 
 from deployments.replica import ReplicaLifecycle
 from rag.config import PipelineConfig
-from rag.embedding import TextEmbedder
+from rag.embedding import TextEmbedder, check_text
 
 
 @serve.deployment(name="Embedder")
@@ -17,17 +17,25 @@ class EmbedderDeployment:
     async def __init__(self, config: PipelineConfig) -> None:  # type: ignore[misc]
         self._embedder = TextEmbedder(config.embedding)
         self._life = ReplicaLifecycle(config.version)
-        self.embed.set_max_batch_size(config.embedding.max_batch_size)
-        self.embed.set_batch_wait_timeout_s(config.embedding.batch_wait_timeout_s)
+        self._embed_batch.set_max_batch_size(config.embedding.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(config.embedding.batch_wait_timeout_s)
         await self._life.start(f"embedding model {config.embedding.model} on {self._embedder.device}",
                                self._embedder.load, self._embedder.warmup, config.lifecycle.warmup_delay_s)
 
+    async def embed(self, text: str) -> np.ndarray:
+        """One request's text, checked alone before it joins a batch with other requests' texts."""
+        check_text(text)
+        result = await self._embed_batch(text)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def embed(self, texts: list[str]) -> list[np.ndarray]:
+    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray | Exception]:
+        # A failure is returned per item, not raised: a raise here would fail every request in the batch.
         self._life.log.first_traffic()
         with self._life.in_flight.track():
-            vectors = await asyncio.to_thread(self._embedder.embed, texts)
-        return list(vectors)
+            return await asyncio.to_thread(self._embedder.embed_each, texts)
 
     def check_health(self) -> None:
         self._embedder.check_health()

@@ -10,39 +10,87 @@ must see real annotation objects to read the request bodies.
 import asyncio
 import logging
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.gateway_service import AnswerStream, GatewayService
 from deployments.handles import ServeHandles
+from deployments.http_guard import OPEN_PATHS, GuardSettings, HttpGuard
 from deployments.readiness import ReadinessMonitor
 from deployments.replica import ReplicaLifecycle
 from deployments.stats_board import report_forever, stats_board
-from rag.api import ChatCompletionRequest, CompletionFormatter, KbChatRequest, SearchDocsRequest, error_body
+from rag.api import (
+    ChatCompletionRequest,
+    CompletionFormatter,
+    ErrorBody,
+    KbChatRequest,
+    SearchDocsRequest,
+    error_body,
+    summarize_problems,
+)
+from rag.auth import ApiKeys
 from rag.config import GatewayConfig, TrafficConfig, validate
 from rag.errors import (
+    AuthenticationError,
     IndexMismatchError,
     InvalidRequestError,
     KnowledgeBaseNotFoundError,
+    OverloadedError,
     RagError,
+    RequestTooLargeError,
     ServiceUnavailableError,
+    UpstreamTimeoutError,
 )
 from rag.records import AnswerStart, Question
 
 logger = logging.getLogger("rag.gateway")
 VERSION_HEADER = "x-rag-version"
+RETRY_AFTER_S = "1"
+T = TypeVar("T")
 
-# The one place library errors become HTTP statuses.
+# The one place library errors become HTTP statuses. First match wins: subclasses before their bases.
 STATUS_BY_ERROR: dict[type[RagError], int] = {
+    AuthenticationError: 401,
+    RequestTooLargeError: 413,
     InvalidRequestError: 400,
     KnowledgeBaseNotFoundError: 404,
-    ServiceUnavailableError: 503,
+    UpstreamTimeoutError: 504,
+    ServiceUnavailableError: 503,  # OverloadedError included
     IndexMismatchError: 500,
 }
+# What a 5xx body says in words; the exception's own text (paths, device messages) goes to the log only.
+PUBLIC_FAILURE = {
+    500: "internal error: the gateway could not complete the request",
+    504: "a stage of the service did not answer in time",
+}
+
+
+def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in statuses}
+
+
+DESCRIPTIONS = {
+    400: "malformed JSON, or a request the service cannot answer (empty question, over a lowered limit)",
+    401: "missing or wrong API key (send `Authorization: Bearer <key>`)",
+    404: "unknown knowledge base",
+    413: "request body over the size limit",
+    422: "the body does not match the schema (the first few problems are named, then counted)",
+    500: "internal error; the body gives a request id for the logs",
+    503: "starting, draining or at capacity; retry after `Retry-After` seconds",
+    504: "a stage did not answer in time; retry after `Retry-After` seconds",
+}
+STREAM_OR_JSON = {200: {"description": "an SSE stream of `chat.completion.chunk`s (`stream: true`) or one JSON body",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}, "application/json": {}}}}
+ANSWER_ERRORS = _documented(400, 401, 404, 413, 422, 500, 503, 504)
+READ_ERRORS = _documented(401, 500, 503, 504)
 
 app = FastAPI(title="rag-serve", summary="Knowledge-base question answering on Ray Serve")
 
@@ -59,27 +107,86 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-@app.exception_handler(RagError)
-async def _rag_error(_: Request, exc: RagError) -> JSONResponse:
+def error_response(exc: RagError, request_id: str) -> JSONResponse:
+    """The response for a library error: the status from STATUS_BY_ERROR, its headers, a safe message."""
     status = status_for(exc)
-    headers = {"retry-after": "1"} if status == 503 else None
-    return JSONResponse(error_body(str(root_cause(exc)), status), status_code=status, headers=headers)
+    message = str(root_cause(exc))
+    if status >= 500:
+        logger.warning("event=REQUEST_FAILED request_id=%s status=%d error=%r", request_id, status, exc)
+        message = f"{PUBLIC_FAILURE.get(status, message)} (request id {request_id})"
+    headers = {"www-authenticate": "Bearer"} if status == 401 else {}
+    if status in (503, 504):
+        headers["retry-after"] = RETRY_AFTER_S
+    return JSONResponse(error_body(message, status), status_code=status, headers=headers)
+
+
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "unknown"))
+
+
+@app.exception_handler(RagError)
+async def _rag_error(request: Request, exc: RagError) -> JSONResponse:
+    return error_response(exc, _request_id(request))
 
 
 @app.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("event=UNHANDLED error=%r", exc)
-    return JSONResponse(error_body(f"internal error ({type(root_cause(exc)).__name__})", 500), status_code=500)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(root_cause(exc), BackPressureError):  # a stage's queue is full: refuse now, not later
+        return error_response(OverloadedError("the service is at capacity; retry shortly"), _request_id(request))
+    logger.exception("event=UNHANDLED request_id=%s error=%r", _request_id(request), exc)
+    return JSONResponse(error_body(f"{PUBLIC_FAILURE[500]} (request id {_request_id(request)})", 500),
+                        status_code=500)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's and Starlette's own refusals (an unparsable body, no such route, method not allowed) in
+    # the same OpenAI shape as every other error, keeping their headers (Allow on a 405).
+    return JSONResponse(error_body(str(exc.detail)[:200], exc.status_code), status_code=exc.status_code,
+                        headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = exc.errors()
     malformed = any(p.get("type") == "json_invalid" for p in problems)
-    message = "; ".join(f"{'.'.join(str(x) for x in p['loc'])}: {p['msg']}" for p in problems)
     status = 400 if malformed else 422
-    param = ".".join(str(x) for x in problems[0]["loc"]) if problems else None
-    return JSONResponse(error_body(f"invalid request body: {message}", status, param), status_code=status)
+    param = ".".join(str(x) for x in problems[0]["loc"])[:100] if problems else None
+    shown = _replica_guard().errors_shown
+    message = f"invalid request body: {summarize_problems(problems, shown)}"
+    return JSONResponse(error_body(message, status, param), status_code=status)
+
+
+def _replica_guard() -> GuardSettings:
+    # The middleware is built with the app, before any replica exists; the settings are the replica's.
+    return serve.get_replica_context().servable_object.guard  # type: ignore[no-any-return]
+
+
+async def _bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
+    """One hop with a deadline; a full queue downstream is an immediate 503, not a 500."""
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except TimeoutError:
+        raise UpstreamTimeoutError(f"{what} took longer than {timeout_s:g}s") from None
+    except BackPressureError:
+        raise OverloadedError(f"{what}: the service is at capacity; retry shortly") from None
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's description plus the bearer scheme the guard enforces (all routes but the probes)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"apiKey": []}]
+        for path in OPEN_PATHS:
+            for operation in schema["paths"].get(path, {}).values():
+                operation["security"] = []
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+app.add_middleware(HttpGuard, settings=_replica_guard, refuse=error_response)
 
 
 def _answer_response(service: GatewayService, version: str, first: AnswerStart, rest: AnswerStream,
@@ -99,6 +206,17 @@ async def _answer(service: GatewayService, question: Question, key: str | None, 
     return JSONResponse(formatter.completion(events), headers={VERSION_HEADER: version})
 
 
+def _guard_settings(config: GatewayConfig) -> GuardSettings:
+    if config.allow_unauthenticated:
+        logger.warning("event=AUTH mode=none reason=allow_unauthenticated: every route is open to anyone "
+                       "who can reach the gateway")
+        keys = None
+    else:
+        keys = ApiKeys(config.api_key_path)
+        logger.info("event=AUTH mode=api_key file=%s", config.api_key_path)
+    return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown)
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress(app)
 class GatewayDeployment:
@@ -106,6 +224,7 @@ class GatewayDeployment:
 
     async def __init__(self, config: GatewayConfig) -> None:  # type: ignore[misc]
         self._life = ReplicaLifecycle("gateway")
+        self.guard = _guard_settings(config)  # first: a missing key file fails the replica before it serves
         self.service = GatewayService(config, self._life.metrics, self._life.in_flight, ServeHandles(),
                                       lambda: self.readiness.current.serving)
         self.readiness = ReadinessMonitor(lambda: self.service.split.live, config.ready_poll_interval_s,
@@ -123,39 +242,41 @@ class GatewayDeployment:
         self.service.set_traffic(traffic)
         logger.info("event=TRAFFIC_WEIGHTS weights=%s draining=%s", traffic.weights, traffic.draining)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
     async def chat_completions(self, body: ChatCompletionRequest) -> StreamingResponse | JSONResponse:
         self._life.log.first_traffic()
         cfg = self.service.config
-        question = body.to_question(self.service.knowledge_base_for(body), cfg.max_question_chars,
-                                    cfg.max_history_turns)
+        question = body.to_question(self.service.knowledge_base_for(body), cfg.limits, cfg.max_history_turns)
         return await _answer(self.service, question, body.sticky_key, body.stream, CompletionFormatter(body.model),
                              "chat_completions")
 
-    @app.post("/chat/kb_chat", response_model=None)
+    @app.post("/chat/kb_chat", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
     async def kb_chat(self, body: KbChatRequest) -> StreamingResponse | JSONResponse:
         self._life.log.first_traffic()
         cfg = self.service.config
-        question = body.to_question(cfg.max_question_chars, cfg.max_history_turns)
+        question = body.to_question(cfg.limits, cfg.max_history_turns)
         formatter = CompletionFormatter(body.model or body.knowledge_base_name, docs_key="docs")
         return await _answer(self.service, question, body.conversation_id, body.stream, formatter, "kb_chat")
 
-    @app.post("/knowledge_base/search_docs")
+    @app.post("/knowledge_base/search_docs", responses=ANSWER_ERRORS)
     async def search_docs(self, body: SearchDocsRequest) -> JSONResponse:
         self._life.log.first_traffic()
-        version, docs = await self.service.search(body.to_question(self.service.config.max_question_chars))
+        cfg = self.service.config
+        version, docs = await _bounded(self.service.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
+                                       "the search")
         return JSONResponse(docs, headers={VERSION_HEADER: version})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=READ_ERRORS)
     async def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": await self.service.models()}
+        models = await _bounded(self.service.models(), self.service.config.request_timeout_s, "listing the models")
+        return {"object": "list", "data": models}
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         return {"status": "alive", "uptime_s": round(time.monotonic() - self.service.started, 3)}
 
-    @app.get("/stats", response_model=None)
-    async def stats(self, window_s: float | None = None,
+    @app.get("/stats", response_model=None, responses=_documented(401, 422, 503))
+    async def stats(self, window_s: float | None = Query(None, gt=0, le=86_400),
                     scope: Literal["cluster", "replica"] = "cluster") -> dict[str, Any] | JSONResponse:
         """Per-version requests, error rate, p50/p90/p99 time to first token and in-flight over the last
         `window_s` seconds, of every gateway replica (`scope=replica`: of the one answering): what
@@ -172,7 +293,7 @@ class GatewayDeployment:
                                 status_code=503, headers={"retry-after": "1"})
         return {**body, **merged}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "starting or draining (same body as 200)"}})
     async def ready(self) -> JSONResponse:
         state, service = self.readiness.current, self.service
         status = "draining" if service.draining else "ready" if state.ready else "starting"
@@ -182,5 +303,10 @@ class GatewayDeployment:
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     def __del__(self) -> None:
-        self._stop_reporting.set()
-        self._life.stop(self.readiness.stop)
+        stop_reporting = getattr(self, "_stop_reporting", None)
+        if stop_reporting:
+            stop_reporting.set()
+        # A constructor that failed (a missing key file) left no readiness monitor to stop.
+        readiness = getattr(self, "readiness", None)
+        self._life.stop(readiness.stop if readiness else lambda: None)
+

@@ -9,90 +9,123 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from rag.config import LimitsConfig
 from rag.errors import InvalidRequestError
 from rag.records import AnswerDelta, AnswerEnd, AnswerEvent, AnswerStart, ChatTurn, Passage, Question
+
+# The schema states the default limits; a deployment may lower them (`GatewayConfig.limits`), see `enforce`.
+LIMITS = LimitsConfig()
+# Identifiers (model, user, conversation, knowledge base) are short; a fixed bound keeps every echo of
+# them (the `model` of each streamed chunk) small.
+NAME_MAX_CHARS = 128
+# At least one character that is not whitespace. The server strips with Python's notion of whitespace,
+# so pydantic checks the pattern with Python's `re` too (`regex_engine` below), as schemathesis does.
+NOT_BLANK = r"\S"
+
+Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX_CHARS)]
+TopK = Annotated[int, Field(ge=1, le=LIMITS.max_top_k)]
+MaxTokens = Annotated[int, Field(ge=1, le=LIMITS.max_tokens)]
+Threshold = Annotated[float, Field(ge=-1, le=1)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+Query = Annotated[str, Field(min_length=1, max_length=LIMITS.max_question_chars, pattern=NOT_BLANK)]
 
 
 class _Request(BaseModel):
     # OpenAI clients send fields this service does not use (n, presence_penalty, ...): ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # Lone surrogates ("\\ud800" in JSON) are refused by pydantic itself (string_unicode): they would fail
+    # the tokenizer later, inside a batch shared with other requests.
+    model_config = ConfigDict(extra="ignore", regex_engine="python-re")
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str = Field(min_length=1, max_length=LIMITS.max_message_chars, pattern=NOT_BLANK)
+
+
+Messages = Annotated[list[ChatMessage], Field(max_length=LIMITS.max_messages)]
 
 
 class ChatCompletionRequest(_Request):
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: Name
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages)]
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    user: str | None = None
-    conversation_id: str | None = Field(None, description="keeps a conversation on one version")
-    knowledge_base: str | None = Field(None, description="knowledge base to answer from; default: the model")
-    top_k: int | None = Field(None, ge=1, le=50)
-    score_threshold: float | None = Field(None, ge=-1, le=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    user: Name | None = None
+    conversation_id: Name | None = Field(None, description="keeps a conversation on one version")
+    knowledge_base: Name | None = Field(None, description="knowledge base to answer from; default: the model")
+    top_k: TopK | None = None
+    score_threshold: Threshold | None = None
 
     @property
     def sticky_key(self) -> str | None:
         """What pins a request to one version while several are live: the conversation, else the user."""
         return self.conversation_id or self.user
 
-    def to_question(self, knowledge_base: str, max_chars: int, max_history: int) -> Question:
+    def to_question(self, knowledge_base: str, limits: LimitsConfig, max_history: int) -> Question:
         *earlier, last = self.messages
         if last.role != "user":
             raise InvalidRequestError(f"the last message must have role 'user', got {last.role!r}")
-        return Question(text=_question_text(last.content, max_chars), knowledge_base=knowledge_base,
+        max_new_tokens = self.max_completion_tokens or self.max_tokens
+        enforce(limits, self.messages, max_new_tokens, self.top_k)
+        return Question(text=_question_text(last.content, limits.max_question_chars), knowledge_base=knowledge_base,
                         history=_history(earlier, max_history), top_k=self.top_k,
-                        score_threshold=self.score_threshold,
-                        max_new_tokens=self.max_completion_tokens or self.max_tokens,
+                        score_threshold=self.score_threshold, max_new_tokens=max_new_tokens,
                         temperature=self.temperature)
 
 
 class KbChatRequest(_Request):
     """Langchain-Chatchat's `/chat/kb_chat` body (the fields that apply to a local knowledge base)."""
 
-    query: str
-    knowledge_base_name: str = Field(min_length=1)
-    top_k: int | None = Field(None, ge=1, le=50)
-    score_threshold: float | None = Field(None, ge=-1, le=1)
-    history: list[ChatMessage] = Field(default_factory=list)
+    query: Query
+    knowledge_base_name: Name
+    top_k: TopK | None = None
+    score_threshold: Threshold | None = None
+    history: Messages = Field(default_factory=list)
     stream: bool = True
-    model: str | None = None
-    conversation_id: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    model: Name | None = None
+    conversation_id: Name | None = None
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
 
-    def to_question(self, max_chars: int, max_history: int) -> Question:
-        return Question(text=_question_text(self.query, max_chars), knowledge_base=self.knowledge_base_name,
-                        history=_history(self.history, max_history), top_k=self.top_k,
-                        score_threshold=self.score_threshold, max_new_tokens=self.max_tokens,
+    def to_question(self, limits: LimitsConfig, max_history: int) -> Question:
+        enforce(limits, self.history, self.max_tokens, self.top_k)
+        return Question(text=_question_text(self.query, limits.max_question_chars),
+                        knowledge_base=self.knowledge_base_name, history=_history(self.history, max_history),
+                        top_k=self.top_k, score_threshold=self.score_threshold, max_new_tokens=self.max_tokens,
                         temperature=self.temperature)
 
 
 class SearchDocsRequest(_Request):
-    query: str
-    knowledge_base_name: str = Field(min_length=1)
-    top_k: int | None = Field(None, ge=1, le=50)
-    score_threshold: float | None = Field(None, ge=-1, le=1)
+    query: Query
+    knowledge_base_name: Name
+    top_k: TopK | None = None
+    score_threshold: Threshold | None = None
 
-    def to_question(self, max_chars: int) -> Question:
-        return Question(text=_question_text(self.query, max_chars), knowledge_base=self.knowledge_base_name,
-                        top_k=self.top_k, score_threshold=self.score_threshold)
+    def to_question(self, limits: LimitsConfig) -> Question:
+        enforce(limits, [], None, self.top_k)
+        return Question(text=_question_text(self.query, limits.max_question_chars),
+                        knowledge_base=self.knowledge_base_name, top_k=self.top_k,
+                        score_threshold=self.score_threshold)
 
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
+
+def enforce(limits: LimitsConfig, messages: list[ChatMessage], max_tokens: int | None, top_k: int | None) -> None:
+    """The limits a deployment lowered below what the schema states (the schema checked the rest)."""
+    if len(messages) > limits.max_messages:
+        raise InvalidRequestError(f"{len(messages)} messages; the limit is {limits.max_messages}")
+    longest = max((len(m.content) for m in messages), default=0)
+    if longest > limits.max_message_chars:
+        raise InvalidRequestError(f"a message has {longest} characters; the limit is {limits.max_message_chars}")
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequestError(f"max_tokens is {max_tokens}; the limit is {limits.max_tokens}")
+    if top_k is not None and top_k > limits.max_top_k:
+        raise InvalidRequestError(f"top_k is {top_k}; the limit is {limits.max_top_k}")
 
 
 def _question_text(text: str, max_chars: int) -> str:
@@ -108,6 +141,19 @@ def _history(messages: list[ChatMessage], max_turns: int) -> list[ChatTurn]:
     """The last `max_turns` messages as turns; OpenAI's newer "developer" role is a system message."""
     turns = [ChatTurn("system" if m.role == "developer" else m.role, m.content) for m in messages]
     return turns[-max_turns:] if max_turns else []
+
+
+def summarize_problems(problems: Sequence[dict[str, Any]], shown: int, max_chars: int = 100) -> str:
+    """A validation failure in a few lines however large the body: the first `shown` problems (field and
+    reason, each cut to `max_chars`, never the offending value) and how many more there were."""
+    parts = [_clip(f"{'.'.join(str(x) for x in p.get('loc', ()))}: {p.get('msg', '')}", max_chars)
+             for p in problems[:shown]]
+    more = len(problems) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more problems)" if more > 0 else "")
+
+
+def _clip(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars - 1] + "…"
 
 
 def document_json(passage: Passage) -> dict[str, Any]:
@@ -165,6 +211,19 @@ def _usage(end: AnswerEnd) -> dict[str, int]:
     # Prompt tokens are not counted across stages; the generated count is what clients budget on.
     return {"prompt_tokens": 0, "completion_tokens": end.completion_tokens,
             "total_tokens": end.completion_tokens}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    """Every refusal and failure, in OpenAI's shape (what `error_body` builds)."""
+
+    error: ErrorDetail
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

@@ -6,10 +6,15 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from rag.auth import bearer, read_client_key
+from rag.constants import resolve_path
+
+DEFAULT_KEY_FILE = "var/api_key"  # what `make demo` creates and serve_config.yaml's gateway reads
 
 @dataclass
 class StreamedAnswer:
@@ -29,6 +34,16 @@ class StreamedAnswer:
     @property
     def complete(self) -> bool:
         return self.status == 200 and self.done and self.finish_reason is not None and self.error is None
+
+
+def client_key(key_file: str | Path | None = DEFAULT_KEY_FILE) -> str | None:
+    """The key to send, from `key_file` (relative: from the project root); None when no file is named."""
+    return read_client_key(resolve_path(key_file)) if key_file else None
+
+
+def gateway_client(base_url: str, api_key: str | None, **options: Any) -> httpx.Client:
+    """An httpx client for the gateway that sends `Authorization: Bearer <api_key>` on every request."""
+    return httpx.Client(base_url=base_url, headers=bearer(api_key), **options)
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any] | str]:

@@ -7,6 +7,7 @@ gateway's `user_config` is a `TrafficConfig`. Scripts (ingest, demo) read the sa
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from itertools import pairwise
 from pathlib import Path
@@ -220,16 +221,42 @@ class RolloutConfig(_Strict):
         return value
 
 
+class LimitsConfig(_Strict):
+    """What one HTTP request may carry, enforced at the gateway before any work starts.
+
+    The request schemas in `rag.api` state the defaults in the OpenAPI description, so a limit other than
+    the body size may only be lowered here (a request over a lowered limit gets 400), never raised past
+    what the schema promises."""
+
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=67_108_864, description="413 above this")
+    max_question_chars: int = Field(4000, ge=1, le=4000, description="the question (last user message)")
+    max_message_chars: int = Field(16_000, ge=1, le=16_000, description="each message or history turn")
+    max_messages: int = Field(64, ge=1, le=64, description="messages of a chat request, history turns of kb_chat")
+    max_tokens: int = Field(4096, ge=1, le=4096)
+    max_top_k: int = Field(50, ge=1, le=50)
+    validation_errors_shown: int = Field(3, ge=1, le=20, description="a 422 names this many problems, then counts")
+
+
 class GatewayConfig(_Strict):
     """Settings of the HTTP ingress."""
 
     default_knowledge_base: KnowledgeBaseName = "samples"
-    max_question_chars: int = Field(4000, ge=1, le=100_000)
-    max_history_turns: int = Field(20, ge=0, le=500)
+    max_history_turns: int = Field(20, ge=0, le=500, description="older turns are dropped, not refused")
     first_event_timeout_s: float = Field(30.0, gt=0, description="wait for a version's first event")
+    request_timeout_s: float = Field(30.0, gt=0, le=600, description="search_docs and /v1/models, each hop")
     ready_poll_interval_s: float = Field(1.0, gt=0, le=60)
     stats_window_records: int = Field(20_000, ge=100, le=1_000_000, description="per-version request records kept")
+    # Keys live in a file (a Kubernetes secret mounts as one), never in this config; one key per line so
+    # two can be live during a rotation. Relative paths are taken from the project root.
+    api_key_file: Path = Path("var/api_key")
+    # Serve every route without a key: only for a gateway on loopback (check_serve_config refuses others).
+    allow_unauthenticated: bool = False
+    limits: LimitsConfig = LimitsConfig()
     rollout: RolloutConfig = RolloutConfig()
+
+    @property
+    def api_key_path(self) -> Path:
+        return resolve_path(self.api_key_file)
 
 
 def _describe(error: ValidationError, where: str) -> str:
@@ -327,7 +354,8 @@ def check_serve_config(serve_config: dict[str, Any]) -> None:
     problems = stream_drain_problems(serve_config)
     for app in serve_config["applications"]:
         if is_app(app, GATEWAY_BUILDER):
-            validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
+            gateway = validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
+            problems += unauthenticated_problems(serve_config, app.get("name"), gateway)
             for deployment in app.get("deployments") or []:
                 if deployment.get("name") == "Gateway" and "user_config" in deployment:
                     traffic = validate(TrafficConfig, deployment["user_config"], "Gateway user_config")
@@ -337,3 +365,25 @@ def check_serve_config(serve_config: dict[str, Any]) -> None:
                                         f"{missing}; deployed: {sorted(versions)}")
     if problems:
         raise ConfigError("invalid Serve config:\n  " + "\n  ".join(problems))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# Serve's HTTP proxy binds 127.0.0.1 when http_options.host is not set.
+SERVE_DEFAULT_HTTP_HOST = "127.0.0.1"
+
+
+def unauthenticated_problems(serve_config: dict[str, Any], name: Any, gateway: GatewayConfig) -> list[str]:
+    """A gateway without keys is acceptable only where nobody else can reach it."""
+    host = str((serve_config.get("http_options") or {}).get("host") or SERVE_DEFAULT_HTTP_HOST)
+    if not gateway.allow_unauthenticated or is_loopback(host):
+        return []
+    return [f"application {name!r}: allow_unauthenticated is true but http_options.host is {host!r}, which is not "
+            "loopback; give the gateway an api_key_file instead, or bind the proxy to 127.0.0.1"]

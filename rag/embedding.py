@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from rag.constants import BUNDLED_EMBEDDING_MODEL, local_or_hub_id, offline_hub
 from rag.devices import empty_device_cache, pick_device
 from rag.errors import InvalidRequestError, ServiceUnavailableError
 
+logger = logging.getLogger("rag.embedding")
 PROBE_SENTENCE = "How do I upgrade the service without dropping requests?"
 
 
@@ -22,6 +24,16 @@ def resolve_model_path(name: str) -> str:
 
         return str(get_model_path())
     return local_or_hub_id(name)
+
+
+def check_text(text: object) -> None:
+    """Refuse what the tokenizer cannot take, per request, before it joins a batch with others."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequestError("cannot embed an empty text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError("cannot embed a text that is not valid Unicode (lone surrogate)") from None
 
 
 class TextEmbedder:
@@ -52,12 +64,29 @@ class TextEmbedder:
         """An (n, dimension) float32 array of normalized embeddings, one row per text."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        if any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise InvalidRequestError("cannot embed an empty text")
+        for text in texts:
+            check_text(text)
         vectors = self._require().encode(
             texts, batch_size=self.config.batch_size, normalize_embeddings=True,
             convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def embed_each(self, texts: list[str]) -> list[np.ndarray | Exception]:
+        """One result per text, for a batch merged from several requests: when the batch fails, each
+        text is embedded alone, so a text that cannot be embedded fails only its own request."""
+        try:
+            return list(self.embed(texts))
+        except Exception as exc:
+            if len(texts) == 1:
+                return [exc]
+            logger.warning("event=BATCH_FAILED size=%d error=%r: embedding one by one", len(texts), exc)
+        return [self._embed_one(text) for text in texts]
+
+    def _embed_one(self, text: str) -> np.ndarray | Exception:
+        try:
+            return self.embed([text])[0]
+        except Exception as exc:
+            return exc
 
     def warmup(self) -> None:
         """A real forward pass, so the first user request does not pay for lazy initialisation."""

@@ -29,3 +29,19 @@ class ServiceUnavailableError(RagError):
 
 class GenerationError(RagError):
     """The generator failed while producing an answer."""
+
+
+class AuthenticationError(RagError):
+    """A request without a valid API key."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request body over the gateway's size limit."""
+
+
+class OverloadedError(ServiceUnavailableError):
+    """A stage's queue is full: the caller should retry later rather than wait."""
+
+
+class UpstreamTimeoutError(ServiceUnavailableError):
+    """A stage did not answer within the gateway's deadline for that hop."""

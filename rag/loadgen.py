@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from rag.client import StreamedAnswer, stream_chat
+from rag.client import StreamedAnswer, gateway_client, stream_chat
 
 QUESTIONS = (
     "How do I stop the service?",
@@ -57,8 +57,9 @@ class LoadGenerator:
 
     def __init__(self, base_url: str, concurrency: int = 8, max_seconds: float = 60,
                  max_requests: int = 10_000, knowledge_base: str = "samples", timeout_s: float = 120,
-                 **chat_options: object) -> None:
+                 api_key: str | None = None, **chat_options: object) -> None:
         self.base_url = base_url
+        self.api_key = api_key
         self.concurrency = concurrency
         self.deadline = time.monotonic() + max_seconds
         self.result = LoadResult()
@@ -89,7 +90,7 @@ class LoadGenerator:
         self.stop()
 
     def _client(self, index: int) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=self._timeout_s) as client:
+        with gateway_client(self.base_url, self.api_key, timeout=self._timeout_s) as client:
             for number in self._budget:
                 if self._stop.is_set() or time.monotonic() > self.deadline or number >= self._max_requests:
                     return

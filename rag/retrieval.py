@@ -60,6 +60,6 @@ class Retriever:
         try:
             return self._indexes[name]
         except KeyError:
-            served = ", ".join(sorted(self._indexes)) or "none"
+            # Which knowledge bases exist is for callers with a key to ask (/v1/models), not for an error to tell.
             raise KnowledgeBaseNotFoundError(
-                f"unknown knowledge base {name!r}; this service has: {served}") from None
+                f"unknown knowledge base {name[:64]!r}; GET /v1/models lists the ones you may use") from None

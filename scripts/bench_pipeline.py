@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from deployments.ops import readiness
-from rag.client import stream_chat
+from rag.auth import bearer
+from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
 from rag.config import PipelineConfig, load_serve_config, pipeline_configs
 from rag.embedding import TextEmbedder
 from rag.index import KnowledgeBaseIndex, list_versions
@@ -49,6 +50,7 @@ Op = Callable[[str], Awaitable[Sample]]  # one timed request
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the Serve gateway")
+    parser.add_argument("--api-key-file", default=DEFAULT_KEY_FILE, help="the gateway's API key (first line)")
     parser.add_argument("--config", default="serve_config.yaml", help="Serve config of the in-process pipeline")
     parser.add_argument("--kb", default="samples", help="knowledge base to ask")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="in-flight requests per cell")
@@ -62,12 +64,12 @@ def sample(ok: bool, latency_s: float, first_token_s: float | None = None, error
     return {"ok": ok, "latency_s": latency_s, "first_token_s": first_token_s, "error": None if ok else error}
 
 
-def pin_served_index(config: PipelineConfig, url: str, kb: str) -> PipelineConfig | None:
+def pin_served_index(config: PipelineConfig, url: str, kb: str, api_key: str | None) -> PipelineConfig | None:
     """`config` pinned to the index version that retrieves what the service does ("latest" may have moved)."""
     top_k, root, threshold = config.retrieval.top_k, config.retrieval.kb_root_path, config.retrieval.score_threshold
     served = [[(int(d["id"]), round(d["score"], 3)) for d in httpx.post(
         f"{url}/knowledge_base/search_docs", json={"query": q, "knowledge_base_name": kb, "top_k": top_k},
-        timeout=30).raise_for_status().json()] for q in QUESTIONS]
+        headers=bearer(api_key), timeout=30).raise_for_status().json()] for q in QUESTIONS]
     embedder = TextEmbedder(config.embedding)
     embedder.load()
     vectors = embedder.embed(QUESTIONS)
@@ -138,7 +140,7 @@ async def bench(args: argparse.Namespace, config: PipelineConfig) -> list[dict[s
     pipe, cells, top_k = LocalPipeline(config), [], config.retrieval.top_k
     pipe.load()
     await pipe.warmup()
-    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(TIMEOUT_S, connect=5.0),
+    with gateway_client(args.url, client_key(args.api_key_file), timeout=httpx.Timeout(TIMEOUT_S, connect=5.0),
                       limits=httpx.Limits(max_connections=2 * max(args.concurrency))) as client:
         sides = {"in-process": local_ops(pipe, args.kb, top_k), "serve": http_ops(client, args.kb, top_k)}
         for name in ("search", "chat"):  # the sides alternate, so a noisy neighbour hits both alike
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: GET {args.url}/ready is not 200 {ready}: start the service first (make demo)", file=sys.stderr)
         return 2
     config = next(iter(pipeline_configs(load_serve_config(args.config)).values()))
-    root, config = config.retrieval.kb_root_path, pin_served_index(config, args.url, args.kb)
+    root = config.retrieval.kb_root_path
+    config = pin_served_index(config, args.url, args.kb, client_key(args.api_key_file))
     if config is None:
         print(f"error: no index of {args.kb!r} in {root} retrieves what {args.url} does", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from typing import Any
 from deployments import ops
 from deployments.rollout import Rollout
 from deployments.serve_document import ServeDocument
+from rag.auth import create_key_file, read_client_key
 from rag.config import PIPELINE_BUILDER, is_app, load_serve_config, pipeline_configs
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator, LoadResult
@@ -92,7 +93,8 @@ def serve_configs(work: Path, kb: Path, port: int, args: argparse.Namespace, def
         pipeline_args = {"generation": {"extractive_piece_delay_s": args.piece_delay},
                          **overrides.get("pipeline_args", {})}
         path = ops.write_config(SOURCE_CONFIG, work / f"{name}.yaml", http_port=port, kb_root=kb,
-                                pipeline_args=pipeline_args, deployment_options=overrides.get("deployment_options"))
+                                pipeline_args=pipeline_args, deployment_options=overrides.get("deployment_options"),
+                                gateway_args={"api_key_file": str(args.key_file)})
         paths.append(strip_tuning(path) if defaults else path)
     return paths
 
@@ -214,7 +216,8 @@ def summarize(scenario: str, result: LoadResult, drain_s: float | None, drained_
 def measure(scenario: str, target: Target, args: argparse.Namespace) -> dict[str, Any]:
     """The load for --seconds, with the upgrade triggered at --upgrade-at of it; waits for the drain."""
     base_url, upgrade = target
-    with LoadGenerator(base_url, concurrency=args.clients, max_seconds=args.seconds,
+    with LoadGenerator(base_url, api_key=read_client_key(args.key_file), concurrency=args.clients,
+                       max_seconds=args.seconds,
                        max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
         time.sleep(args.seconds * args.upgrade_at)
         triggered = time.monotonic()
@@ -244,7 +247,7 @@ def rollout_config(work: Path, kb: Path, port: int, args: argparse.Namespace) ->
                "max_wait_intervals": 3, "drain_timeout_s": DRAIN_LIMIT_S}
     return ops.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=port, kb_root=kb,
                             pipeline_args={"generation": {"extractive_piece_delay_s": args.piece_delay}},
-                            gateway_args={"rollout": rollout})
+                            gateway_args={"rollout": rollout, "api_key_file": str(args.key_file)})
 
 
 def phase_rows(scenario: str, result: LoadResult, marks: list[tuple[float, str]]) -> list[dict[str, Any]]:
@@ -275,11 +278,13 @@ def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespa
             ops.deploy(path, dashboard)
             ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
             faults = {"faults": {"error_rate": 0.5}} if scenario == "rollback" else {}
-            with LoadGenerator(gateway, concurrency=args.clients, max_seconds=DRAIN_LIMIT_S * 4,
+            with LoadGenerator(gateway, api_key=read_client_key(args.key_file), concurrency=args.clients,
+                               max_seconds=DRAIN_LIMIT_S * 4,
                                max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
                 time.sleep(args.step_seconds)
                 marks.append((0.0, "before the rollout"))
-                status = Rollout(path, ops.ClusterClient(dashboard, gateway), say=note).start(
+                cluster = ops.ClusterClient(dashboard, gateway, read_client_key(args.key_file))
+                status = Rollout(path, cluster, say=note).start(
                     "v2", "v1", {"revision": "2", **faults})
                 marks.append((time.time(), f"after: {status}"))
                 time.sleep(args.step_seconds)
@@ -328,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
         work = Path(tmp)  # the sample KB is ingested once, for every scenario
+        args.key_file = work / "api_key"  # the private gateways' key; the repo's var/api_key is untouched
+        create_key_file(args.key_file)
         ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples",
                          next(iter(pipeline_configs(load_serve_config(SOURCE_CONFIG)).values())))
         for scenario in args.scenarios:

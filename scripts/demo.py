@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import httpx
-
 from deployments import ops
-from rag.client import stream_chat
+from rag.auth import create_key_file
+from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
 from rag.config import load_serve_config, pipeline_configs
 from rag.constants import resolve_path
 from rag.ingest import ingest_directory
@@ -41,18 +40,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    version {name} serves index v{pinned} of {kb}; to serve v{built}, roll it out:\n"
                       f"    python -m scripts.rollout start {name}-kb{built} --from {name} "
                       f"--set retrieval.knowledge_bases.{kb}={built}")
+    key_file = resolve_path(DEFAULT_KEY_FILE)
+    if create_key_file(key_file):
+        print(f"    created the gateway's API key in {key_file} (mode 0600; keep it out of git)")
     print("3/4 serve deploy", args.config)
     ops.deploy(args.config)
     ops.wait_ready(on_poll=lambda status, body: print(f"    /ready {status} {body.get('status')} "
                                                       f"{body.get('waiting_for', '')}", flush=True))
     print(f"4/4 asking: {args.question}\n")
-    with httpx.Client(base_url=ops.GATEWAY, timeout=120) as client:
+    with gateway_client(ops.GATEWAY, client_key(key_file), timeout=120) as client:
         answer = stream_chat(client, args.question, on_event=_print_piece)
     print("\n\nsources:")
     for i, doc in enumerate(answer.sources, 1):
         print(f"  [{i}] {doc['metadata']['source']} (score {doc['score']:.2f})")
     print(f"\nserved by version {answer.version}, finish_reason={answer.finish_reason}")
     print(f"\nRay dashboard: {ops.DASHBOARD}   OpenAI-compatible API: {ops.GATEWAY}/v1")
+    print(f"Every route but /health and /ready needs the API key in {DEFAULT_KEY_FILE}:\n"
+          f"    export OPENAI_API_KEY=$(cat {DEFAULT_KEY_FILE})\n"
+          f'    curl -H "Authorization: Bearer $OPENAI_API_KEY" {ops.GATEWAY}/v1/models')
     print("Stop gracefully with: make stop")
     return 0 if answer.complete else 1
 

@@ -22,6 +22,8 @@ import yaml
 
 from deployments import ops
 from deployments.rollout import Rollout
+from deployments.serve_document import ServeDocument
+from rag.client import client_key
 from rag.errors import RagError
 
 
@@ -37,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="serve_config.yaml")
     parser.add_argument("--dashboard", default=ops.DASHBOARD)
     parser.add_argument("--gateway", default=ops.GATEWAY)
+    parser.add_argument("--api-key-file", default=None,
+                        help="the gateway key to read /stats with (default: the gateway's api_key_file)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the config it would add and whether it fits; change nothing")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,11 +55,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _cluster(args: argparse.Namespace) -> ops.ClusterClient:
+    gateway = ServeDocument.load(args.config).gateway
+    unauthenticated = gateway.allow_unauthenticated and not args.api_key_file
+    key = None if unauthenticated else client_key(args.api_key_file or gateway.api_key_path)
+    return ops.ClusterClient(args.dashboard, args.gateway, key)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cluster = ops.ClusterClient(args.dashboard, args.gateway)
-    rollout = Rollout(args.config, cluster, dry_run=args.dry_run)
     try:
+        rollout = Rollout(args.config, _cluster(args), dry_run=args.dry_run)
         if args.command == "start":
             status = rollout.start(args.version, args.copy_of, dict(args.settings), resume=args.resume)
             print(f"rollout of {args.version}: {status}")

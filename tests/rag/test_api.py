@@ -10,6 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from rag.api import (
+    LIMITS,
+    NAME_MAX_CHARS,
     SSE_DONE,
     ChatCompletionRequest,
     CompletionFormatter,
@@ -18,8 +20,10 @@ from rag.api import (
     document_json,
     error_body,
     sse,
+    summarize_problems,
 )
 from rag.client import StreamedAnswer, apply_event, sse_events
+from rag.config import LimitsConfig
 from rag.errors import InvalidRequestError
 from rag.records import AnswerDelta, AnswerEnd, AnswerEvent, AnswerStart, ChatTurn, Passage
 
@@ -36,6 +40,10 @@ EVENTS: list[AnswerEvent] = [
 ]
 
 
+def _limits(question_chars: int) -> LimitsConfig:
+    return LimitsConfig(max_question_chars=question_chars)
+
+
 def _chat(**body: Any) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": "samples", **body})
 
@@ -48,7 +56,7 @@ def test_to_question_carries_text_history_and_overrides() -> None:
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "  How do I stop the service?  "},
     ], top_k=5, score_threshold=0.3, max_tokens=50, temperature=0.2)
-    question = request.to_question("samples", max_chars=4000, max_history=20)
+    question = request.to_question("samples", LIMITS, max_history=20)
     assert question.text == "How do I stop the service?"
     assert question.knowledge_base == "samples"
     assert question.history == [ChatTurn("system", "Be brief."), ChatTurn("system", "Cite sources."),
@@ -58,7 +66,7 @@ def test_to_question_carries_text_history_and_overrides() -> None:
 
 
 def test_to_question_defaults_leave_overrides_unset() -> None:
-    question = _chat(messages=[{"role": "user", "content": "q"}]).to_question("kb", 100, 5)
+    question = _chat(messages=[{"role": "user", "content": "q"}]).to_question("kb", _limits(100), 5)
     assert question.history == []
     assert (question.top_k, question.score_threshold, question.max_new_tokens, question.temperature) == (
         None, None, None, None)
@@ -67,43 +75,45 @@ def test_to_question_defaults_leave_overrides_unset() -> None:
 def test_history_is_bounded_to_the_latest_turns() -> None:
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(9)]
     request = _chat(messages=messages)
-    assert [t.content for t in request.to_question("kb", 100, 3).history] == ["m5", "m6", "m7"]
-    assert request.to_question("kb", 100, 0).history == []
+    assert [t.content for t in request.to_question("kb", _limits(100), 3).history] == ["m5", "m6", "m7"]
+    assert request.to_question("kb", _limits(100), 0).history == []
 
 
 def test_knowledge_base_field_and_override() -> None:
     request = _chat(messages=[{"role": "user", "content": "q"}], knowledge_base="manuals")
     assert request.knowledge_base == "manuals"
-    assert request.to_question("manuals", 100, 5).knowledge_base == "manuals"
+    assert request.to_question("manuals", _limits(100), 5).knowledge_base == "manuals"
     assert _chat(messages=[{"role": "user", "content": "q"}]).knowledge_base is None
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:
     both = _chat(messages=[{"role": "user", "content": "q"}], max_tokens=50, max_completion_tokens=7)
-    assert both.to_question("kb", 100, 5).max_new_tokens == 7
+    assert both.to_question("kb", _limits(100), 5).max_new_tokens == 7
     only_old = _chat(messages=[{"role": "user", "content": "q"}], max_tokens=50)
-    assert only_old.to_question("kb", 100, 5).max_new_tokens == 50
+    assert only_old.to_question("kb", _limits(100), 5).max_new_tokens == 50
 
 
 @pytest.mark.parametrize("role", ["assistant", "system", "developer"])
 def test_last_message_must_be_user(role: str) -> None:
     request = _chat(messages=[{"role": "user", "content": "q"}, {"role": role, "content": "x"}])
     with pytest.raises(InvalidRequestError, match=repr(role)):
-        request.to_question("kb", 100, 5)
+        request.to_question("kb", _limits(100), 5)
 
 
 def test_too_long_question_is_invalid() -> None:
     request = _chat(messages=[{"role": "user", "content": "x" * 101}])
     with pytest.raises(InvalidRequestError, match="101") as info:
-        request.to_question("kb", 100, 5)
+        request.to_question("kb", _limits(100), 5)
     assert "100" in str(info.value)
-    assert _chat(messages=[{"role": "user", "content": "x" * 100}]).to_question("kb", 100, 5).text == "x" * 100
+    assert _chat(messages=[{"role": "user", "content": "x" * 100}]).to_question("kb", _limits(100), 5).text == "x" * 100
 
 
-@pytest.mark.parametrize("content", ["", "   ", "\n\t "])
-def test_blank_question_is_invalid(content: str) -> None:
-    with pytest.raises(InvalidRequestError, match="empty"):
-        _chat(messages=[{"role": "user", "content": content}]).to_question("kb", 100, 5)
+@pytest.mark.parametrize("content", ["", "   ", "\n\t ", "\x1c\u3000"])
+def test_blank_content_is_refused_by_the_schema(content: str) -> None:
+    # The schema's pattern and the server's strip() agree on what is blank (both Python's notion).
+    with pytest.raises(ValidationError):
+        _chat(messages=[{"role": "user", "content": content}])
+    assert not content.strip()
 
 
 def test_unknown_openai_fields_are_ignored() -> None:
@@ -120,6 +130,15 @@ def test_unknown_openai_fields_are_ignored() -> None:
     {"messages": [{"role": "user", "content": "q"}], "temperature": 3},
     {"messages": [{"role": "user", "content": "q"}], "top_k": 51},
     {"model": "", "messages": [{"role": "user", "content": "q"}]},
+    {"model": "m" * (NAME_MAX_CHARS + 1), "messages": [{"role": "user", "content": "q"}]},
+    {"user": "u" * 200_000, "messages": [{"role": "user", "content": "q"}]},
+    {"conversation_id": "c" * 129, "messages": [{"role": "user", "content": "q"}]},
+    {"knowledge_base": "k" * 129, "messages": [{"role": "user", "content": "q"}]},
+    {"messages": [{"role": "user", "content": "q"}] * (LIMITS.max_messages + 1)},
+    {"messages": [{"role": "user", "content": "q" * (LIMITS.max_message_chars + 1)}]},
+    {"messages": [{"role": "user", "content": "\ud800"}]},
+    {"messages": [{"role": "user", "content": "q"}], "max_tokens": LIMITS.max_tokens + 1},
+    {"messages": [{"role": "user", "content": "q"}], "max_completion_tokens": LIMITS.max_tokens + 1},
 ])
 def test_malformed_chat_requests_fail_validation(body: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
@@ -132,14 +151,14 @@ def test_kb_chat_request_to_question() -> None:
         "history": [{"role": "developer", "content": "d"}, {"role": "user", "content": "u"}],
         "max_tokens": 12, "temperature": 0.5, "prompt_name": "default", "return_direct": False})
     assert request.stream is True
-    question = request.to_question(max_chars=100, max_history=10)
+    question = request.to_question(_limits(100), max_history=10)
     assert question.text == "如何升级？"
     assert question.knowledge_base == "samples"
     assert question.history == [ChatTurn("system", "d"), ChatTurn("user", "u")]
     assert (question.top_k, question.score_threshold, question.max_new_tokens, question.temperature) == (
         4, 0.1, 12, 0.5)
-    with pytest.raises(InvalidRequestError):
-        KbChatRequest(query="  ", knowledge_base_name="samples").to_question(100, 10)
+    with pytest.raises(ValidationError):
+        KbChatRequest.model_validate({"query": "  ", "knowledge_base_name": "samples"})
     with pytest.raises(ValidationError):
         KbChatRequest.model_validate({"query": "q", "knowledge_base_name": ""})
 
@@ -147,13 +166,13 @@ def test_kb_chat_request_to_question() -> None:
 def test_search_docs_request() -> None:
     request = SearchDocsRequest.model_validate({"query": "stop", "knowledge_base_name": "samples", "top_k": 2,
                                                 "file_name": "", "metadata": {}})
-    question = request.to_question(max_chars=100)
+    question = request.to_question(_limits(100))
     assert (question.text, question.knowledge_base, question.top_k, question.score_threshold) == (
         "stop", "samples", 2, None)
     with pytest.raises(ValidationError):
         SearchDocsRequest.model_validate({"query": "   ", "knowledge_base_name": "samples"})
     with pytest.raises(InvalidRequestError):
-        SearchDocsRequest(query="x" * 11, knowledge_base_name="samples").to_question(max_chars=10)
+        SearchDocsRequest(query="x" * 11, knowledge_base_name="samples").to_question(_limits(10))
 
 
 def test_document_json_is_chatchat_shaped() -> None:
@@ -268,3 +287,32 @@ def test_client_sees_docs_key_and_errors() -> None:
     assert answer.finish_reason is None
     assert not answer.done
     assert not answer.complete
+
+
+def test_lowered_limits_are_enforced_with_a_400() -> None:
+    request = _chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b" * 50},
+                              {"role": "user", "content": "q"}], max_tokens=100, top_k=20)
+    cases = [({"max_messages": 2}, "3 messages"), ({"max_message_chars": 10}, "50 characters"),
+             ({"max_tokens": 99}, "max_tokens is 100"), ({"max_top_k": 10}, "top_k is 20")]
+    for lowered, message in cases:
+        with pytest.raises(InvalidRequestError, match=message):
+            request.to_question("kb", LimitsConfig(**lowered), 5)
+    assert request.to_question("kb", LIMITS, 5).text == "q"
+
+
+def test_the_schema_states_the_limits() -> None:
+    schema = json.dumps(ChatCompletionRequest.model_json_schema())
+    for fragment in ['"maxLength": 128', f'"maxItems": {LIMITS.max_messages}',
+                     f'"maxLength": {LIMITS.max_message_chars}', '"pattern": "\\\\S"',
+                     f'"maximum": {LIMITS.max_tokens}']:
+        assert fragment in schema, fragment
+    assert '"maxLength": 4000' in json.dumps(KbChatRequest.model_json_schema())
+
+
+def test_validation_errors_are_summarised_not_echoed() -> None:
+    problems = [{"loc": ("body", "messages", i, "role"), "msg": "x" * 500, "input": "secret" * 1000}
+                for i in range(10_000)]
+    summary = summarize_problems(problems, 3)
+    assert len(summary) < 500 and "secret" not in summary
+    assert summary.count("body.messages") == 3 and "9997 more" in summary
+    assert summarize_problems(problems[:2], 3).count("body.messages") == 2

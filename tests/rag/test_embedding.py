@@ -100,3 +100,28 @@ def test_resolve_bundled_model_points_into_installed_package() -> None:
 def test_resolve_other_names(tmp_path: Path) -> None:
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)  # an existing local directory
     assert resolve_model_path("some-org/some-model-that-is-not-here") == "some-org/some-model-that-is-not-here"
+
+
+def test_a_bad_text_in_a_batch_fails_alone(embedder: TextEmbedder) -> None:
+    # As in the Embedder's @serve.batch: texts of different requests merged into one call.
+    good, bad = "How do I stop the service?", "bad \ud800 text"
+    results = embedder.embed_each([good, bad, good])
+    assert isinstance(results[1], InvalidRequestError) and "Unicode" in str(results[1])
+    for result in (results[0], results[2]):
+        assert isinstance(result, np.ndarray)
+        np.testing.assert_allclose(result, embedder.embed([good])[0], atol=1e-5)
+
+
+def test_a_batch_that_fails_in_the_model_is_retried_item_by_item(embedder: TextEmbedder,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    real = embedder.embed
+
+    def fails_with_poison(texts: list[str]) -> np.ndarray:
+        if any("poison" in t for t in texts):
+            raise TypeError("tokenizer choked")
+        return real(texts)
+
+    monkeypatch.setattr(embedder, "embed", fails_with_poison)
+    first, second = embedder.embed_each(["fine text", "poison text"])
+    assert isinstance(first, np.ndarray) and first.shape == (DIM,)
+    assert isinstance(second, TypeError)

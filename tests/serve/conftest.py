@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+
+from rag.auth import create_key_file, read_client_key
+from rag.client import gateway_client
 
 for key, value in {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -30,6 +34,11 @@ class LocalService:
     kb_root: Path
     work: Path
     metrics: str | None = None
+    api_key: str | None = None  # the gateway's key (`Authorization: Bearer <api_key>`)
+
+    def client(self, **options: Any) -> httpx.Client:
+        """An httpx client for this gateway that sends the API key."""
+        return gateway_client(self.gateway, self.api_key, **options)
 
     def config(self, name: str, **overrides: Any) -> Path:
         """A variant of this service's config (same port and KB root) written next to it."""
@@ -57,12 +66,16 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
     ingest_samples(kb_root)
     http_port = ops.free_port()
     metrics_port = ops.free_port() if with_metrics else None
+    key_file = work / "api_key"  # a fresh key for this cluster's gateway; the repo's var/api_key is untouched
+    create_key_file(key_file)
+    gateway_args = {"api_key_file": str(key_file), **overrides.pop("gateway_args", {})}
     config = ops.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=http_port,
-                              kb_root=kb_root, **overrides)
+                              kb_root=kb_root, gateway_args=gateway_args, **overrides)
+    api_key = read_client_key(key_file)
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     with ops.private_cluster(**extra) as dashboard:
         local = LocalService(f"http://127.0.0.1:{http_port}", dashboard, config, kb_root,
-                             work, f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None)
+                             work, f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, api_key)
         ops.deploy(config, dashboard=local.dashboard)
         if wait:
             ops.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)

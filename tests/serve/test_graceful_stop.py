@@ -35,7 +35,7 @@ def test_graceful_stop_finishes_every_stream(tmp_path: Path) -> None:
         stop = threading.Event()
         watcher = threading.Thread(target=_watch_ready, args=(service.gateway, stop, seen))
         watcher.start()
-        with LoadGenerator(service.gateway, concurrency=6, max_seconds=120) as load:
+        with LoadGenerator(service.gateway, api_key=service.api_key, concurrency=6, max_seconds=120) as load:
             wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
             ops.graceful_stop(service.config_path, dashboard=service.dashboard, gateway=service.gateway,
                               stop_cluster=False, say=lambda *_: None)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from deployments import ops
+from rag.auth import bearer
 from rag.client import stream_chat
 from rag.loadgen import LoadGenerator
 from tests.serve.conftest import LocalService, running_service
@@ -30,7 +31,7 @@ def paced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
 
 def _non_stream_loop(service: LocalService, stop: threading.Event, statuses: list[int]) -> None:
     body = {"model": "samples", "messages": [{"role": "user", "content": "Where is the Ray dashboard?"}]}
-    with httpx.Client(base_url=service.gateway, timeout=60) as client:
+    with service.client(timeout=60) as client:
         for _ in range(500):
             if stop.is_set():
                 return
@@ -43,7 +44,7 @@ def _replace_under_load(service: LocalService, deployment: str, num_cpus: float)
     statuses: list[int] = []
     stop = threading.Event()
     plain = threading.Thread(target=_non_stream_loop, args=(service, stop, statuses))
-    with LoadGenerator(service.gateway, concurrency=6, max_seconds=120) as load:
+    with LoadGenerator(service.gateway, api_key=service.api_key, concurrency=6, max_seconds=120) as load:
         plain.start()
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
         config = service.config(f"{deployment}-{num_cpus}.yaml", pipeline_args=PACED,
@@ -90,7 +91,7 @@ def test_scale_down_lets_the_removed_replicas_streams_finish(paced: LocalService
              and not replicas(paced.dashboard, "v1", "Generator", "STOPPING")
              and ops.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 120, "two new Generator replicas")
     both = replicas(paced.dashboard, "v1", "Generator")
-    with LoadGenerator(paced.gateway, concurrency=6, max_seconds=120) as load:
+    with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=6, max_seconds=120) as load:
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
         ops.deploy(generators(1), dashboard=paced.dashboard)  # only num_replicas differs: no replacement
         wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 1
@@ -112,7 +113,7 @@ def test_scale_down_lets_the_removed_replicas_streams_finish(paced: LocalService
 def test_revision_bump_replaces_every_stage_without_a_failure(paced: LocalService) -> None:
     """An args change makes Serve rebuild the application and replace all four stages at once."""
     before = {d: replicas(paced.dashboard, "v1", d) for d in ("Pipeline", "Embedder", "Retriever", "Generator")}
-    with LoadGenerator(paced.gateway, concurrency=6, max_seconds=180) as load:
+    with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=6, max_seconds=180) as load:
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
         config = paced.config("revision.yaml", pipeline_args={**PACED, "revision": "bumped"})
         ops.deploy(config, dashboard=paced.dashboard)
@@ -130,7 +131,7 @@ def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: Local
     holder: list = []
 
     def ask() -> None:
-        with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+        with paced.client(timeout=60) as client:
             holder.append(stream_chat(client, "How do I stop the service?",
                                       on_event=lambda answer, _: answer.text and started.set()))
 
@@ -145,7 +146,7 @@ def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: Local
     assert answer.finish_reason is None
 
     def next_ok() -> bool:
-        with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+        with paced.client(timeout=60) as client:
             return stream_chat(client, "Where is the Ray dashboard?").complete
 
     wait_for(next_ok, 120, "Serve to replace the killed replica", interval_s=1)
@@ -163,14 +164,15 @@ def test_client_that_hangs_up_stops_the_generation(paced: LocalService) -> None:
     before = len(cancellations())
     body = {"model": "samples", "stream": True,
             "messages": [{"role": "user", "content": "How do I stop the service?"}]}
-    with httpx.Client(base_url=paced.gateway, timeout=60) as client, \
+    with paced.client(timeout=60) as client, \
             client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         # Hang up at the first piece of answer text, with the rest of the paced answer still to come.
         next(line for line in response.iter_lines() if _answer_text(line))
     wait_for(lambda: len(cancellations()) > before, 30, "the Generator to stop the abandoned answer")
     assert "pieces_sent=" in cancellations()[-1]
-    wait_for(lambda: httpx.get(f"{paced.gateway}/stats", timeout=10).json()["versions"]["v1"]["in_flight"] == 0,
+    stats_url, key = f"{paced.gateway}/stats", bearer(paced.api_key)
+    wait_for(lambda: httpx.get(stats_url, headers=key, timeout=10).json()["versions"]["v1"]["in_flight"] == 0,
              30, "the gateway to let go of the abandoned answer")
 
 
@@ -181,7 +183,7 @@ def _answer_text(line: str) -> str:
 
 
 def test_lifecycle_events_come_in_order(paced: LocalService) -> None:
-    with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+    with paced.client(timeout=60) as client:
         assert stream_chat(client, "Where is the Ray dashboard?").complete
     for deployment in ("Pipeline", "Retriever"):
         (replica,) = replicas(paced.dashboard, "v1", deployment)
@@ -197,7 +199,7 @@ METRICS = ["rag_requests_in_flight", "rag_model_load_seconds", "rag_vector_searc
 
 def test_metrics_are_exported(paced: LocalService) -> None:
     assert paced.metrics
-    with httpx.Client(base_url=paced.gateway, timeout=60) as client:
+    with paced.client(timeout=60) as client:
         assert stream_chat(client, "Where is the Ray dashboard?").complete
 
     def scrape() -> str | None:

@@ -12,6 +12,7 @@ import pytest
 from deployments import ops
 from deployments.rollout import Rollout
 from deployments.serve_document import ServeDocument
+from rag.auth import create_key_file, read_client_key
 from rag.loadgen import LoadGenerator
 from tests.serve.conftest import REPO, ingest_samples
 from tests.serve.lifecycle_helpers import assert_clean
@@ -25,7 +26,7 @@ ROLLOUT = {"steps": [50, 100], "interval_s": 4, "min_requests": 5, "max_wait_int
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path, str]]:
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -34,11 +35,13 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
     kb_root = work / "kb"  # one path both nodes see: the shared kb_root a real cluster needs
     ingest_samples(kb_root)
     http_port, dashboard_port = ops.free_port(), ops.free_port()
+    create_key_file(work / "api_key")
     options = {name: {"ray_actor_options": {"num_cpus": 0.2 if name == "Generator" else 0.1,
                                             "resources": {WORKER: 0.01}}} for name in ON_WORKER}
     doc = ServeDocument.load(REPO / "serve_config.yaml").variant(
         http_port=http_port, kb_root=kb_root, deployment_options=options,
-        gateway_args={"rollout": ROLLOUT}, pipeline_args={"generation": {"extractive_piece_delay_s": 0.01}})
+        gateway_args={"rollout": ROLLOUT, "api_key_file": str(work / "api_key")},
+        pipeline_args={"generation": {"extractive_piece_delay_s": 0.01}})
     doc.data["proxy_location"] = "HeadOnly"  # both nodes share 127.0.0.1: one proxy owns the port
     config = work / "serve_config.yaml"
     doc.save(config)
@@ -53,7 +56,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
         ops.deploy(config, dashboard)
         ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-        yield dashboard, gateway, config
+        yield dashboard, gateway, config, read_client_key(work / "api_key")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -65,14 +68,14 @@ def _nodes_of(dashboard: str, app: str) -> dict[str, set[str]]:
     return {name: {r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING"} for name, d in deployments.items()}
 
 
-def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: tuple[str, str, Path]) -> None:
-    dashboard, gateway, config = two_nodes
+def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: tuple[str, str, Path, str]) -> None:
+    dashboard, gateway, config, key = two_nodes
     nodes = _nodes_of(dashboard, "v1")
     assert len(set().union(*nodes.values())) == 2, nodes  # replicas on both nodes
     assert nodes["Generator"] == nodes["Retriever"] and nodes["Generator"] != nodes["Embedder"]
     log: list[str] = []
-    with LoadGenerator(gateway, concurrency=4, max_seconds=240) as load:
-        status = Rollout(config, ops.ClusterClient(dashboard, gateway), say=log.append).start(
+    with LoadGenerator(gateway, api_key=key, concurrency=4, max_seconds=240) as load:
+        status = Rollout(config, ops.ClusterClient(dashboard, gateway, key), say=log.append).start(
             "v2", "v1", {"revision": "multi-node"})
     assert status == "promoted", "\n".join(log)
     assert_clean(load.result, min_sent=10)

@@ -43,7 +43,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
 
 
 def _rollout(service: LocalService, log: list[str]) -> Rollout:
-    return Rollout(service.config_path, ops.ClusterClient(service.dashboard, service.gateway), say=log.append)
+    return Rollout(service.config_path, ops.ClusterClient(service.dashboard, service.gateway, service.api_key),
+                   say=log.append)
 
 
 def _new_index_version(service: LocalService, tmp_path) -> int:
@@ -55,7 +56,7 @@ def _new_index_version(service: LocalService, tmp_path) -> int:
 
 
 def _watch_marker(service: LocalService, stop: threading.Event, seen: list[tuple[str, bool]]) -> None:
-    with httpx.Client(base_url=service.gateway, timeout=60) as client:
+    with service.client(timeout=60) as client:
         for i in range(400):
             if stop.wait(0.1):
                 return
@@ -72,7 +73,7 @@ def test_knowledge_base_update_is_promoted_with_zero_failures(live: LocalService
     seen: list[tuple[str, bool]] = []
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_marker, args=(live, stop, seen))
-    with LoadGenerator(live.gateway, concurrency=6, max_seconds=240) as load:
+    with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=6, max_seconds=240) as load:
         watcher.start()
         status = _rollout(live, log).start(canary, stable, {"retrieval.knowledge_bases": {"samples": index}})
         stop.set()
@@ -94,7 +95,7 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     stable_replicas = {d: replicas(live.dashboard, stable, d) for d in ("Pipeline", "Generator", "Retriever")}
     canary = f"bad-{uuid.uuid4().hex[:4]}"
     log: list[str] = []
-    with LoadGenerator(live.gateway, concurrency=6, max_seconds=240) as load:
+    with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=6, max_seconds=240) as load:
         status = _rollout(live, log).start(canary, stable, {"faults": {"error_rate": 0.6}})
     assert status == "rolled_back", "\n".join(log)
     assert any("rollback" in line and "error rate" in line for line in log)
@@ -138,7 +139,7 @@ def test_a_version_whose_replicas_cannot_start_is_rolled_back(live: LocalService
     stable = ServeDocument.load(live.config_path).stable_version(excluding="")
     log: list[str] = []
     broken = {"generation": {"backend": "transformers", "model": "/nonexistent/model"}}
-    with LoadGenerator(live.gateway, concurrency=2, max_seconds=240) as load:
+    with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=2, max_seconds=240) as load:
         status = _rollout(live, log).start("broken", stable, broken)
     assert status == "rolled_back", "\n".join(log)
     assert any("ROLLOUT_DONE" in line and "failed to deploy" in line for line in log), "\n".join(log)
@@ -151,19 +152,18 @@ def test_stats_cover_every_gateway_replica(live: LocalService) -> None:
     assert len(replicas(live.dashboard, "gateway", "Gateway")) == 2
     version = ServeDocument.load(live.config_path).stable_version(excluding="")
 
-    def total() -> int:
-        body = httpx.get(f"{live.gateway}/stats", timeout=10).json()
-        assert body["scope"] == "cluster"
+    def total(scope: str = "cluster") -> int:
+        with live.client(timeout=10) as client:
+            body = client.get("/stats", params={"scope": scope}).json()
+        assert body["scope"] == scope
         return int(body["versions"].get(version, {}).get("requests", 0))
 
     start = total()
     for i in range(12):
-        with httpx.Client(base_url=live.gateway, timeout=60) as client:  # a new connection each time
+        with live.client(timeout=60) as client:  # a new connection each time
             assert stream_chat(client, "How do I roll back?", user=f"stats-{i}").complete
     wait_for(lambda: total() - start == 12, 10, "the merged count to reach 12")
-    per_replica = {httpx.get(f"{live.gateway}/stats", params={"scope": "replica"}, timeout=10).json()["versions"]
-                   .get(version, {}).get("requests", 0) for _ in range(10)}
-    assert max(per_replica) <= total()
+    assert max(total("replica") for _ in range(10)) <= total()
 
 
 def test_ray_refuses_unauthenticated_control_calls(live: LocalService) -> None:

@@ -55,7 +55,7 @@ def _search_version(client: httpx.Client, _: int) -> str:
 
 
 def test_ninety_ten_split_over_a_thousand_requests(two_versions: LocalService) -> None:
-    with httpx.Client(base_url=two_versions.gateway, timeout=60,
+    with two_versions.client(timeout=60,
                       limits=httpx.Limits(max_connections=8)) as client, ThreadPoolExecutor(8) as pool:
         counts = Counter(pool.map(lambda i: _search_version(client, i), range(1000)))
     assert set(counts) == {"v1", "v2"}
@@ -73,7 +73,7 @@ def _chat_version(client: httpx.Client, user: str) -> str:
 
 def test_sticky_ids_never_switch_version(two_versions: LocalService) -> None:
     users = [f"user-{i}" for i in range(100)] * 3
-    with httpx.Client(base_url=two_versions.gateway, timeout=60) as client, ThreadPoolExecutor(8) as pool:
+    with two_versions.client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
         seen = list(zip(users, pool.map(lambda u: _chat_version(client, u), users), strict=True))
     by_user: dict[str, set[str]] = {}
     for user, version in seen:
@@ -86,7 +86,7 @@ def test_weight_change_keeps_every_replica(two_versions: LocalService) -> None:
     before = all_replicas(two_versions)
     assert all(len(ids) == 1 for ids in before.values()), before
     apply_weights(two_versions, {"v1": 50, "v2": 50})
-    with httpx.Client(base_url=two_versions.gateway, timeout=60) as client:
+    with two_versions.client(timeout=60) as client:
         counts = Counter(_search_version(client, i) for i in range(200))
     apply_weights(two_versions, {"v1": 90, "v2": 10})
     assert all_replicas(two_versions) == before

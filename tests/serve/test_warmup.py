@@ -32,7 +32,7 @@ def test_ready_turns_200_only_after_real_warm_up(tmp_path: Path) -> None:
         probes: list[tuple[float, int, str]] = []
         chats: list[tuple[float, int]] = []
         body = {"model": "samples", "messages": [{"role": "user", "content": "Where is the Ray dashboard?"}]}
-        with httpx.Client(base_url=service.gateway, timeout=60) as client:
+        with service.client(timeout=60) as client:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and sum(1 for _, s in chats if s == 200) < 3:
                 try:
