@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, doc in enumerate(answer.sources, 1):
         print(f"  [{i}] {doc['metadata']['source']} (score {doc['score']:.2f})")
     print(f"\nserved by version {answer.version}, finish_reason={answer.finish_reason}")
-    print(f"\nRay dashboard: {ops.DASHBOARD}   OpenAI-compatible API: {ops.GATEWAY}/v1")
+    print(f"\nRay dashboard: {ops.DASHBOARD} (token auth is on: it asks for the cluster token, which "
+          f"`.venv/bin/ray get-auth-token` prints)   OpenAI-compatible API: {ops.GATEWAY}/v1")
     print(f"Every route but /health and /ready needs the API key in {DEFAULT_KEY_FILE}:\n"
           f"    export OPENAI_API_KEY=$(cat {DEFAULT_KEY_FILE})\n"
           f'    curl -H "Authorization: Bearer $OPENAI_API_KEY" {ops.GATEWAY}/v1/models')

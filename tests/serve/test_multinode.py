@@ -18,9 +18,11 @@ from tests.serve.conftest import REPO, ingest_samples
 from tests.serve.lifecycle_helpers import assert_clean
 
 pytestmark = pytest.mark.cluster
-# A custom resource only the worker has: the stages that ask for it must run there.
-WORKER = "worker_node"
-ON_WORKER = ("Retriever", "Generator")
+# A custom resource only the worker has, and the one Ray gives the head: each stage asks for a sliver of
+# one, so the version spans both nodes.
+WORKER, HEAD = "worker_node", "node:__internal_head__"
+PLACEMENT = {"Retriever": WORKER, "Generator": WORKER, "Embedder": HEAD, "Pipeline": HEAD}
+CPUS = {"Pipeline": 0.05, "Embedder": 0.2, "Retriever": 0.1, "Generator": 0.2}
 ROLLOUT = {"steps": [50, 100], "interval_s": 4, "min_requests": 5, "max_wait_intervals": 3,
            "drain_timeout_s": 60, "ttft_slack_s": 0.3}
 
@@ -36,8 +38,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
     ingest_samples(kb_root)
     http_port, dashboard_port = ops.free_port(), ops.free_port()
     create_key_file(work / "api_key")
-    options = {name: {"ray_actor_options": {"num_cpus": 0.2 if name == "Generator" else 0.1,
-                                            "resources": {WORKER: 0.01}}} for name in ON_WORKER}
+    options = {name: {"ray_actor_options": {"num_cpus": CPUS[name], "resources": {node: 0.01}}}
+               for name, node in PLACEMENT.items()}
     doc = ServeDocument.load(REPO / "serve_config.yaml").variant(
         http_port=http_port, kb_root=kb_root, deployment_options=options,
         gateway_args={"rollout": ROLLOUT, "api_key_file": str(work / "api_key")},
@@ -72,7 +74,7 @@ def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: tuple[str, s
     dashboard, gateway, config, key = two_nodes
     nodes = _nodes_of(dashboard, "v1")
     assert len(set().union(*nodes.values())) == 2, nodes  # replicas on both nodes
-    assert nodes["Generator"] == nodes["Retriever"] and nodes["Generator"] != nodes["Embedder"]
+    assert nodes["Generator"] == nodes["Retriever"] != nodes["Embedder"] == nodes["Pipeline"]
     log: list[str] = []
     with LoadGenerator(gateway, api_key=key, concurrency=4, max_seconds=240) as load:
         status = Rollout(config, ops.ClusterClient(dashboard, gateway, key), say=log.append).start(
