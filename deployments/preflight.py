@@ -116,7 +116,7 @@ def _suggest(new: list[Replicas], every: list[Replicas], free: dict[str, dict[st
     if needed <= 0 or free_cpu <= 0:
         return "no CPU is free: remove a version or add a node before rolling out"
     factor = free_cpu / needed * 0.95
-    settings = ", ".join(f"{r.deployment}.num_cpus={math.floor(r.each.get('CPU', 0) * factor * 100) / 100:g}"
+    settings = ", ".join(f"{r.deployment}.num_cpus={max(0.01, math.floor(r.each['CPU'] * factor * 100) / 100):g}"
                          for r in new if r.each.get("CPU"))
     return (f"it would fit with the new version's reservations scaled by {factor:.2f} ({settings}), with fewer "
             "replicas, or on a bigger cluster; num_cpus is scheduling bookkeeping, not a limit")
