@@ -183,6 +183,8 @@ class Rollout:
             self._promote(state, cfg)
         except AbortRequestedError:
             self._retreat(state, "aborted", "operator abort")
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this): the operator stops it
+            self._retreat(state, "aborted", "interrupted")
         except Exception as exc:
             self._log("ROLLOUT_FAILED", new=state.new, phase=state.phase, error=f"{type(exc).__name__}: {exc}")
             self._retreat(state, "rolled_back", f"{state.phase} failed: {exc}")

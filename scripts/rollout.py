@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 import yaml
@@ -62,8 +63,13 @@ def _cluster(args: argparse.Namespace) -> ops.ClusterClient:
     return ops.ClusterClient(args.dashboard, args.gateway, key)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped rollout rolls back, as with Ctrl-C
     try:
         rollout = Rollout(args.config, _cluster(args), dry_run=args.dry_run)
         if args.command == "start":

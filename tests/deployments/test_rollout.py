@@ -324,6 +324,23 @@ def test_an_interrupted_start_can_be_aborted_or_resumed(config: Path) -> None:
     assert start_v2(rollout) == "promoted"  # and a fresh start works afterwards
 
 
+def test_ctrl_c_during_a_step_rolls_back(config: Path) -> None:
+    before = config.read_text()
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+
+    def ctrl_c() -> None:
+        if cluster.weights.get("v2") == 50:
+            cluster.on_serving = None
+            raise KeyboardInterrupt
+
+    cluster.on_serving = ctrl_c
+    assert start_v2(rollout) == "aborted"
+    state = rollout.load_state()
+    assert state and state.reason == "interrupted"
+    assert_as_before(config, before, cluster)
+
+
 def test_two_concurrent_starts_the_second_is_refused(config: Path) -> None:
     cluster = FakeCluster()
     first = make(config, cluster)
