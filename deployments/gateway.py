@@ -199,7 +199,11 @@ def _answer_response(service: GatewayService, version: str, first: AnswerStart, 
 async def _answer(service: GatewayService, question: Question, key: str | None, stream: bool,
                   formatter: CompletionFormatter, endpoint: str) -> StreamingResponse | JSONResponse:
     started = time.perf_counter()
-    version, first, rest = await service.open_answer(question, key)
+    try:
+        version, first, rest = await service.open_answer(question, key)
+    except RagError as exc:  # refused before its first byte: counted, as a cut stream is (stream_error)
+        service.metrics.count_request(endpoint, status_for(exc))
+        raise
     if stream:
         return _answer_response(service, version, first, rest, formatter, started, endpoint)
     events = await service.collect(version, first, rest, started, endpoint)

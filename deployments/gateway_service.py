@@ -9,6 +9,7 @@ accounting are tested without a cluster.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,7 +18,13 @@ from typing import Any, Protocol
 
 from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, document_json, sse
 from rag.config import GatewayConfig, TrafficConfig
-from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, RagError, ServiceUnavailableError
+from rag.errors import (
+    InvalidRequestError,
+    KnowledgeBaseNotFoundError,
+    OverloadedError,
+    RagError,
+    ServiceUnavailableError,
+)
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
 from rag.stats import VersionStats
@@ -25,7 +32,10 @@ from rag.traffic import TrafficSplit
 
 logger = logging.getLogger("rag.gateway")
 DEFAULT_MODEL_ALIAS = "rag"
-ATTEMPTS = 2
+# Pauses between attempts at one answer: spaced, so a replica's replacement is waited for rather than
+# hammered, all within `first_event_timeout_s`.
+RETRY_PAUSES_S = (0.2, 0.5, 1.0, 2.0)
+SERVING_POLL_S = 0.25
 # The request's own fault: any version would refuse it alike, so it says nothing about the version.
 REQUEST_FAULTS = (InvalidRequestError, KnowledgeBaseNotFoundError)
 
@@ -36,6 +46,10 @@ class VersionHandles(Protocol):
     async def get(self, version: str) -> Any: ...
 
     def prime(self, version: str, timeout_s: float) -> None: ...
+
+    def is_overload(self, exc: BaseException) -> bool:
+        """Whether `exc` is a full queue downstream (refused at once, never waited on)."""
+        ...
 
 
 class Metrics(Protocol):
@@ -48,7 +62,8 @@ class GatewayService:
     """Picks a version for each request and relays its answer events in the requested shape."""
 
     def __init__(self, config: GatewayConfig, metrics: Metrics, in_flight: InFlight, handles: VersionHandles,
-                 ready_versions: Callable[[], set[str]] | None = None) -> None:
+                 ready_versions: Callable[[], set[str]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.metrics = metrics
         self.traffic = TrafficConfig()
@@ -58,6 +73,8 @@ class GatewayService:
         self.ready_versions = ready_versions or (lambda: set(self.split.live))
         self.stats = VersionStats(config.stats_window_records)
         self.handles = handles
+        self.clock = clock
+        self._served = False  # whether any version has served since this replica started
 
     def set_traffic(self, traffic: TrafficConfig) -> None:
         self.traffic = traffic
@@ -77,21 +94,28 @@ class GatewayService:
         when another one can take the request."""
         ready = [v for v in self.split.live if v in self.ready_versions()]
         if not ready:
-            raise ServiceUnavailableError(f"the service is starting: no version of {self.split.live} is serving yet")
+            raise ServiceUnavailableError(f"no version of {self.split.live} is serving; retry shortly")
+        self._served = True
         fresh = [v for v in ready if v not in (avoid or [])]
         return self.split.choose(key, among=fresh or ready)
 
     async def open_answer(self, question: Question, key: str | None) -> tuple[str, AnswerStart, AnswerStream]:
         """Start an answer and wait for its first event (the sources). Errors before that event become
-        an HTTP status, not an error inside a 200 stream; an infrastructure failure (a replica gone, a
-        version being removed, a timeout) is retried once, elsewhere when possible, as nothing has been
-        sent to the client yet."""
+        an HTTP status, not an error inside a 200 stream.
+
+        Nothing has been sent yet, so a lost replica (or a version being replaced or removed) costs the
+        client time, not the answer: the request waits for a version that serves and tries again, with
+        growing pauses and elsewhere when possible, until the first-event budget is spent; only then
+        503. A full queue is refused at once: waiting is what overload must not do."""
         self.refuse_if_draining()
+        deadline = self.clock() + self.config.first_event_timeout_s
         failed: list[str] = []
-        for attempt in range(1, ATTEMPTS + 1):
-            version = self.choose_version(key, failed)
+        for attempt in itertools.count(1):
+            version = await self._serving_version(key, failed, deadline)
             try:
-                first, stream = await self._first_event(version, question)
+                # Half the budget at most for one attempt, so a version that hangs leaves time to try another.
+                attempt_s = min(deadline - self.clock(), self.config.first_event_timeout_s / 2)
+                first, stream = await self._first_event(version, question, attempt_s)
                 return version, first, stream
             except RagError as exc:
                 # Raised by a stage: not retried (it is an answer, not a lost replica), but counted against
@@ -100,15 +124,35 @@ class GatewayService:
                     self.stats.failed_to_start(version)
                 raise
             except Exception as exc:
-                logger.warning("event=RETRY version=%s attempt=%d error=%r", version, attempt, exc)
                 self.stats.failed_to_start(version)
+                if self.handles.is_overload(exc):
+                    raise OverloadedError("the service is at capacity; retry shortly") from None
                 failed.append(version)
-        raise ServiceUnavailableError(f"no version could start the answer (tried {failed}); retry shortly")
+                pause = RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S)) - 1]
+                logger.warning("event=RETRY version=%s attempt=%d pause_s=%s error=%r", version, attempt, pause, exc)
+                if deadline - self.clock() <= pause:
+                    break
+                await asyncio.sleep(pause)
+        raise ServiceUnavailableError(f"no version could start the answer within {self.config.first_event_timeout_s:g}"
+                                      f"s (tried {failed}); retry shortly")
 
-    async def _first_event(self, version: str, question: Question) -> tuple[AnswerStart, AnswerStream]:
+    async def _serving_version(self, key: str | None, failed: list[str], deadline: float) -> str:
+        """A version to try: at once when one serves; while none does (its only replica of a stage is being
+        replaced), wait for one within the budget. Before any version has ever served (start-up), refuse
+        at once: `/ready` says starting, and nothing is coming back sooner."""
+        while True:
+            try:
+                return self.choose_version(key, failed[-1:])
+            except ServiceUnavailableError:
+                if not self._served or self.clock() >= deadline:
+                    raise
+                await asyncio.sleep(min(SERVING_POLL_S, max(0.0, deadline - self.clock())))
+
+    async def _first_event(self, version: str, question: Question,
+                           timeout_s: float) -> tuple[AnswerStart, AnswerStream]:
         stream = AnswerStream((await self.handles.get(version)).answer.options(stream=True).remote(question))
         try:
-            first = await stream.start(self.config.first_event_timeout_s)
+            first = await stream.start(max(timeout_s, 0.001))
         except BaseException:
             stream.cancel()
             raise

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 
@@ -27,3 +28,15 @@ class ServeHandles:
         handle = serve.get_app_handle(version)
         handle.knowledge_bases.remote().result(timeout_s=timeout_s)
         self._handles[version] = handle
+
+    def is_overload(self, exc: BaseException) -> bool:
+        """A full queue at some stage, however deep in Ray's error wrappers it arrives."""
+        seen: BaseException | None = exc
+        for _ in range(10):  # Ray's wrappers nest a few levels; a cycle must not loop forever
+            if seen is None:
+                return False
+            if isinstance(seen, BackPressureError):
+                return True
+            cause = getattr(seen, "cause", None)
+            seen = cause if isinstance(cause, BaseException) else seen.__cause__
+        return False

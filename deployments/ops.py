@@ -229,6 +229,21 @@ def private_cluster(num_cpus: float = DEMO_CPUS, **init_args: Any) -> Iterator[s
         ray.shutdown()
 
 
+def kill_replica(dashboard: str, app: str, deployment: str) -> str:
+    """Kill one live replica actor of a deployment the hard way, as a crash would (Serve starts a new
+    one); returns the actor's name. For fault tests and benchmarks: the caller is connected to Ray."""
+    import ray
+    from ray.util.state import list_actors
+
+    alive = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
+             if a.class_name == f"ServeReplica:{app}:{deployment}"]
+    if not alive:
+        raise RuntimeError(f"no live replica of {app}/{deployment}")
+    name = alive[0].name
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return name
+
+
 def stop_ray() -> None:
     run_cli("ray", "stop", check=False, timeout=120)
 

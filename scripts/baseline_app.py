@@ -23,13 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, error_body, sse
-from rag.config import PipelineConfig, load_serve_config, pipeline_configs
+from rag.config import GatewayConfig, PipelineConfig, load_serve_config, pipeline_configs
 from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, RagError
 from rag.pipeline import LocalPipeline
 from rag.records import AnswerEvent
 
-MAX_QUESTION_CHARS = 4000
-MAX_HISTORY_TURNS = 20
+GATEWAY = GatewayConfig()  # the same request limits as the Serve gateway's defaults
 STATUS_BY_ERROR: dict[type[RagError], int] = {InvalidRequestError: 400, KnowledgeBaseNotFoundError: 404}
 
 
@@ -84,7 +83,7 @@ async def _relay(formatter: CompletionFormatter, first: AnswerEvent,
 @app.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> StreamingResponse | JSONResponse:
     local: LocalPipeline = request.app.state.local
-    question = body.to_question(body.knowledge_base or body.model, MAX_QUESTION_CHARS, MAX_HISTORY_TURNS)
+    question = body.to_question(body.knowledge_base or body.model, GATEWAY.limits, GATEWAY.max_history_turns)
     formatter = CompletionFormatter(body.model)
     events = local.pipeline.answer(question)
     if not body.stream:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -11,11 +12,15 @@ import pytest
 from deployments.gateway_service import GatewayService
 from rag.api import CompletionFormatter
 from rag.config import GatewayConfig, TrafficConfig
-from rag.errors import IndexMismatchError, KnowledgeBaseNotFoundError, ServiceUnavailableError
+from rag.errors import IndexMismatchError, KnowledgeBaseNotFoundError, OverloadedError, ServiceUnavailableError
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEnd, AnswerStart, Question
 
 QUESTION = Question("how do I upgrade?", "samples")
+
+
+class FakeBackPressure(Exception):
+    """Stands for Serve's BackPressureError."""
 
 
 class FakeStream:
@@ -32,6 +37,8 @@ class FakeStream:
         return await self._batches.__anext__()
 
     async def _make(self) -> AsyncIterator[list[Any]]:
+        if self.behaviour == "overloaded":
+            raise FakeBackPressure("queue full")
         if self.behaviour == "replica_lost":
             raise RuntimeError("ActorDiedError: the replica died")
         if self.behaviour == "index_mismatch":
@@ -62,7 +69,8 @@ class FakeMethod:
     def remote(self, *_: Any) -> Any:
         self.handle.calls += 1
         if self.name == "answer":
-            stream = FakeStream(self.handle.version, self.handle.behaviour)
+            lost = self.handle.calls <= self.handle.lost_for
+            stream = FakeStream(self.handle.version, "replica_lost" if lost else self.handle.behaviour)
             self.handle.streams.append(stream)
             return stream
 
@@ -75,6 +83,7 @@ class FakeHandle:
     def __init__(self, version: str, behaviour: str = "ok") -> None:
         self.version, self.behaviour, self.calls = version, behaviour, 0
         self.streams: list[FakeStream] = []
+        self.lost_for = 0  # this many calls fail as a lost replica before the behaviour applies
 
     def __getattr__(self, name: str) -> FakeMethod:
         return FakeMethod(self, name)
@@ -90,6 +99,9 @@ class FakeHandles:
     def prime(self, version: str, timeout_s: float) -> None:
         pass
 
+    def is_overload(self, exc: BaseException) -> bool:
+        return isinstance(exc, FakeBackPressure)
+
 
 class FakeMetrics:
     def __init__(self) -> None:
@@ -103,9 +115,10 @@ class FakeMetrics:
         self.requests.append((endpoint, str(status), version))
 
 
-def service(weights: dict[str, float], first_event_timeout_s: float = 5.0, **behaviours: str) -> GatewayService:
+def service(weights: dict[str, float], first_event_timeout_s: float = 5.0,
+            serving: Callable[[], set[str]] | None = None, **behaviours: str) -> GatewayService:
     svc = GatewayService(GatewayConfig(first_event_timeout_s=first_event_timeout_s), FakeMetrics(), InFlight(),
-                         FakeHandles(**behaviours))
+                         FakeHandles(**behaviours), serving)
     svc.set_traffic(TrafficConfig(weights=weights))
     return svc
 
@@ -127,12 +140,56 @@ def test_a_lost_replica_before_the_first_byte_is_retried_on_another_version_and_
     assert counts(svc) == {"v1": (1, 0), "v2": (1, 1)}
 
 
-def test_when_both_attempts_fail_each_version_is_blamed_for_its_own_failure_once() -> None:
-    svc = service({"v1": 90, "v2": 10}, v1="replica_lost", v2="replica_lost")
-    with pytest.raises(ServiceUnavailableError, match="no version could start"):
+def test_when_every_attempt_fails_each_is_blamed_on_its_version_and_503_comes_within_the_budget() -> None:
+    svc = service({"v1": 90, "v2": 10}, first_event_timeout_s=1.0, v1="replica_lost", v2="replica_lost")
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError, match="no version could start the answer within 1s"):
         asyncio.run(svc.open_answer(QUESTION, _key_for(svc, "v1")))
-    assert counts(svc) == {"v1": (1, 1), "v2": (1, 1)}
+    assert time.monotonic() - started < 1.2
+    # attempts alternate (the version that just failed is avoided) and pause 0.2 s, then 0.5 s
+    assert counts(svc) == {"v1": (2, 2), "v2": (1, 1)}
     assert svc.in_flight.count == 0
+
+
+def test_a_lost_replica_of_the_only_version_is_waited_for_not_refused() -> None:
+    svc = service({"v1": 100}, v1="ok")
+    svc.handles.handles["v1"].lost_for = 2  # type: ignore[attr-defined]
+    version, lines = asyncio.run(relay_all(svc))
+    assert version == "v1" and lines[-1].strip() == "data: [DONE]"
+    assert counts(svc) == {"v1": (3, 2)}  # two failed attempts, then the answer
+
+
+def test_while_no_version_serves_a_request_waits_for_one_within_its_budget() -> None:
+    serving: dict[str, set[str]] = {"now": {"v1"}}
+    svc = service({"v1": 100}, serving=lambda: serving["now"], v1="ok")
+    asyncio.run(relay_all(svc))  # v1 has served once
+
+    async def replaced_meanwhile() -> str:
+        serving["now"] = set()  # its only Generator replica died; Serve is starting a new one
+        asyncio.get_running_loop().call_later(0.6, lambda: serving.update(now={"v1"}))
+        version, _ = await relay_all(svc)
+        return version
+
+    started = time.monotonic()
+    assert asyncio.run(replaced_meanwhile()) == "v1"
+    assert 0.5 < time.monotonic() - started < 2.0
+
+
+def test_before_any_version_has_served_a_request_is_refused_at_once() -> None:
+    svc = service({"v1": 100}, serving=set, v1="ok")
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError, match="serving"):
+        asyncio.run(svc.open_answer(QUESTION, None))
+    assert time.monotonic() - started < 0.1
+
+
+def test_a_full_queue_is_refused_at_once_not_retried() -> None:
+    svc = service({"v1": 50, "v2": 50}, v1="ok", v2="overloaded")
+    started = time.monotonic()
+    with pytest.raises(OverloadedError):
+        asyncio.run(svc.open_answer(QUESTION, _key_for(svc, "v2")))
+    assert time.monotonic() - started < 0.1
+    assert svc.handles.handles["v1"].calls == 0  # type: ignore[attr-defined]
 
 
 def test_a_stage_error_before_the_first_event_counts_against_its_version_without_retry() -> None:
@@ -151,7 +208,7 @@ def test_the_requests_own_fault_counts_against_no_version() -> None:
 
 
 def test_a_version_that_never_answers_is_abandoned_at_the_first_event_timeout() -> None:
-    svc = service({"v1": 50, "v2": 50}, first_event_timeout_s=0.05, v1="ok", v2="hang")
+    svc = service({"v1": 50, "v2": 50}, first_event_timeout_s=1.0, v1="ok", v2="hang")
     version, _ = asyncio.run(relay_all(svc, key=_key_for(svc, "v2")))
     assert version == "v1" and counts(svc) == {"v1": (1, 0), "v2": (1, 1)}
     assert svc.handles.handles["v2"].streams[0].cancelled  # type: ignore[attr-defined]

@@ -48,16 +48,3 @@ def lifecycle_events(replica: str) -> list[tuple[str, str]]:
             if (match := EVENT.search(line)) and match.group(4) == replica:
                 found.append((match.group(1), match.group(5)))
     return found
-
-
-def kill_replica(dashboard: str, app: str, deployment: str) -> str:
-    """Kill one live replica actor of a deployment the hard way (as a crash would); returns its name."""
-    import ray
-    from ray.util.state import list_actors
-
-    alive = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
-             if a.class_name == f"ServeReplica:{app}:{deployment}"]
-    assert alive, f"no live replica of {app}/{deployment}"
-    name = alive[0].name
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    return name

@@ -1,11 +1,15 @@
-"""A rollout on a two-node Ray cluster (a head and a worker on this machine, each with its own CPUs),
-with replicas on both nodes, under streaming load: nothing fails and nothing is cut."""
+"""A two-node Ray cluster (a head and a worker on this machine, each with its own CPUs) with replicas on
+both nodes, under streaming load: a rollout fails and cuts nothing; losing the worker node cuts only its
+streams, each with an error event, and the service answers again once a node returns."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +19,7 @@ from deployments.serve_document import ServeDocument
 from rag.auth import create_key_file, read_client_key
 from rag.loadgen import LoadGenerator
 from tests.serve.conftest import REPO, ingest_samples
-from tests.serve.lifecycle_helpers import assert_clean
+from tests.serve.lifecycle_helpers import assert_clean, wait_for
 
 pytestmark = pytest.mark.cluster
 # A custom resource only the worker has, and the one Ray gives the head: each stage asks for a sliver of
@@ -27,8 +31,18 @@ ROLLOUT = {"steps": [50, 100], "interval_s": 4, "min_requests": 5, "max_wait_int
            "drain_timeout_s": 60, "ttft_slack_s": 0.3}
 
 
+@dataclass
+class TwoNodes:
+    dashboard: str
+    gateway: str
+    config: Path
+    key: str
+    cluster: Any
+    worker: Any
+
+
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path, str]]:
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -53,12 +67,12 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
     try:
-        cluster.add_node(num_cpus=1, resources={WORKER: 1})
+        worker = cluster.add_node(num_cpus=1, resources={WORKER: 1})
         ray.init(address=cluster.address, log_to_driver=False)
         dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
         ops.deploy(config, dashboard)
         ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-        yield dashboard, gateway, config, read_client_key(work / "api_key")
+        yield TwoNodes(dashboard, gateway, config, read_client_key(work / "api_key"), cluster, worker)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -70,8 +84,8 @@ def _nodes_of(dashboard: str, app: str) -> dict[str, set[str]]:
     return {name: {r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING"} for name, d in deployments.items()}
 
 
-def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: tuple[str, str, Path, str]) -> None:
-    dashboard, gateway, config, key = two_nodes
+def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: TwoNodes) -> None:
+    dashboard, gateway, config, key = two_nodes.dashboard, two_nodes.gateway, two_nodes.config, two_nodes.key
     nodes = _nodes_of(dashboard, "v1")
     assert len(set().union(*nodes.values())) == 2, nodes  # replicas on both nodes
     assert nodes["Generator"] == nodes["Retriever"] != nodes["Embedder"] == nodes["Pipeline"]
@@ -83,3 +97,29 @@ def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: tuple[str, s
     assert_clean(load.result, min_sent=10)
     assert ServeDocument.load(config).weights == {"v2": 100.0}
     assert set().union(*_nodes_of(dashboard, "v2").values()) == set().union(*nodes.values())
+
+
+def test_losing_the_worker_node_cuts_only_its_streams_and_serves_again_when_a_node_returns(
+        two_nodes: TwoNodes) -> None:
+    version = ServeDocument.load(two_nodes.config).stable_version(excluding="")
+    with LoadGenerator(two_nodes.gateway, api_key=two_nodes.key, concurrency=4, max_seconds=240) as load:
+        wait_for(lambda: len(load.result.answers) >= 8, 60, "the load to get going")
+        lost_at = time.time()
+        two_nodes.cluster.remove_node(two_nodes.worker, allow_graceful=False)  # its raylet and workers die
+        time.sleep(3)  # the worker's stages need its resource: Serve can place them only on a new worker
+        two_nodes.worker = two_nodes.cluster.add_node(num_cpus=1, resources={WORKER: 1})
+        wait_for(lambda: _nodes_of(two_nodes.dashboard, version).get("Generator") and
+                 ops.readiness(two_nodes.gateway)[0] == 200, 180, "the worker's stages to run again")
+        back_at = time.time()
+        sent = load.result.sent
+        wait_for(lambda: load.result.sent >= sent + 8, 60, "answers after the node came back")
+    affected = [a for a in load.result.answers if a.started_at + a.total_s >= lost_at]
+    cut = [a for a in affected if a.status == 200 and not a.complete]
+    refused = [a for a in affected if a.status != 200]
+    print(f"node loss: {len(affected)} answers in flight or started after it, {len(cut)} cut with an error "
+          f"event, {len(refused)} refused {sorted({a.status for a in refused})}, back after "
+          f"{back_at - lost_at:.1f}s")
+    assert not load.result.errors  # the proxy and gateway live on the head
+    assert all(a.error and a.done for a in cut), [a.error for a in cut]  # cut streams say so; none silently
+    assert {a.status for a in refused} <= {503}  # an honest "retry shortly", never a 500
+    assert any(a.complete for a in load.result.answers if a.started_at >= back_at)

@@ -174,3 +174,22 @@ def test_ray_refuses_unauthenticated_control_calls(live: LocalService) -> None:
                        headers={"Authorization": "Bearer not-the-token"})
     assert put.status_code == 401 and job.status_code == 401 and wrong.status_code == 403
     assert sorted(ops.applications(live.dashboard)) == apps
+
+
+def test_losing_a_gateway_replica_costs_only_the_streams_it_carried(live: LocalService) -> None:
+    with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=6, max_seconds=180) as load:
+        wait_for(lambda: len(load.result.answers) >= 12, 60, "the load to get going")
+        killed_at = time.time()
+        ops.kill_replica(live.dashboard, "gateway", "Gateway")
+        wait_for(lambda: len(replicas(live.dashboard, "gateway", "Gateway")) == 2, 120, "a new gateway replica")
+        sent = load.result.sent
+        wait_for(lambda: load.result.sent >= sent + 12, 60, "answers after the replacement")
+    result = load.result
+    in_flight = 6  # at most every client's stream was on the killed replica
+    cut = [a for a in result.answers if a.status == 200 and not a.complete]
+    # A stream on the killed replica breaks as the client can see: a transport error (no replica is left
+    # to send an error event), never a 200 body that just stops.
+    assert len(result.errors) + len(cut) <= in_flight, (result.errors, [a.error for a in cut])
+    assert all(a.error and a.done for a in cut), [a.error for a in cut]
+    assert not [a for a in result.failed if a.started_at >= killed_at + 1]  # new requests went elsewhere
+    assert sum(a.complete for a in result.answers if a.started_at >= killed_at) >= 12
