@@ -74,7 +74,6 @@ class GatewayService:
         self.stats = VersionStats(config.stats_window_records)
         self.handles = handles
         self.clock = clock
-        self._served = False  # whether any version has served since this replica started
 
     def set_traffic(self, traffic: TrafficConfig) -> None:
         self.traffic = traffic
@@ -95,7 +94,6 @@ class GatewayService:
         ready = [v for v in self.split.live if v in self.ready_versions()]
         if not ready:
             raise ServiceUnavailableError(f"no version of {self.split.live} is serving; retry shortly")
-        self._served = True
         fresh = [v for v in ready if v not in (avoid or [])]
         return self.split.choose(key, among=fresh or ready)
 
@@ -137,14 +135,13 @@ class GatewayService:
                                       f"s (tried {failed}); retry shortly")
 
     async def _serving_version(self, key: str | None, failed: list[str], deadline: float) -> str:
-        """A version to try: at once when one serves; while none does (its only replica of a stage is being
-        replaced), wait for one within the budget. Before any version has ever served (start-up), refuse
-        at once: `/ready` says starting, and nothing is coming back sooner."""
+        """A version to try: at once when one serves; while none does (the only replica of a stage is being
+        replaced, a node is lost, the service is still warming up), wait for one within the budget."""
         while True:
             try:
                 return self.choose_version(key, failed[-1:])
             except ServiceUnavailableError:
-                if not self._served or self.clock() >= deadline:
+                if self.clock() >= deadline:
                     raise
                 await asyncio.sleep(min(SERVING_POLL_S, max(0.0, deadline - self.clock())))
 

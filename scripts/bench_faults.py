@@ -81,8 +81,12 @@ def run_fault(fault: str, dashboard: str, gateway: str, key: str, args: argparse
         ops.kill_replica(dashboard, app, deployment)
         recovered_s = recovered(dashboard, gateway, app, deployment, before, 240)
         time.sleep(args.after)
-    print(f"[{fault}] killed one of {len(before)} replica(s); recovered after {recovered_s:.1f}s", flush=True)
-    return row(fault, load.result, killed_at, recovered_s)
+    result = row(fault, load.result, killed_at, recovered_s)
+    refused = sorted({a.status for a in load.result.answers
+                      if a.started_at + a.total_s >= killed_at and a.status != 200})
+    print(f"[{fault}] killed one of {len(before)} replica(s); recovered after {recovered_s:.1f}s; "
+          f"refusals with status {refused or 'none'}", flush=True)
+    return result
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -11,11 +11,12 @@ import httpx
 import pytest
 
 from deployments import ops
+from deployments.ops import kill_replica
 from rag.auth import bearer
 from rag.client import stream_chat
 from rag.loadgen import LoadGenerator
 from tests.serve.conftest import LocalService, running_service
-from tests.serve.lifecycle_helpers import assert_clean, kill_replica, lifecycle_events, replicas, wait_for
+from tests.serve.lifecycle_helpers import assert_clean, lifecycle_events, replicas, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -151,6 +152,19 @@ def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: Local
 
     wait_for(next_ok, 120, "Serve to replace the killed replica", interval_s=1)
     assert all(next_ok() for _ in range(5))
+
+
+def test_killing_the_only_embedder_loses_no_request_that_had_not_started(paced: LocalService) -> None:
+    before = replicas(paced.dashboard, "v1", "Embedder")
+    with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=8, max_seconds=180) as load:
+        wait_for(lambda: len(load.result.answers) >= 8, 30, "the load to get going")
+        kill_replica(paced.dashboard, "v1", "Embedder")
+        wait_for(lambda: replicas(paced.dashboard, "v1", "Embedder") - before, 120, "a new Embedder replica")
+        sent = load.result.sent
+        wait_for(lambda: load.result.sent >= sent + 8, 60, "answers after the replacement")
+    # Requests that arrived while no Embedder ran waited for the new one instead of being refused; the
+    # Embedder holds no stream, so nothing was cut either.
+    assert_clean(load.result, min_sent=16)
 
 
 def test_client_that_hangs_up_stops_the_generation(paced: LocalService) -> None:

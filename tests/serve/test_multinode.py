@@ -54,6 +54,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     create_key_file(work / "api_key")
     options = {name: {"ray_actor_options": {"num_cpus": CPUS[name], "resources": {node: 0.01}}}
                for name, node in PLACEMENT.items()}
+    options["Gateway"] = {"ray_actor_options": {"num_cpus": 0.05, "resources": {HEAD: 0.01}}}  # beside the proxy
     doc = ServeDocument.load(REPO / "serve_config.yaml").variant(
         http_port=http_port, kb_root=kb_root, deployment_options=options,
         gateway_args={"rollout": ROLLOUT, "api_key_file": str(work / "api_key")},

@@ -39,7 +39,8 @@ def test_ready_turns_200_only_after_real_warm_up(tmp_path: Path) -> None:
                     ready = client.get("/ready")
                     probes.append((time.time(), ready.status_code, ready.json().get("status", "")
                                    if ready.headers.get("content-type", "").startswith("application/json") else ""))
-                    chats.append((time.time(), client.post("/v1/chat/completions", json=body).status_code))
+                    status = client.post("/v1/chat/completions", json=body).status_code  # may wait for warm-up
+                    chats.append((time.time(), status))  # when it was answered
                 except httpx.TransportError:
                     pass  # the HTTP proxy is not listening yet
                 time.sleep(0.3)
