@@ -232,25 +232,16 @@ def test_too_few_canary_answers_roll_back(config: Path) -> None:
     assert_as_before(config, before, cluster)
 
 
-def test_a_canary_that_stops_serving_is_rolled_back_not_promoted(config: Path) -> None:
+# Serving checks: 1 (not yet) and 2 (serving) while it starts, 3 and 4 at the two steps, 5 at promotion.
+@pytest.mark.parametrize(("gone_at", "reason"), [(4, "stopped serving"), (5, "not serving at promotion")])
+def test_a_canary_that_stops_serving_is_rolled_back_not_promoted(config: Path, gone_at: int, reason: str) -> None:
     before = config.read_text()
     cluster = FakeCluster()
     rollout = make(config, cluster)
-    cluster.serving_stops_at = 4  # serving when added and at the first step's check, gone at the next
+    cluster.serving_stops_at = gone_at
     assert start_v2(rollout) == "rolled_back"
     state = rollout.load_state()
-    assert state and "stopped serving" in state.reason
-    assert_as_before(config, before, cluster)
-
-
-def test_a_canary_that_stops_serving_before_promotion_is_rolled_back(config: Path) -> None:
-    before = config.read_text()
-    cluster = FakeCluster()
-    rollout = make(config, cluster)
-    cluster.serving_stops_at = 5  # passes both steps' checks, gone when promotion rechecks
-    assert start_v2(rollout) == "rolled_back"
-    state = rollout.load_state()
-    assert state and "not serving at promotion" in state.reason
+    assert state and reason in state.reason
     assert_as_before(config, before, cluster)
 
 
