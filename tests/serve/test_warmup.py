@@ -3,6 +3,7 @@ answer is served before the replicas report READY."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import running_service
+from tests.serve.conftest import LocalService, running_service
 from tests.serve.lifecycle_helpers import replicas, session_logs, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -26,24 +27,41 @@ def _ready_logged_at(replica: str) -> float:
     raise AssertionError(f"no READY event logged by {replica}")
 
 
+def _probe(service: LocalService, probes: list[tuple[float, int, str]], done: threading.Event) -> None:
+    with service.client(timeout=10) as client:
+        while not done.wait(0.3):
+            try:
+                ready = client.get("/ready")
+            except httpx.TransportError:
+                continue  # the HTTP proxy is not listening yet
+            json_body = ready.headers.get("content-type", "").startswith("application/json")
+            probes.append((time.time(), ready.status_code, ready.json().get("status", "") if json_body else ""))
+
+
 def test_ready_turns_200_only_after_real_warm_up(tmp_path: Path) -> None:
     slow = {"lifecycle": {"warmup_delay_s": WARMUP_DELAY_S}}
     with running_service(tmp_path, wait=False, pipeline_args=slow) as service:
         probes: list[tuple[float, int, str]] = []
         chats: list[tuple[float, int]] = []
         body = {"model": "samples", "messages": [{"role": "user", "content": "Where is the Ray dashboard?"}]}
-        with service.client(timeout=60) as client:
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline and sum(1 for _, s in chats if s == 200) < 3:
-                try:
-                    ready = client.get("/ready")
-                    probes.append((time.time(), ready.status_code, ready.json().get("status", "")
-                                   if ready.headers.get("content-type", "").startswith("application/json") else ""))
-                    status = client.post("/v1/chat/completions", json=body).status_code  # may wait for warm-up
-                    chats.append((time.time(), status))  # when it was answered
-                except httpx.TransportError:
-                    pass  # the HTTP proxy is not listening yet
-                time.sleep(0.3)
+        done = threading.Event()
+        # Probes on their own thread: a chat sent during warm-up waits for the service, while /ready
+        # must keep saying "starting".
+        prober = threading.Thread(target=_probe, args=(service, probes, done))
+        prober.start()
+        try:
+            with service.client(timeout=60) as client:
+                deadline = time.monotonic() + 240
+                while time.monotonic() < deadline and sum(1 for _, s in chats if s == 200) < 3:
+                    try:
+                        status = client.post("/v1/chat/completions", json=body).status_code
+                        chats.append((time.time(), status))  # when it was answered
+                    except httpx.TransportError:
+                        pass  # the HTTP proxy is not listening yet
+                    time.sleep(0.3)
+        finally:
+            done.set()
+            prober.join()
         (generator,) = wait_for(lambda: replicas(service.dashboard, "v1", "Generator"), 30, "the Generator")
         warm_at = _ready_logged_at(generator)
 
