@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, args))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1), encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1, default=str),
+                                   encoding="utf-8")
     return 0
 
 
