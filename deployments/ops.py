@@ -208,6 +208,12 @@ def graceful_stop(config_path: str | Path, *, dashboard: str = DASHBOARD, gatewa
         stop_ray()
 
 
+def use_token_auth() -> None:
+    """This process, and the Ray nodes it starts in-process, with token auth and a token to use."""
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
+    ensure_ray_token()
+
+
 @contextmanager
 def private_cluster(num_cpus: float = DEMO_CPUS, **init_args: Any) -> Iterator[str]:
     """A Ray cluster owned by this process, with token auth and a dashboard on a free 127.0.0.1 port;
@@ -217,8 +223,7 @@ def private_cluster(num_cpus: float = DEMO_CPUS, **init_args: Any) -> Iterator[s
 
     if ray.is_initialized():
         raise RuntimeError("a Ray cluster from another fixture is still up: clusters must not overlap")
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
-    ensure_ray_token()
+    use_token_auth()
     port = free_port()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, log_to_driver=False, **init_args)
@@ -288,9 +293,6 @@ class ClusterClient:
     def serving(self) -> set[str]:
         """Versions the gateway routes to now; empty when it cannot be asked."""
         return set(readiness(self.gateway)[1].get("serving") or [])
-
-    def ready(self) -> tuple[int, dict[str, Any]]:
-        return readiness(self.gateway)
 
     def stats(self, window_s: float | None) -> dict[str, Any]:
         """Per-version outcomes over every gateway replica; raises StatsUnavailableError otherwise."""

@@ -4,7 +4,6 @@ streams, each with an error event, and the service answers again once a node ret
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,8 +62,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     config = work / "serve_config.yaml"
     doc.save(config)
 
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
-    ops.ensure_ray_token()
+    ops.use_token_auth()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
     try:
