@@ -11,6 +11,7 @@ and run whatever anyone sends them (CVE-2023-48022).
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -37,11 +38,33 @@ METRICS_PORT = 8080  # Prometheus scrapes http://127.0.0.1:8080/metrics
 DEMO_CPUS = 2
 
 
+# Ray's own processes take ports the kernel hands out (the ephemeral range) and workers take
+# 10002-19999, both after our port was chosen: a port from either can be gone by the time Serve's
+# proxy binds it ("Failed to bind to address"). Ours come from the gap between them.
+_PORT_RANGE = (20000, 32767)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now (for private clusters in tests and benchmarks)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on now, outside the ranges Ray and the kernel hand out
+    (for private clusters in tests and benchmarks)."""
+    low, high = _PORT_RANGE[0], min(_PORT_RANGE[1], _ephemeral_low() - 1)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 between {low} and {high}")
 
 
 def ray_token_path() -> Path:
