@@ -9,6 +9,7 @@ from ray.serve import Application
 from deployments.embedder import EmbedderDeployment
 from deployments.gateway import GatewayDeployment
 from deployments.generator import GeneratorDeployment
+from deployments.kb_manager import KnowledgeBaseManager
 from deployments.pipeline import PipelineDeployment
 from deployments.retriever import RetrieverDeployment
 from rag.config import GatewayConfig, PipelineConfig, validate
@@ -23,4 +24,5 @@ def build_pipeline_app(args: dict[str, Any]) -> Application:
 
 def build_gateway_app(args: dict[str, Any]) -> Application:
     """The HTTP gateway that routes between pipeline versions by the weights in its user_config."""
-    return GatewayDeployment.bind(validate(GatewayConfig, args, "gateway application args"))
+    config = validate(GatewayConfig, args, "gateway application args")
+    return GatewayDeployment.bind(config, KnowledgeBaseManager.bind(config))

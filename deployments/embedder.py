@@ -30,6 +30,13 @@ class EmbedderDeployment:
             raise result
         return result
 
+    async def embed_many(self, texts: list[str]) -> np.ndarray:
+        """Many texts at once, for ingest: already a batch, so it skips the query batcher; the forward
+        pass runs in a thread, so queries keep being served between ingest batches."""
+        self._life.log.first_traffic()
+        with self._life.in_flight.track():
+            return await asyncio.to_thread(self._embedder.embed, texts)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray | Exception]:
         # A failure is returned per item, not raised: a raise here would fail every request in the batch.

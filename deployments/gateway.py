@@ -19,18 +19,20 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments import kb_routes
 from deployments.gateway_service import AnswerStream, GatewayService
 from deployments.handles import ServeHandles
 from deployments.http_guard import OPEN_PATHS, GuardSettings, HttpGuard
 from deployments.readiness import ReadinessMonitor
 from deployments.replica import ReplicaLifecycle
 from deployments.stats_board import report_forever, stats_board
+from deployments.statuses import documented, status_for
 from rag.api import (
     ChatCompletionRequest,
     CompletionFormatter,
-    ErrorBody,
     KbChatRequest,
     SearchDocsRequest,
     error_body,
@@ -39,33 +41,19 @@ from rag.api import (
 from rag.auth import ApiKeys
 from rag.config import GatewayConfig, TrafficConfig, validate
 from rag.errors import (
-    AuthenticationError,
-    IndexMismatchError,
-    InvalidRequestError,
-    KnowledgeBaseNotFoundError,
     OverloadedError,
     RagError,
-    RequestTooLargeError,
-    ServiceUnavailableError,
     UpstreamTimeoutError,
 )
+from rag.kb_api import kb_body
 from rag.records import AnswerStart, Question
 
 logger = logging.getLogger("rag.gateway")
 VERSION_HEADER = "x-rag-version"
+KB_PREFIX = "/knowledge_base/"
 RETRY_AFTER_S = "1"
 T = TypeVar("T")
 
-# The one place library errors become HTTP statuses. First match wins: subclasses before their bases.
-STATUS_BY_ERROR: dict[type[RagError], int] = {
-    AuthenticationError: 401,
-    RequestTooLargeError: 413,
-    InvalidRequestError: 400,
-    KnowledgeBaseNotFoundError: 404,
-    UpstreamTimeoutError: 504,
-    ServiceUnavailableError: 503,  # OverloadedError included
-    IndexMismatchError: 500,
-}
 # What a 5xx body says in words; the exception's own text (paths, device messages) goes to the log only.
 PUBLIC_FAILURE = {
     500: "internal error: the gateway could not complete the request",
@@ -73,30 +61,12 @@ PUBLIC_FAILURE = {
 }
 
 
-def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in statuses}
-
-
-DESCRIPTIONS = {
-    400: "malformed JSON, or a request the service cannot answer (empty question, over a lowered limit)",
-    401: "missing or wrong API key (send `Authorization: Bearer <key>`)",
-    404: "unknown knowledge base",
-    413: "request body over the size limit",
-    422: "the body does not match the schema (the first few problems are named, then counted)",
-    500: "internal error; the body gives a request id for the logs",
-    503: "starting, draining or at capacity; retry after `Retry-After` seconds",
-    504: "a stage did not answer in time; retry after `Retry-After` seconds",
-}
 STREAM_OR_JSON = {200: {"description": "an SSE stream of `chat.completion.chunk`s (`stream: true`) or one JSON body",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}, "application/json": {}}}}
-ANSWER_ERRORS = _documented(400, 401, 404, 413, 422, 500, 503, 504)
-READ_ERRORS = _documented(401, 500, 503, 504)
+ANSWER_ERRORS = documented(400, 401, 404, 413, 422, 500, 503, 504)
+READ_ERRORS = documented(401, 500, 503, 504)
 
 app = FastAPI(title="rag-serve", summary="Knowledge-base question answering on Ray Serve")
-
-
-def status_for(exc: RagError) -> int:
-    return next((code for kind, code in STATUS_BY_ERROR.items() if isinstance(exc, kind)), 500)
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -107,8 +77,9 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def error_response(exc: RagError, request_id: str) -> JSONResponse:
-    """The response for a library error: the status from STATUS_BY_ERROR, its headers, a safe message."""
+def error_response(exc: RagError, request_id: str, path: str = "") -> JSONResponse:
+    """The response for a library error: the status from STATUS_BY_ERROR, its headers, a safe message;
+    on the knowledge-base routes, Chatchat's `{code, msg, data}` beside the OpenAI `error` object."""
     status = status_for(exc)
     message = str(root_cause(exc))
     if status >= 500:
@@ -117,7 +88,14 @@ def error_response(exc: RagError, request_id: str) -> JSONResponse:
     headers = {"www-authenticate": "Bearer"} if status == 401 else {}
     if status in (503, 504):
         headers["retry-after"] = RETRY_AFTER_S
-    return JSONResponse(error_body(message, status), status_code=status, headers=headers)
+    return JSONResponse(_shaped(error_body(message, status), path), status_code=status, headers=headers)
+
+
+def _shaped(body: dict[str, Any], path: str) -> dict[str, Any]:
+    if path.startswith(KB_PREFIX):
+        error = body["error"]
+        return {**kb_body(None, error["message"], error["code"]), **body}
+    return body
 
 
 def _request_id(request: Request) -> str:
@@ -126,24 +104,25 @@ def _request_id(request: Request) -> str:
 
 @app.exception_handler(RagError)
 async def _rag_error(request: Request, exc: RagError) -> JSONResponse:
-    return error_response(exc, _request_id(request))
+    return error_response(exc, _request_id(request), request.url.path)
 
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(root_cause(exc), BackPressureError):  # a stage's queue is full: refuse now, not later
-        return error_response(OverloadedError("the service is at capacity; retry shortly"), _request_id(request))
+        return error_response(OverloadedError("the service is at capacity; retry shortly"), _request_id(request),
+                              request.url.path)
     logger.exception("event=UNHANDLED request_id=%s error=%r", _request_id(request), exc)
-    return JSONResponse(error_body(f"{PUBLIC_FAILURE[500]} (request id {_request_id(request)})", 500),
-                        status_code=500)
+    return JSONResponse(_shaped(error_body(f"{PUBLIC_FAILURE[500]} (request id {_request_id(request)})", 500),
+                                request.url.path), status_code=500)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # FastAPI's and Starlette's own refusals (an unparsable body, no such route, method not allowed) in
     # the same OpenAI shape as every other error, keeping their headers (Allow on a 405).
-    return JSONResponse(error_body(str(exc.detail)[:200], exc.status_code), status_code=exc.status_code,
-                        headers=exc.headers)
+    return JSONResponse(_shaped(error_body(str(exc.detail)[:200], exc.status_code), request.url.path),
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -154,7 +133,7 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     param = ".".join(str(x) for x in problems[0]["loc"])[:100] if problems else None
     shown = _replica_guard().errors_shown
     message = f"invalid request body: {summarize_problems(problems, shown)}"
-    return JSONResponse(error_body(message, status, param), status_code=status)
+    return JSONResponse(_shaped(error_body(message, status, param), request.url.path), status_code=status)
 
 
 def _replica_guard() -> GuardSettings:
@@ -186,6 +165,7 @@ def _openapi() -> dict[str, Any]:
 
 
 app.openapi = _openapi  # type: ignore[method-assign]
+app.include_router(kb_routes.router)
 app.add_middleware(HttpGuard, settings=_replica_guard, refuse=error_response)
 
 
@@ -218,7 +198,8 @@ def _guard_settings(config: GatewayConfig) -> GuardSettings:
     else:
         keys = ApiKeys(config.api_key_path)
         logger.info("event=AUTH mode=api_key file=%s", config.api_key_path)
-    return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown)
+    uploads = {"/knowledge_base/upload_docs": max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes)}
+    return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown, uploads)
 
 
 @serve.deployment(name="Gateway")
@@ -226,8 +207,9 @@ def _guard_settings(config: GatewayConfig) -> GuardSettings:
 class GatewayDeployment:
     """Routes: each parses (FastAPI + `rag.api` schemas), calls the service, and maps the result."""
 
-    async def __init__(self, config: GatewayConfig) -> None:  # type: ignore[misc]
+    async def __init__(self, config: GatewayConfig, kb_manager: DeploymentHandle) -> None:  # type: ignore[misc]
         self._life = ReplicaLifecycle("gateway")
+        self.kb_manager = kb_manager
         self.guard = _guard_settings(config)  # first: a missing key file fails the replica before it serves
         self.service = GatewayService(config, self._life.metrics, self._life.in_flight, ServeHandles(),
                                       lambda: self.readiness.current.serving)
@@ -239,6 +221,11 @@ class GatewayDeployment:
         self._reporter = asyncio.create_task(report_forever(self._board, replica, self.service.stats,
                                                             self._stop_reporting))
         await self._life.start("HTTP routes and the readiness monitor", lambda: None, lambda: None)
+
+    def serving_versions(self) -> list[str]:
+        """Versions that serve now, the heaviest first: the knowledge-base API embeds through the first."""
+        serving, weights = self.readiness.current.serving, self.service.split.weights
+        return sorted((v for v in weights if v in serving), key=lambda v: -weights[v])
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         # Weights only: applied in place, no replica restart. Idempotent, as Serve may call it twice.
@@ -279,7 +266,7 @@ class GatewayDeployment:
     async def health(self) -> dict[str, Any]:
         return {"status": "alive", "uptime_s": round(time.monotonic() - self.service.started, 3)}
 
-    @app.get("/stats", response_model=None, responses=_documented(401, 422, 503))
+    @app.get("/stats", response_model=None, responses=documented(401, 422, 503))
     async def stats(self, window_s: float | None = Query(None, gt=0, le=86_400),
                     scope: Literal["cluster", "replica"] = "cluster") -> dict[str, Any] | JSONResponse:
         """Per-version requests, error rate, p50/p90/p99 time to first token and in-flight over the last

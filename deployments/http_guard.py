@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,15 +30,20 @@ class GuardSettings:
     keys: ApiKeys | None  # None: this gateway was explicitly configured to run without keys
     max_body_bytes: int
     errors_shown: int  # problems a 422 names before it only counts them
+    # Routes that take documents (multipart uploads) may carry more than a question does.
+    body_bytes_by_path: Mapping[str, int] = field(default_factory=dict)
+
+    def body_limit(self, path: str) -> int:
+        return self.body_bytes_by_path.get(path, self.max_body_bytes)
 
 
 class HttpGuard:
     """`settings()` is read per request: the gateway creates them in its constructor, after this
-    middleware was built. `refuse(error, request_id)` renders a refusal (the gateway's one mapping of
-    errors to statuses)."""
+    middleware was built. `refuse(error, request_id, path)` renders a refusal (the gateway's one mapping
+    of errors to statuses)."""
 
     def __init__(self, app: ASGIApp, settings: Callable[[], GuardSettings],
-                 refuse: Callable[[RagError, str], Response]) -> None:
+                 refuse: Callable[[RagError, str, str], Response]) -> None:
         self.app = app
         self.settings = settings
         self.refuse = refuse
@@ -58,11 +63,11 @@ class HttpGuard:
         if scope["path"] not in OPEN_PATHS and settings.keys is not None \
                 and not settings.keys.accepts(_header(scope, b"authorization")):
             await self.refuse(AuthenticationError("a valid API key is required: send 'Authorization: Bearer "
-                                                  "<key>'"), request_id)(scope, receive, send)
+                                                  "<key>'"), request_id, scope["path"])(scope, receive, send)
             return
-        body, refusal = await _read_body(scope, receive, settings.max_body_bytes)
+        body, refusal = await _read_body(scope, receive, settings.body_limit(scope["path"]))
         if refusal:
-            await self.refuse(refusal, request_id)(scope, receive, send)
+            await self.refuse(refusal, request_id, scope["path"])(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 

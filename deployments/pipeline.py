@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -44,6 +45,10 @@ class PipelineDeployment:
 
     async def knowledge_bases(self) -> dict[str, int]:
         return await self._retriever.knowledge_bases.remote()
+
+    def describe(self) -> dict[str, Any]:
+        """This version's settings, for the knowledge-base manager (kb_root, splitter, embedding model)."""
+        return self._config.model_dump(mode="json")
 
     def in_flight(self) -> int:
         return self._life.in_flight.count

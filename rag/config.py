@@ -237,6 +237,21 @@ class LimitsConfig(_Strict):
     validation_errors_shown: int = Field(3, ge=1, le=20, description="a 422 names this many problems, then counts")
 
 
+class KnowledgeBaseSettings(_Strict):
+    """Knowledge bases managed over HTTP: what an upload may carry and how long a request waits for it.
+
+    Where the KBs live, how documents are split and which model embeds them come from the serving
+    pipeline version (its `retrieval.kb_root`, `splitter`, `embedding`), the same settings queries use."""
+
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 ** 3, description="one upload_docs body")
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 ** 3, description="one uploaded file")
+    max_files: int = Field(200, ge=1, le=10_000, description="files in one upload_docs request")
+    wait_s: float = Field(60.0, gt=0, le=600, description="an upload with wait=true answers by then; "
+                          "after that, 202 and the job to poll")
+    keep_versions: int = Field(3, ge=1, le=1000, description="index versions kept besides those still in use")
+    embed_batch: int = Field(256, ge=1, le=8192, description="chunks per call to the Embedder while ingesting")
+
+
 class GatewayConfig(_Strict):
     """Settings of the HTTP ingress."""
 
@@ -252,6 +267,7 @@ class GatewayConfig(_Strict):
     # Serve every route without a key: only for a gateway on loopback (check_serve_config refuses others).
     allow_unauthenticated: bool = False
     limits: LimitsConfig = LimitsConfig()
+    knowledge_base: KnowledgeBaseSettings = KnowledgeBaseSettings()
     rollout: RolloutConfig = RolloutConfig()
 
     @property
@@ -363,6 +379,10 @@ def check_serve_config(serve_config: dict[str, Any]) -> None:
                     if missing:
                         problems.append(f"Gateway user_config gives traffic to versions that are not deployed: "
                                         f"{missing}; deployed: {sorted(versions)}")
+    roots = {str(c.retrieval.kb_root_path) for c in versions.values()}
+    if len(roots) > 1:
+        problems.append(f"pipeline versions read knowledge bases from different retrieval.kb_root folders "
+                        f"{sorted(roots)}; the knowledge-base API writes to one, so give them the same")
     if problems:
         raise ConfigError("invalid Serve config:\n  " + "\n  ".join(problems))
 

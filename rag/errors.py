@@ -45,3 +45,11 @@ class OverloadedError(ServiceUnavailableError):
 
 class UpstreamTimeoutError(ServiceUnavailableError):
     """A stage did not answer within the gateway's deadline for that hop."""
+
+
+class ConflictError(RagError):
+    """The request conflicts with what is stored (a KB that exists, a file that would be overwritten)."""
+
+
+class DocumentNotFoundError(KnowledgeBaseNotFoundError):
+    """The named file is not in the knowledge base."""

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +66,8 @@ class Manifest:
     splitter: dict[str, Any] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    # Per original: sha256, size, chunks, updated_at, splitter; what an incremental build compares.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
@@ -120,8 +122,13 @@ def resolve_version(kb_root: Path, name: str, version: int | Literal["latest"]) 
     return version
 
 
+# Writes more files into a version's staging folder before it is published (the lexical index).
+ExtraWriter = Callable[[Path, list[Chunk]], None]
+
+
 def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.ndarray, *,
-                  embedding_model: str, fingerprint: str, splitter: dict[str, Any] | None = None) -> Manifest:
+                  embedding_model: str, fingerprint: str, splitter: dict[str, Any] | None = None,
+                  files: dict[str, dict[str, Any]] | None = None, extra: ExtraWriter | None = None) -> Manifest:
     """Write a new immutable version of `name` and publish it atomically; returns its manifest.
 
     Staging leftovers of killed publishes are removed first (see `clean_staging`).
@@ -136,8 +143,10 @@ def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.nda
         try:
             _write_faiss(staging, vectors)
             _write_docstore(staging, chunks)
+            if extra is not None:
+                extra(staging, chunks)
             return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
-                                      fingerprint, splitter or {}, sorted({c.source for c in chunks}))
+                                      fingerprint, splitter or {}, sorted({c.source for c in chunks}), files or {})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -203,11 +212,13 @@ def _write_docstore(directory: Path, chunks: list[Chunk]) -> None:
 
 
 def _rename_into_place(base: Path, staging: Path, name: str, dimension: int, count: int, model: str,
-                       fingerprint: str, splitter: dict[str, Any], sources: list[str]) -> Manifest:
+                       fingerprint: str, splitter: dict[str, Any], sources: list[str],
+                       files: dict[str, dict[str, Any]]) -> Manifest:
     # Another ingest may publish concurrently: a rename onto an existing version fails, so take the next.
     for _ in range(100):
         version = _next_version_number(base)
-        manifest = Manifest(name, version, model, dimension, count, fingerprint, time.time(), splitter, sources)
+        manifest = Manifest(name, version, model, dimension, count, fingerprint, time.time(), splitter, sources,
+                            files=files)
         (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, ensure_ascii=False),
                                                encoding="utf-8")
         _fsync(staging / "manifest.json")
@@ -220,6 +231,20 @@ def _rename_into_place(base: Path, staging: Path, name: str, dimension: int, cou
         _fsync_dir(base)
         return manifest
     raise ServiceUnavailableError(f"could not publish a new version of {name!r}: too many concurrent writers")
+
+
+def read_version(kb_root: Path, name: str, version: int) -> tuple[Manifest, list[Chunk], np.ndarray]:
+    """A published version's chunks and vectors, in id order: what an incremental build starts from."""
+    directory = version_directory(kb_root, name, version)
+    manifest = Manifest.read(directory)
+    index = faiss.read_index(str(directory / "index.faiss"))
+    vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, manifest.dimension), "float32")
+    db = sqlite3.connect(f"file:{directory / 'docstore.sqlite'}?mode=ro&immutable=1", uri=True)
+    try:
+        rows = db.execute("SELECT text, source, metadata FROM chunks ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return manifest, [Chunk(text, source, json.loads(meta)) for text, source, meta in rows], vectors
 
 
 def _next_version_number(base: Path) -> int:

@@ -1,0 +1,249 @@
+"""Incremental index builds: a change to a knowledge base's files becomes its next index version.
+
+The one code path of the ingest CLI and the HTTP API. Under the KB's writer lock it starts from the
+latest version, keeps the chunks and vectors of every unchanged file, splits only new or changed
+files, and embeds only chunks whose text (by SHA-256) the previous version did not hold, so a one-file
+change costs one file's embedding and a deletion costs none.
+
+Nothing already stored changes until the new version is ready: incoming files are staged and split
+first (a file that cannot be read refuses the whole change), originals move into `content/` only after
+embedding succeeded, and deleted originals go only after the new version is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rag import kb_store
+from rag.config import PipelineConfig, SplitterConfig
+from rag.documents import DEFAULT_MAX_FILE_BYTES, _read_bytes, iter_files, load_file, split_documents
+from rag.errors import ConflictError, DocumentNotFoundError, IndexMismatchError, InvalidRequestError
+from rag.index import Chunk, ExtraWriter, Manifest, clean_staging, list_versions, publish_index, read_version
+
+# (stage, done, total): "load" counts files, "embed" counts chunks.
+Progress = Callable[[str, int, int], None]
+Embed = Callable[[list[str]], np.ndarray]
+Source = Path | bytes  # a file to read, or bytes received over HTTP
+
+
+@dataclass(frozen=True)
+class Changes:
+    add: dict[str, Source] = field(default_factory=dict)  # new or replaced files, by name
+    delete: tuple[str, ...] = ()
+    reindex: tuple[str, ...] = ()  # split and embed again from the stored originals
+    rescan: bool = False  # the file set is whatever is in content/ now (recreate_vector_store)
+    full: bool = False  # embed every chunk again, reusing no vector
+    override: bool = True  # False: a file that exists with other content is a conflict
+    keep_originals: bool = False  # deleted files leave the index but keep their original (delete_content=false)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: Manifest
+    created: bool  # False when nothing changed: no version was published
+    embedded: int = 0
+    reused: int = 0
+    changed: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    stale_staging_removed: int = 0
+
+
+@dataclass
+class _Previous:
+    manifest: Manifest | None = None
+    chunks_by_file: dict[str, list[tuple[Chunk, np.ndarray]]] = field(default_factory=dict)
+    vector_by_text: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, changes: Changes, *, embed: Embed,
+                          splitter: SplitterConfig | None = None, progress: Progress | None = None,
+                          max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, extra: ExtraWriter | None = None,
+                          batch_size: int = 256) -> BuildResult:
+    """Apply `changes` and publish the next version (or nothing, when nothing changed)."""
+    with kb_store.writer(kb_root, kb):
+        removed = len(clean_staging(kb_root, kb))
+        previous = _load_previous(kb_root, kb, config, changes.full)
+        files = _file_set(kb_root, kb, previous.manifest, changes)
+        incoming = kb_store.kb_directory(kb_root, kb) / f".incoming-{uuid.uuid4().hex}"
+        try:
+            staged = _stage(incoming, changes.add, max_file_bytes)
+            todo = _to_process(files, staged, previous.manifest, changes, splitter or config.splitter)
+            if not todo and not changes.delete and previous.manifest is not None:
+                return BuildResult(previous.manifest, created=False, stale_staging_removed=removed)
+            new_chunks = _split(kb_root, kb, incoming, todo, staged, max_file_bytes, progress)
+            chunks, vectors, embedded = _assemble(files, new_chunks, previous, embed, progress, batch_size)
+            _move_into_content(kb_root, kb, incoming, staged)
+            info = _files_info(files, previous.manifest, new_chunks, staged, todo, kb_root, kb)
+            manifest = publish_index(kb_root, kb, chunks, vectors, embedding_model=config.embedding.model,
+                                     fingerprint=_fingerprint(info, config.embedding.model),
+                                     splitter=config.splitter.model_dump(), files=info, extra=extra)
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
+        for name in () if changes.keep_originals else changes.delete:
+            kb_store.original_path(kb_root, kb, name).unlink(missing_ok=True)
+        kb_store.ensure_meta(kb_root, kb, config.embedding.model)
+        return BuildResult(manifest, True, embedded, len(chunks) - embedded, tuple(sorted(todo)),
+                           tuple(changes.delete), removed)
+
+
+def _load_previous(kb_root: Path, kb: str, config: PipelineConfig, full: bool) -> _Previous:
+    versions = list_versions(kb_root, kb)
+    meta = kb_store.read_meta(kb_root, kb)
+    if meta is not None and meta.embed_model != config.embedding.model:
+        raise IndexMismatchError(f"knowledge base {kb!r} embeds with {meta.embed_model!r}, but this pipeline "
+                                 f"embeds with {config.embedding.model!r}")
+    if not versions:
+        return _Previous()
+    manifest, chunks, vectors = read_version(kb_root, kb, versions[-1])
+    previous = _Previous(manifest)
+    for chunk, vector in zip(chunks, vectors, strict=True):
+        previous.chunks_by_file.setdefault(chunk.source, []).append((chunk, vector))
+        if not full and manifest.embedding_model == config.embedding.model:
+            previous.vector_by_text[_text_hash(chunk.text)] = vector
+    return previous
+
+
+def _file_set(kb_root: Path, kb: str, manifest: Manifest | None, changes: Changes) -> set[str]:
+    known = set(_known_files(manifest))
+    if changes.rescan:
+        content = kb_store.content_directory(kb_root, kb)
+        known = {p.relative_to(content).as_posix() for p in iter_files(content)} if content.is_dir() else set()
+    missing = [name for name in changes.delete + changes.reindex if name not in known]
+    if missing:
+        raise DocumentNotFoundError(f"knowledge base {kb!r} has no file {', '.join(map(repr, missing[:5]))}")
+    files = (known - set(changes.delete)) | set(changes.add)
+    if not files:
+        raise ConflictError(f"this would leave knowledge base {kb!r} without documents; delete the knowledge "
+                            "base instead")
+    return files
+
+
+def _known_files(manifest: Manifest | None) -> list[str]:
+    if manifest is None:
+        return []
+    return list(manifest.files) or list(manifest.sources)  # versions built before per-file records
+
+
+def _stage(incoming: Path, add: dict[str, Source], max_file_bytes: int) -> dict[str, str]:
+    """Write every incoming file under `incoming`; returns name -> sha256."""
+    digests = {}
+    for name, source in add.items():
+        data = source if isinstance(source, bytes) else _read_bytes(source, max_file_bytes)
+        if len(data) > max_file_bytes:
+            raise InvalidRequestError(f"file {name!r} is larger than the {max_file_bytes}-byte limit")
+        target = incoming.joinpath(*kb_store.check_file_name(name, nested=True).split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def _to_process(files: set[str], staged: dict[str, str], manifest: Manifest | None, changes: Changes,
+                splitter: SplitterConfig) -> dict[str, SplitterConfig]:
+    """Which files to split (and with which splitter): new, changed, re-indexed, or all of them."""
+    before = manifest.files if manifest else {}
+    conflicts = [n for n, digest in staged.items() if n in before and before[n].get("sha256") != digest]
+    if conflicts and not changes.override:
+        raise ConflictError(f"files exist with other content: {', '.join(map(repr, sorted(conflicts)[:5]))}; "
+                            "upload with override=true to replace them")
+    todo = {}
+    for name in files:
+        old = before.get(name)
+        same = old is not None and old.get("sha256") == staged.get(name, old.get("sha256")) \
+            and old.get("splitter") == splitter.model_dump()
+        if changes.full or changes.rescan or name in changes.reindex or not same:
+            todo[name] = splitter
+    return todo
+
+
+def _split(kb_root: Path, kb: str, incoming: Path, todo: dict[str, SplitterConfig], staged: dict[str, str],
+           max_file_bytes: int, progress: Progress | None) -> dict[str, list[Chunk]]:
+    out: dict[str, list[Chunk]] = {}
+    content = kb_store.content_directory(kb_root, kb)
+    for done, name in enumerate(sorted(todo), 1):
+        root = incoming if name in staged else content
+        path = root.joinpath(*name.split("/"))
+        if not path.is_file():
+            raise DocumentNotFoundError(f"the original of {name!r} is missing from {content}; upload it again")
+        docs = split_documents(load_file(path, root, max_bytes=max_file_bytes), todo[name])
+        out[name] = [Chunk(d.page_content, name, {k: v for k, v in d.metadata.items() if k != "source"})
+                     for d in docs]
+        if not out[name]:
+            raise InvalidRequestError(f"file {name!r} contains no text to index")
+        if progress:
+            progress("load", done, len(todo))
+    return out
+
+
+def _assemble(files: set[str], new_chunks: dict[str, list[Chunk]], previous: _Previous, embed: Embed,
+              progress: Progress | None, batch_size: int) -> tuple[list[Chunk], np.ndarray, int]:
+    pairs: list[tuple[Chunk, np.ndarray | None]] = []
+    for name in sorted(files):
+        if name in new_chunks:
+            pairs += [(c, previous.vector_by_text.get(_text_hash(c.text))) for c in new_chunks[name]]
+        else:
+            pairs += previous.chunks_by_file.get(name, [])
+    if not pairs:
+        raise InvalidRequestError("the documents contain no text")
+    missing = [i for i, (_, vector) in enumerate(pairs) if vector is None]
+    fresh = _embed_all([pairs[i][0].text for i in missing], embed, progress, batch_size)
+    vectors = [v for _, v in pairs]
+    for row, i in enumerate(missing):
+        vectors[i] = fresh[row]
+    return [c for c, _ in pairs], np.stack(vectors).astype(np.float32), len(missing)
+
+
+def _embed_all(texts: list[str], embed: Embed, progress: Progress | None, batch_size: int) -> np.ndarray:
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        parts.append(np.asarray(embed(texts[start:start + batch_size]), dtype=np.float32))
+        if progress:
+            progress("embed", min(start + batch_size, len(texts)), len(texts))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def _move_into_content(kb_root: Path, kb: str, incoming: Path, staged: dict[str, str]) -> None:
+    for name in staged:
+        target = kb_store.original_path(kb_root, kb, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(incoming.joinpath(*name.split("/")), target)
+
+
+def _files_info(files: set[str], manifest: Manifest | None, new_chunks: dict[str, list[Chunk]],
+                staged: dict[str, str], todo: dict[str, SplitterConfig], kb_root: Path,
+                kb: str) -> dict[str, dict[str, object]]:
+    before = manifest.files if manifest else {}
+    info: dict[str, dict[str, object]] = {}
+    for name in sorted(files):
+        if name not in todo and name in before:
+            info[name] = before[name]
+            continue
+        path = kb_store.original_path(kb_root, kb, name)
+        digest = staged.get(name) or _file_hash(path)
+        info[name] = {"sha256": digest, "size": path.stat().st_size, "chunks": len(new_chunks.get(name, [])),
+                      "updated_at": time.time(), "splitter": todo[name].model_dump()}
+    return info
+
+
+def _fingerprint(info: dict[str, dict[str, object]], model: str) -> str:
+    summary = [(name, i.get("sha256"), i.get("splitter")) for name, i in sorted(info.items())]
+    return hashlib.sha256(json.dumps([summary, model], sort_keys=True).encode()).hexdigest()
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -1,0 +1,174 @@
+"""A knowledge base on disk besides its index versions: its description, its original documents, and
+the lock that makes one writer at a time.
+
+Layout under `<kb_root>/<kb>/`: `kb.json` (description and embedding model, written at creation),
+`content/` (the originals, so an index can be rebuilt and a file downloaded), `v<N>/` (index versions,
+`rag.index`), `.writer.lock`.
+
+File names come from clients (multipart uploads) and become paths, so every name is checked by
+`check_file_name` before anything is built from it: one path component (the CLI's nested folders give
+several, each checked), NFC-normalised, no `..`, no leading dot, no control characters, a supported
+extension. A name that was refused never reaches the file system.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rag.documents import SUPPORTED_SUFFIXES
+from rag.errors import ConflictError, DocumentNotFoundError, InvalidRequestError, KnowledgeBaseNotFoundError
+from rag.index import kb_directory, list_versions
+
+CONTENT = "content"
+_META = "kb.json"
+_WRITER_LOCK = ".writer.lock"
+_MAX_NAME_BYTES = 255  # one path component on every common file system
+_SHOWN = 80
+
+
+@dataclass(frozen=True)
+class KnowledgeBaseMeta:
+    name: str
+    kb_info: str
+    embed_model: str
+    created_at: float
+
+
+def _shown(name: str) -> str:
+    return repr(name[:_SHOWN] + ("..." if len(name) > _SHOWN else ""))
+
+
+def check_file_name(name: object, *, nested: bool = False) -> str:
+    """The normalised name of a document, or `InvalidRequestError` naming it. `nested` allows
+    folder/name (the CLI's source folders), each part checked the same way."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequestError("a file name is empty")
+    normal = unicodedata.normalize("NFC", name.strip())
+    parts = normal.split("/") if nested else [normal]
+    for part in parts:
+        _check_part(part, name)
+    suffix = Path(parts[-1]).suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise InvalidRequestError(f"file {_shown(name)}: type {suffix or '(none)'!r} is not supported; "
+                                  f"supported: {' '.join(sorted(SUPPORTED_SUFFIXES))}")
+    return normal
+
+
+def _check_part(part: str, name: str) -> None:
+    if part in ("", ".", "..") or part.startswith("."):
+        raise InvalidRequestError(f"file {_shown(name)}: a name may not be empty, '..' or start with a dot")
+    if "/" in part or "\\" in part or any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in part):
+        raise InvalidRequestError(f"file {_shown(name)}: path separators and control characters are not "
+                                  "allowed in a file name")
+    if len(part.encode("utf-8")) > _MAX_NAME_BYTES:
+        raise InvalidRequestError(f"file {_shown(name)}: longer than {_MAX_NAME_BYTES} bytes")
+
+
+def content_directory(kb_root: Path, kb: str) -> Path:
+    return kb_directory(kb_root, kb) / CONTENT
+
+
+def original_path(kb_root: Path, kb: str, name: str) -> Path:
+    """Where the original of a (checked) document name lives; inside `content/` by construction."""
+    return content_directory(kb_root, kb).joinpath(*check_file_name(name, nested=True).split("/"))
+
+
+def exists(kb_root: Path, kb: str) -> bool:
+    base = kb_directory(kb_root, kb)
+    return (base / _META).is_file() or bool(list_versions(kb_root, kb))
+
+
+def require(kb_root: Path, kb: str) -> Path:
+    if not exists(kb_root, kb):
+        raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}; create it first")
+    return kb_directory(kb_root, kb)
+
+
+def list_names(kb_root: Path) -> list[str]:
+    """Every knowledge base: created (kb.json) or ingested (a published version)."""
+    if not kb_root.is_dir():
+        return []
+    found = []
+    for path in kb_root.iterdir():
+        try:
+            if path.is_dir() and exists(kb_root, path.name):
+                found.append(path.name)
+        except InvalidRequestError:  # a folder whose name is no KB name (staging, trash, a stray dir)
+            continue
+    return sorted(found)
+
+
+def create(kb_root: Path, kb: str, kb_info: str, embed_model: str) -> KnowledgeBaseMeta:
+    base = kb_directory(kb_root, kb)
+    if exists(kb_root, kb):
+        raise ConflictError(f"knowledge base {kb!r} already exists")
+    (base / CONTENT).mkdir(parents=True, exist_ok=True)
+    meta = KnowledgeBaseMeta(kb, kb_info, embed_model, time.time())
+    write_atomically(base / _META, json.dumps(asdict(meta), ensure_ascii=False, indent=2).encode())
+    return meta
+
+
+def read_meta(kb_root: Path, kb: str) -> KnowledgeBaseMeta | None:
+    path = kb_directory(kb_root, kb) / _META
+    if not path.is_file():
+        return None
+    return KnowledgeBaseMeta(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def ensure_meta(kb_root: Path, kb: str, embed_model: str) -> None:
+    """A KB built by the CLI gets its description too, so both paths leave the same layout."""
+    if read_meta(kb_root, kb) is None:
+        meta = KnowledgeBaseMeta(kb, "", embed_model, time.time())
+        write_atomically(kb_directory(kb_root, kb) / _META, json.dumps(asdict(meta), indent=2).encode())
+
+
+def delete(kb_root: Path, kb: str) -> None:
+    """Remove a KB at once for readers (one rename out of the namespace), then its files."""
+    base = require(kb_root, kb)
+    with writer(kb_root, kb):
+        trash = Path(kb_root) / f".deleted-{kb}-{uuid.uuid4().hex[:8]}"
+        os.rename(base, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_original(kb_root: Path, kb: str, name: str) -> bytes:
+    path = original_path(kb_root, kb, name)
+    if not path.is_file() or path.is_symlink():
+        raise DocumentNotFoundError(f"knowledge base {kb!r} has no file {_shown(name)}")
+    return path.read_bytes()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old bytes or the new ones, never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name[:40]}")
+    try:
+        with open(temporary, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def writer(kb_root: Path, kb: str) -> Iterator[None]:
+    """One writer per KB, across threads, processes and (on a file system with working flock) nodes:
+    a second update waits here and then starts from the version the first one published."""
+    base = kb_directory(kb_root, kb)
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / _WRITER_LOCK, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+

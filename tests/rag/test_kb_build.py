@@ -1,0 +1,183 @@
+"""Incremental builds and the knowledge-base store, with a counting fake embedder (no model, no Ray)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag import kb_store
+from rag.config import PipelineConfig, SplitterConfig
+from rag.errors import ConflictError, DocumentNotFoundError, InvalidRequestError, UnsupportedDocumentError
+from rag.index import KnowledgeBaseIndex, list_versions
+from rag.kb_build import Changes, update_knowledge_base
+
+CONFIG = PipelineConfig(splitter=SplitterConfig(chunk_size=200, chunk_overlap=20))
+
+
+class CountingEmbedder:
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        with self.lock:
+            self.texts += texts
+        rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=8)
+                for t in texts]
+        vectors = np.array(rows, dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _doc(topic: str, paragraphs: int = 4) -> bytes:
+    return "\n\n".join(f"{topic} paragraph {i}: " + f"{topic} words " * 12 for i in range(paragraphs)).encode()
+
+
+def _update(root: Path, embed: CountingEmbedder, **changes: object):
+    return update_knowledge_base(root, "kb", CONFIG, Changes(**changes), embed=embed)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    kb_store.create(tmp_path, "kb", "test", CONFIG.embedding.model)
+    return tmp_path
+
+
+def test_a_one_file_change_embeds_only_that_file(root: Path) -> None:
+    embed = CountingEmbedder()
+    first = _update(root, embed, add={f"doc{i}.md": _doc(f"topic{i}") for i in range(10)})
+    total = len(embed.texts)
+    assert first.created and first.manifest.count == total and first.embedded == total
+    embed.texts.clear()
+    second = _update(root, embed, add={"doc3.md": _doc("changed")})
+    assert second.manifest.version == first.manifest.version + 1
+    assert embed.texts and all("changed" in t for t in embed.texts)
+    assert second.reused == second.manifest.count - second.embedded
+    assert second.manifest.files["doc3.md"]["sha256"] == hashlib.sha256(_doc("changed")).hexdigest()
+    assert second.manifest.files["doc4.md"] == first.manifest.files["doc4.md"]
+
+
+def test_deleting_a_file_embeds_nothing_and_drops_its_chunks(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha"), "b.md": _doc("beta")})
+    embed.texts.clear()
+    result = _update(root, embed, delete=("a.md",))
+    assert embed.texts == [] and set(result.manifest.files) == {"b.md"}
+    index = KnowledgeBaseIndex.load(root, "kb")
+    assert {p.source for p in index.search(np.ones((1, 8), np.float32) / 8 ** 0.5, 50)[0]} == {"b.md"}
+    assert not kb_store.original_path(root, "kb", "a.md").exists()
+
+
+def test_delete_keeping_the_original_then_re_upload_embeds_only_that_file(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha"), "b.md": _doc("beta")})
+    _update(root, embed, delete=("a.md",), keep_originals=True)
+    assert kb_store.read_original(root, "kb", "a.md") == _doc("alpha")
+    embed.texts.clear()
+    again = _update(root, embed, add={"a.md": _doc("alpha")})
+    assert embed.texts and all("alpha" in t for t in embed.texts)
+    assert again.embedded == len(embed.texts) and set(again.manifest.files) == {"a.md", "b.md"}
+
+
+def test_unchanged_upload_publishes_nothing(root: Path) -> None:
+    embed = CountingEmbedder()
+    first = _update(root, embed, add={"a.md": _doc("alpha")})
+    again = _update(root, embed, add={"a.md": _doc("alpha")})
+    assert not again.created and list_versions(root, "kb") == [first.manifest.version]
+
+
+def test_override_false_refuses_other_content_and_changes_nothing(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha")})
+    with pytest.raises(ConflictError, match=r"a\.md"):
+        _update(root, embed, add={"a.md": _doc("other")}, override=False)
+    assert kb_store.read_original(root, "kb", "a.md") == _doc("alpha") and len(list_versions(root, "kb")) == 1
+
+
+def test_a_bad_file_refuses_the_whole_change_and_nothing_stored_changes(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha")})
+    with pytest.raises(UnsupportedDocumentError):
+        _update(root, embed, add={"good.md": _doc("good"), "broken.pdf": b"%PDF-1.4 this is not a pdf"})
+    assert list_versions(root, "kb") == [1]
+    assert sorted(p.name for p in kb_store.content_directory(root, "kb").iterdir()) == ["a.md"]
+    assert [p.name for p in kb_store.kb_directory(root, "kb").iterdir() if p.name.startswith(".incoming")] == []
+
+
+@pytest.mark.parametrize("name", ["../evil.md", "/etc/passwd.md", "a/b.md", "..", ".hidden.md", "run.exe",
+                                  "noext", "bad\x00name.md", "x" * 300 + ".md", "a\\b.md"])
+def test_unsafe_or_unsupported_names_are_refused_naming_the_file(name: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        kb_store.check_file_name(name)
+    assert repr(name)[1:20] in str(refused.value)  # quoted as repr: a control character shows escaped
+
+
+def test_names_are_unicode_normalised() -> None:
+    assert kb_store.check_file_name("cafe\u0301.md") == "caf\u00e9.md"
+    assert kb_store.check_file_name("笔记.txt") == "笔记.txt"
+
+
+def test_update_and_delete_of_unknown_files_name_them(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha")})
+    for changes in ({"delete": ("nope.md",)}, {"reindex": ("nope.md",)}):
+        with pytest.raises(DocumentNotFoundError, match=r"nope\.md"):
+            _update(root, embed, **changes)
+
+
+def test_deleting_every_file_is_refused(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha")})
+    with pytest.raises(ConflictError, match="delete the knowledge base"):
+        _update(root, embed, delete=("a.md",))
+
+
+def test_reindex_with_another_splitter_re_splits_from_the_stored_original(root: Path) -> None:
+    embed = CountingEmbedder()
+    first = _update(root, embed, add={"a.md": _doc("alpha", 8)})
+    result = update_knowledge_base(root, "kb", CONFIG, Changes(reindex=("a.md",)), embed=embed,
+                                   splitter=SplitterConfig(chunk_size=600, chunk_overlap=0))
+    assert result.manifest.files["a.md"]["splitter"]["chunk_size"] == 600
+    assert result.manifest.count < first.manifest.count
+
+
+def test_recreate_rescans_content_and_embeds_everything(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha")})
+    kb_store.write_atomically(kb_store.original_path(root, "kb", "dropped.md"), _doc("dropped"))
+    embed.texts.clear()
+    result = _update(root, embed, rescan=True, full=True)
+    assert set(result.manifest.files) == {"a.md", "dropped.md"} and result.embedded == result.manifest.count
+
+
+def test_concurrent_uploads_of_different_files_both_end_up_in_the_index(root: Path) -> None:
+    embed = CountingEmbedder()
+    errors: list[BaseException] = []
+
+    def upload(name: str) -> None:
+        try:
+            _update(root, embed, add={name: _doc(name)})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(f"f{i}.md",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    latest = KnowledgeBaseIndex.load(root, "kb").manifest
+    assert set(latest.files) == {f"f{i}.md" for i in range(4)} and latest.version == 4
+
+
+def test_kb_store_create_list_delete(tmp_path: Path) -> None:
+    kb_store.create(tmp_path, "one", "first", "m")
+    with pytest.raises(ConflictError):
+        kb_store.create(tmp_path, "one", "again", "m")
+    (tmp_path / "not a kb").mkdir()
+    assert kb_store.list_names(tmp_path) == ["one"]
+    kb_store.delete(tmp_path, "one")
+    assert kb_store.list_names(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["not a kb"]
