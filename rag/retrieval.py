@@ -82,6 +82,8 @@ class Retriever:
         """Switch followed KBs to their newest published version, add discovered KBs and drop deleted ones,
         then renew this reader's leases; returns what changed. Safe to run while searches run."""
         with self._refreshing:
+            if self._closed:  # a tick that was already on its way when the replica stopped
+                return []
             changes = self._follow() if self.config.refresh_interval_s > 0 else []
             self._leases.renew(self.knowledge_bases())
             return changes

@@ -231,6 +231,19 @@ def test_close_waits_for_running_searches_before_closing_their_index(tmp_path: P
     assert result == ["one.md"] and instrumented["closed"] == [1]
 
 
+def test_refresh_after_close_loads_nothing_and_leases_nothing(tmp_path: Path, make: Any,
+                                                              instrumented: dict[str, Any]) -> None:
+    _publish(tmp_path, "a", "one")
+    r = make({"a": "latest"}, discover=True)
+    r.close()
+    _publish(tmp_path, "a", "two")
+    _publish(tmp_path, "b", "b-one")
+    assert r.refresh() == []
+    assert r.knowledge_bases() == {}
+    assert instrumented["closed"] == [1]
+    assert not (tmp_path / "a" / READERS_DIR / "test-reader.json").exists()
+
+
 def test_many_searches_across_many_swaps_never_fail(tmp_path: Path, make: Any) -> None:
     _publish(tmp_path, "a", "v1")
     r = make({"a": "latest"})
