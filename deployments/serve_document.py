@@ -144,9 +144,9 @@ class ServeDocument:
     def pin_latest(self, name: str) -> dict[str, int]:
         """Replace `latest` among version `name`'s knowledge bases with the index version published now.
 
-        `latest` is resolved each time a replica starts, so a version left on it would switch index
-        the next time a replica restarts after an ingest: pinned, a version answers from the same
-        index for as long as it lives. Returns the pins made."""
+        A version left on `latest` follows every new ingest live (`retrieval.refresh_interval_s`), and
+        its replicas may briefly disagree on the version: pinned, a version answers from the same index
+        for as long as it lives, so a rollout compares like with like. Returns the pins made."""
         args = self.versions[name].setdefault("args", {})
         config = validate(PipelineConfig, _plain(args), f"args of version {name!r}")
         pins = {kb: resolve_version(config.retrieval.kb_root_path, kb, "latest")

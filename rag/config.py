@@ -100,10 +100,21 @@ def _sample_kb() -> dict[str, int | Literal["latest"]]:
     return {"samples": "latest"}
 
 
+# A lease must outlive a few missed heartbeats (a tick busy loading a large index), or a prune
+# could delete a version a live replica still serves.
+LEASE_HEARTBEATS_PER_TTL = 3
+
+
 class RetrievalConfig(_Strict):
     kb_root: Path = Path("var/kb")
-    # Which knowledge bases this pipeline serves, each pinned to an index version or "latest".
+    # Which knowledge bases this pipeline serves: an int pins an index version for the replica's life,
+    # "latest" follows new versions as they are published (see refresh_interval_s).
     knowledge_bases: dict[KnowledgeBaseName, int | Literal["latest"]] = Field(default_factory=_sample_kb)
+    discover: bool = Field(False, description="also serve, and follow, every other knowledge base under kb_root")
+    refresh_interval_s: float = Field(1.0, ge=0, le=3600, description="how often a replica looks for new "
+                                      "versions of the knowledge bases it follows; 0: only when it starts")
+    lease_ttl_s: float = Field(30.0, gt=0, le=86_400, description="a replica's note of the versions it serves "
+                               "protects them from pruning this long after its last heartbeat")
     top_k: int = Field(3, ge=1, le=50)
     score_threshold: float = Field(0.0, ge=-1.0, le=1.0, description="minimum cosine similarity")
     device: Device = "auto"
@@ -117,6 +128,20 @@ class RetrievalConfig(_Strict):
             if isinstance(version, int) and version < 1:
                 raise ValueError(f"knowledge base {name!r}: version {version} must be >= 1 or 'latest'")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> RetrievalConfig:
+        if self.refresh_interval_s and self.lease_ttl_s < LEASE_HEARTBEATS_PER_TTL * self.refresh_interval_s:
+            raise ValueError(
+                f"lease_ttl_s ({self.lease_ttl_s}) must be at least {LEASE_HEARTBEATS_PER_TTL} x refresh_interval_s "
+                f"({self.refresh_interval_s}): replicas renew their leases once per refresh, and a lease that "
+                "expires between two renewals lets a prune delete an index version still being served")
+        return self
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often a replica renews its leases: each refresh, or often enough without refreshes."""
+        return self.refresh_interval_s or self.lease_ttl_s / LEASE_HEARTBEATS_PER_TTL
 
     @property
     def kb_root_path(self) -> Path:

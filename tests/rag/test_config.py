@@ -186,6 +186,25 @@ def test_knowledge_base_pinned_versions_validate() -> None:
     assert cfg.knowledge_bases == {"a": 2, "b-2": "latest"}
 
 
+def test_follow_settings_default_to_following_listed_latest_every_second() -> None:
+    cfg = RetrievalConfig()
+    assert (cfg.discover, cfg.refresh_interval_s, cfg.lease_ttl_s) == (False, 1.0, 30.0)
+    assert cfg.heartbeat_interval_s == 1.0
+    assert RetrievalConfig(refresh_interval_s=0).heartbeat_interval_s == 10.0  # leases live on without refreshes
+
+
+def test_lease_ttl_must_outlive_three_refreshes() -> None:
+    message = _error(RetrievalConfig, {"refresh_interval_s": 20, "lease_ttl_s": 59})
+    assert "lease_ttl_s (59.0) must be at least 3 x refresh_interval_s (20.0)" in message
+    assert RetrievalConfig(refresh_interval_s=20, lease_ttl_s=60).lease_ttl_s == 60
+    assert RetrievalConfig(refresh_interval_s=0, lease_ttl_s=1).refresh_interval_s == 0
+
+
+@pytest.mark.parametrize("bad", [{"refresh_interval_s": -1}, {"lease_ttl_s": 0}, {"discover": "sometimes"}])
+def test_bad_follow_settings_are_named(bad: dict[str, Any]) -> None:
+    assert f"retrieval.{next(iter(bad))}" in _error(PipelineConfig, {"retrieval": bad})
+
+
 def test_bad_pipeline_version_name() -> None:
     message = _error(PipelineConfig, {"version": "bad version"})
     assert "version" in message
