@@ -4,17 +4,20 @@ knowledge bases (one writer per KB, jobs kept in one place whichever gateway rep
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rag.leases import prune_versions
 from ray import serve
 
 from deployments.kb_service import KnowledgeBaseService
 from deployments.replica import ReplicaLifecycle
 from rag.config import GatewayConfig, PipelineConfig
 from rag.kb_build import Changes, Embed
+from rag.leases import prune_versions
 
+logger = logging.getLogger("rag.knowledge_bases")
 EMBED_TIMEOUT_S = 300.0  # one batch of a few hundred chunks on a busy CPU; a wedged Embedder fails the job
 
 
@@ -39,15 +42,18 @@ class ServeStages:
         return embed
 
 
+def _prune(root: Path, kb: str, keep: int, lease_ttl_s: float) -> None:
+    pruned = prune_versions(root, kb, keep, lease_ttl_s)
+    if pruned:
+        logger.info("event=INDEX_PRUNED kb=%s versions=%s", kb, pruned)
+
+
 @serve.deployment(name="KnowledgeBases")
 class KnowledgeBaseManager:
     async def __init__(self, config: GatewayConfig) -> None:  # type: ignore[misc]
         self._life = ReplicaLifecycle("gateway")
-        lease_ttl_s = 60.0
-
-        def prune(root: Any, kb: str, keep: int) -> None:
-            prune_versions(root, kb, keep, lease_ttl_s)
-        self.service = KnowledgeBaseService(config.knowledge_base, ServeStages(), prune)
+        # Old index versions go once no Retriever holds a lease on them, the newest `keep_versions` stay.
+        self.service = KnowledgeBaseService(config.knowledge_base, ServeStages(), _prune)
         await self._life.start("knowledge-base jobs", lambda: None, lambda: None)
 
     async def list_knowledge_bases(self, versions: list[str]) -> list[str]:

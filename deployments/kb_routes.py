@@ -13,15 +13,18 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from deployments.statuses import documented, status_for
 from rag import kb_store
-from rag.config import check_kb_name
+from rag.config import KnowledgeBaseSettings, check_kb_name
 from rag.errors import InvalidRequestError, RagError, RequestTooLargeError, UpstreamTimeoutError
-from rag.kb_api import CreateKnowledgeBase, DeleteDocs, KnowledgeBaseRef, UpdateDocs, kb_body
+from rag.kb_api import UPLOAD_BODY, CreateKnowledgeBase, DeleteDocs, KnowledgeBaseRef, UpdateDocs, UploadForm, kb_body
 from rag.kb_build import Changes
 
 router = APIRouter(prefix="/knowledge_base", tags=["knowledge bases"])
@@ -114,27 +117,33 @@ async def download_doc(knowledge_base_name: Annotated[str, Query(min_length=1, m
     return Response(data, media_type=media, headers={"content-disposition": disposition})
 
 
-@router.post("/upload_docs", responses=_documented(_JOB))
-async def upload_docs(files: Annotated[list[UploadFile], File(description="documents (txt, md, html, pdf, ...)")],
-                      knowledge_base_name: Annotated[str, Form(min_length=1, max_length=128)],
-                      override: Annotated[bool, Form()] = False,
-                      chunk_size: Annotated[int | None, Form(ge=50, le=20_000)] = None,
-                      chunk_overlap: Annotated[int | None, Form(ge=0, le=19_999)] = None,
-                      wait: Annotated[bool, Form()] = True) -> JSONResponse:
-    check_kb_name(knowledge_base_name)
-    received = await _read_files(files)
-    splitter = {k: v for k, v in (("chunk_size", chunk_size), ("chunk_overlap", chunk_overlap)) if v is not None}
-    job_id = await _call("submit", "upload_docs", knowledge_base_name, Changes(add=received, override=override),
-                         splitter or None)
-    return await _finish(job_id, wait, f"upload of {len(received)} file(s)")
-
-
-async def _read_files(files: list[UploadFile]) -> dict[str, bytes]:
+@router.post("/upload_docs", responses=_documented(_JOB), openapi_extra=UPLOAD_BODY)
+async def upload_docs(request: Request) -> JSONResponse:
+    """Multipart: `files` (many), `knowledge_base_name`, `override`, `chunk_size`, `chunk_overlap`, `wait`.
+    Parsed by hand so that a part without a file name is a 400 naming the problem, not a schema error."""
     limits = _gateway().service.config.knowledge_base
+    async with request.form(max_files=limits.max_files + 1, max_fields=50) as form:
+        fields = {k: v for k, v in form.multi_items() if k != "files" and isinstance(v, str)}
+        try:
+            body = UploadForm.model_validate(fields)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        check_kb_name(body.knowledge_base_name)
+        received = await _read_files(form.getlist("files"), limits)
+    changes = Changes(add=received, override=body.override)
+    job_id = await _call("submit", "upload_docs", body.knowledge_base_name, changes, body.splitter())
+    return await _finish(job_id, body.wait, f"upload of {len(received)} file(s)")
+
+
+async def _read_files(files: list[Any], limits: KnowledgeBaseSettings) -> dict[str, bytes]:
+    if not files:
+        raise InvalidRequestError("no files to upload: send them as multipart parts named 'files'")
     if len(files) > limits.max_files:
         raise InvalidRequestError(f"{len(files)} files in one upload; the limit is {limits.max_files}")
     received: dict[str, bytes] = {}
     for upload in files:
+        if not isinstance(upload, StarletteUpload):
+            raise InvalidRequestError("each 'files' part must be a file with a file name")
         name = kb_store.check_file_name(upload.filename or "")
         if name in received:
             raise InvalidRequestError(f"file {name!r} is sent twice in one upload")

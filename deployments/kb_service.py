@@ -42,7 +42,7 @@ class Stages(Protocol):
 
 class KnowledgeBaseService:
     def __init__(self, settings: KnowledgeBaseSettings, stages: Stages,
-                 after_publish: Callable[[Path, str, int], None] | None = None) -> None:
+                 after_publish: Callable[[Path, str, int, float], None] | None = None) -> None:
         self.settings = settings
         self.jobs = JobBoard()
         self._stages = stages
@@ -150,7 +150,8 @@ class KnowledgeBaseService:
                     progress=job.progress, max_file_bytes=self.settings.max_file_bytes,
                     batch_size=self.settings.embed_batch)
                 if result.created and self._after_publish:
-                    await asyncio.to_thread(self._after_publish, root, kb, self.settings.keep_versions)
+                    await asyncio.to_thread(self._after_publish, root, kb, self.settings.keep_versions,
+                                            config.retrieval.lease_ttl_s)
             except Exception as exc:
                 job.state, job.error, job.exception = "failed", str(exc), exc
                 job.status = status_for(exc) if isinstance(exc, RagError) else 500

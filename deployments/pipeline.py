@@ -60,8 +60,8 @@ class PipelineDeployment:
         return await self._embedder.embed.remote(text)
 
     async def _search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,
-                      score_threshold: float | None) -> list[Passage]:
-        return await self._retriever.search.remote(knowledge_base, vector, top_k, score_threshold)
+                      score_threshold: float | None, text: str | None = None) -> list[Passage]:
+        return await self._retriever.search.remote(knowledge_base, vector, top_k, score_threshold, text)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         async for batch in self._generator.generate.remote(request):

@@ -32,11 +32,11 @@ class RetrieverDeployment:
             self._retriever.refresh, config.retrieval.heartbeat_interval_s, self._log_switch))
 
     def search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,
-               score_threshold: float | None) -> list[Passage]:
+               score_threshold: float | None, text: str | None = None) -> list[Passage]:
         self._life.log.first_traffic()
         with self._life.in_flight.track():
             began = time.perf_counter()
-            passages = self._retriever.search(knowledge_base, vector, top_k, score_threshold)
+            passages = self._retriever.search(knowledge_base, vector, top_k, score_threshold, text)
             self._life.metrics.vector_search.observe((time.perf_counter() - began) * 1000,
                                                      tags={"knowledge_base": knowledge_base})
             return passages

@@ -118,6 +118,10 @@ class RetrievalConfig(_Strict):
     top_k: int = Field(3, ge=1, le=50)
     score_threshold: float = Field(0.0, ge=-1.0, le=1.0, description="minimum cosine similarity")
     device: Device = "auto"
+    # hybrid: dense and BM25 rankings fused (rag.lexical.fuse); dense: the embedding alone.
+    mode: Literal["dense", "hybrid"] = "hybrid"
+    hybrid_candidates: int = Field(50, ge=1, le=1000, description="chunks each ranking offers the fusion")
+    dense_weight: float = Field(0.75, ge=0, le=1, description="the dense ranking's share of a fused score")
 
     @field_validator("knowledge_bases")
     @classmethod

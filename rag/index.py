@@ -37,6 +37,7 @@ from rag.errors import (
     KnowledgeBaseNotFoundError,
     ServiceUnavailableError,
 )
+from rag.lexical import LexicalIndex, fuse
 from rag.records import Passage
 
 FORMAT_VERSION = 1
@@ -143,6 +144,8 @@ def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.nda
         try:
             _write_faiss(staging, vectors)
             _write_docstore(staging, chunks)
+            # Built once per version, here, so a query never rebuilds it (Chatchat's BM25 does, per query).
+            LexicalIndex.build([c.text for c in chunks]).save(staging)
             if extra is not None:
                 extra(staging, chunks)
             return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
@@ -268,9 +271,11 @@ def _fsync_dir(path: Path) -> None:
 class KnowledgeBaseIndex:
     """One loaded, read-only version of a knowledge base: vector search plus chunk lookup."""
 
-    def __init__(self, directory: Path, manifest: Manifest, index: Any, gpu_resources: Any = None) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, index: Any, gpu_resources: Any = None,
+                 lexical: LexicalIndex | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
+        self.lexical = lexical  # None for versions published before lexical indexes: dense only
         self._index = index
         self._gpu_resources = gpu_resources
         self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -291,7 +296,8 @@ class KnowledgeBaseIndex:
         if device == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             gpu_resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(gpu_resources, 0, index)
-        return cls(directory, manifest, index, gpu_resources)
+        lexical = LexicalIndex.load(directory) if LexicalIndex.exists(directory) else None
+        return cls(directory, manifest, index, gpu_resources, lexical)
 
     @property
     def name(self) -> str:
@@ -309,6 +315,28 @@ class KnowledgeBaseIndex:
         scores, ids = self._require().search(queries, min(top_k, self.manifest.count))
         return [self._passages(row_ids, row_scores, score_threshold) for row_ids, row_scores in zip(ids, scores,
                                                                                                    strict=True)]
+
+    def hybrid_search(self, vector: np.ndarray, text: str, top_k: int, score_threshold: float = -1.0, *,
+                      candidates: int = 50, dense_weight: float = 0.75) -> list[Passage]:
+        """Dense and BM25 rankings of `candidates` each, fused (`rag.lexical.fuse`), best `top_k` kept in
+        fused order. A passage's `score` stays its cosine similarity, and `score_threshold` applies to
+        it as in dense search, so a threshold means one thing in both modes."""
+        if self.lexical is None:
+            return self.search(vector, top_k, score_threshold)[0]
+        query = self._check_queries(vector)
+        width = min(max(candidates, top_k), self.manifest.count)
+        scores, ids = self._require().search(query, width)
+        dense = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        lexical = self.lexical.search(text, width)
+        cosine = dict(dense) | {i: self._cosine(i, query[0]) for i, _ in lexical if i not in dict(dense)}
+        kept = [i for i, _ in fuse(dense, lexical, len(cosine), dense_weight=dense_weight)
+                if cosine[i] >= score_threshold][:top_k]
+        rows = self._rows(kept)
+        return [Passage(id=i, text=rows[i][0], source=rows[i][1], score=cosine[i], metadata=json.loads(rows[i][2]))
+                for i in kept]
+
+    def _cosine(self, chunk: int, query: np.ndarray) -> float:
+        return float(np.dot(self._require().reconstruct(chunk), query))
 
     def _check_queries(self, vectors: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))

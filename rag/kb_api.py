@@ -37,9 +37,42 @@ class DeleteDocs(_Request):
 class UpdateDocs(_Request):
     knowledge_base_name: Name
     file_names: FileNames
-    chunk_size: Annotated[int, Field(ge=50, le=20_000)] | None = None
-    chunk_overlap: Annotated[int, Field(ge=0, le=19_999)] | None = None
+    chunk_size: ChunkSize | None = None
+    chunk_overlap: ChunkOverlap | None = None
     wait: bool = True
+
+
+ChunkSize = Annotated[int, Field(ge=50, le=20_000)]
+ChunkOverlap = Annotated[int, Field(ge=0, le=19_999)]
+
+
+class UploadForm(_Request):
+    """The form fields of `upload_docs` besides its files."""
+
+    knowledge_base_name: Name
+    override: bool = False
+    chunk_size: ChunkSize | None = None
+    chunk_overlap: ChunkOverlap | None = None
+    wait: bool = True
+
+    def splitter(self) -> dict[str, int] | None:
+        chosen = {k: v for k, v in (("chunk_size", self.chunk_size), ("chunk_overlap", self.chunk_overlap))
+                  if v is not None}
+        return chosen or None
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    kinds = [k for k in schema.get("anyOf", []) if k.get("type") != "null"]
+    return {**{k: v for k, v in schema.items() if k not in ("anyOf", "default")}, **(kinds[0] if kinds else {})}
+
+
+# What /openapi.json says upload_docs takes (the route reads the form itself, see kb_routes).
+UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["files", "knowledge_base_name"],
+    "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
+        # A form field is absent or a value, never null: optional fields are left out of `required`.
+        **{k: _not_null(v) for k, v in UploadForm.model_json_schema()["properties"].items()}}}}}}}
 
 
 def kb_body(data: Any = None, msg: str = "success", code: int = 200) -> dict[str, Any]:

@@ -197,9 +197,8 @@ def _assemble(files: set[str], new_chunks: dict[str, list[Chunk]], previous: _Pr
         raise InvalidRequestError("the documents contain no text")
     missing = [i for i, (_, vector) in enumerate(pairs) if vector is None]
     fresh = _embed_all([pairs[i][0].text for i in missing], embed, progress, batch_size)
-    vectors = [v for _, v in pairs]
-    for row, i in enumerate(missing):
-        vectors[i] = fresh[row]
+    filled = dict(zip(missing, fresh, strict=True))
+    vectors = [filled[i] if v is None else v for i, (_, v) in enumerate(pairs)]
     return [c for c, _ in pairs], np.stack(vectors).astype(np.float32), len(missing)
 
 

@@ -35,7 +35,7 @@ EmbedQuery = Callable[[str], Awaitable[np.ndarray]]
 
 class SearchPassages(Protocol):
     def __call__(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,
-                 score_threshold: float | None) -> Awaitable[list[Passage]]: ...
+                 score_threshold: float | None, text: str | None = None) -> Awaitable[list[Passage]]: ...
 
 
 GenerateAnswer = Callable[[GenerationRequest], AsyncIterator[GenerationChunk]]
@@ -56,7 +56,8 @@ class RagPipeline:
         if not question.text.strip():
             raise InvalidRequestError("the question is empty")
         vector = await self._embed(question.text)
-        return await self._search(question.knowledge_base, vector, question.top_k, question.score_threshold)
+        return await self._search(question.knowledge_base, vector, question.top_k, question.score_threshold,
+                                  question.text)
 
     async def warmup(self) -> None:
         """One probe question through every stage, in a request's order and without injected faults.
@@ -67,7 +68,7 @@ class RagPipeline:
         question = "What does the warm-up probe check?"
         vector = await self._embed(question)
         first_kb = next(iter(self.config.retrieval.knowledge_bases))  # the schema requires one at least
-        passages = await self._search(first_kb, vector, 1, None)
+        passages = await self._search(first_kb, vector, 1, None, question)
         request = GenerationRequest(question=question, passages=passages or [PROBE],
                                     max_new_tokens=self.config.generation.warmup_tokens,
                                     max_seconds=self.config.generation.max_stream_seconds)
@@ -144,5 +145,5 @@ class LocalPipeline:
         return vectors[0]
 
     async def _search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,
-                      score_threshold: float | None) -> list[Passage]:
-        return self.retriever.search(knowledge_base, vector, top_k, score_threshold)
+                      score_threshold: float | None, text: str | None = None) -> list[Passage]:
+        return self.retriever.search(knowledge_base, vector, top_k, score_threshold, text)

@@ -94,10 +94,15 @@ class Retriever:
             return {name: served.version for name, served in self._served.items()}
 
     def search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None = None,
-               score_threshold: float | None = None) -> list[Passage]:
+               score_threshold: float | None = None, text: str | None = None) -> list[Passage]:
+        """The best passages for one query vector; with `retrieval.mode: hybrid` and the query's `text`,
+        dense and BM25 rankings fused."""
         k = top_k if top_k is not None else self.config.top_k
         threshold = score_threshold if score_threshold is not None else self.config.score_threshold
         with self._using(knowledge_base) as index:
+            if self.config.mode == "hybrid" and text:
+                return index.hybrid_search(vector, text, k, threshold, candidates=self.config.hybrid_candidates,
+                                           dense_weight=self.config.dense_weight)
             return index.search(vector, k, threshold)[0]
 
     def warmup(self) -> None:

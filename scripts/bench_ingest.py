@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from langchain_core.documents import Document
+
 from deployments import ops
 from rag import kb_store
 from rag.auth import create_key_file, read_client_key
@@ -33,7 +35,6 @@ from rag.config import PipelineConfig, load_serve_config, pipeline_configs
 from rag.documents import split_documents
 from rag.embedding import TextEmbedder
 from rag.kb_build import Changes, update_knowledge_base
-from langchain_core.documents import Document
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 256

@@ -2,8 +2,8 @@
 
     make demo        (or: .venv/bin/python -m scripts.demo)
 
-Idempotent: a running cluster is reused, an unchanged knowledge base is not re-indexed, and a
-re-deploy of an unchanged config restarts nothing.
+Idempotent: a running cluster is reused, a knowledge base that exists is left as it is (it may have
+been changed over the API since), and a re-deploy of an unchanged config restarts nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from rag.auth import create_key_file
 from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
 from rag.config import load_serve_config, pipeline_configs
 from rag.constants import resolve_path
+from rag.index import list_versions
 from rag.ingest import ingest_directory
 from scripts.ingest import ProgressBars
 
@@ -31,11 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     print("1/4 Ray head", "started" if ops.start_head() else "already running", f"({ops.DASHBOARD})")
     for config in pipeline_configs(load_serve_config(args.config)).values():
         for kb in config.retrieval.knowledge_bases:
-            result = ingest_directory(resolve_path("data/sample_kb"), config.retrieval.kb_root_path, kb, config,
-                                      progress=ProgressBars())
-            print(f"2/4 knowledge base {kb}: v{result.manifest.version} "
-                  f"({'new' if result.created else 'unchanged'}, {result.manifest.count} chunks)")
-            pinned, built, name = config.retrieval.knowledge_bases[kb], result.manifest.version, config.version
+            root = config.retrieval.kb_root_path
+            if list_versions(root, kb):  # built already, maybe changed over the API since: leave it be
+                built = list_versions(root, kb)[-1]
+                print(f"2/4 knowledge base {kb}: v{built} (kept)")
+            else:
+                result = ingest_directory(resolve_path("data/sample_kb"), root, kb, config, progress=ProgressBars())
+                built = result.manifest.version
+                print(f"2/4 knowledge base {kb}: v{built} (new, {result.manifest.count} chunks)")
+            pinned, name = config.retrieval.knowledge_bases[kb], config.version
             if pinned not in ("latest", built):
                 print(f"    version {name} serves index v{pinned} of {kb}; to serve v{built}, roll it out:\n"
                       f"    python -m scripts.rollout start {name}-kb{built} --from {name} "

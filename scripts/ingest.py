@@ -15,12 +15,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rag.config import ConfigError, PipelineConfig, check_kb_name, load_serve_config, pipeline_configs
+from rag.config import (
+    GATEWAY_BUILDER,
+    ConfigError,
+    GatewayConfig,
+    PipelineConfig,
+    check_kb_name,
+    is_app,
+    load_serve_config,
+    pipeline_configs,
+    validate,
+)
 from rag.constants import resolve_path
 from rag.documents import DEFAULT_MAX_FILE_BYTES
 from rag.errors import RagError
 from rag.index import version_directory
 from rag.ingest import IngestResult, ingest_directory
+from rag.leases import prune_versions
 
 _MIB = 1024 * 1024
 
@@ -67,11 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         kb_root = resolve_path(args.kb_root) if args.kb_root else config.retrieval.kb_root_path
         result = ingest_directory(resolve_path(args.source), kb_root, args.kb, config, force=args.force,
                                   progress=bars, max_file_bytes=int(args.max_file_mib * _MIB))
+        # The same clean-up as the API's: the newest versions and those a replica still reads stay.
+        pruned = prune_versions(kb_root, args.kb, _gateway_config(args.config).knowledge_base.keep_versions,
+                                config.retrieval.lease_ttl_s)
     except (RagError, OSError) as exc:
         bars.close()
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     _report(result, kb_root)
+    if pruned:
+        print(f"removed old index versions no replica reads: {', '.join(f'v{v}' for v in pruned)}")
     return 0
 
 
@@ -82,6 +98,11 @@ def _pipeline_config(path: str, version: str | None) -> PipelineConfig:
     if version and version not in versions:
         raise ConfigError(f"no pipeline version {version!r} in {path}; there are {sorted(versions)}")
     return versions[version] if version else next(iter(versions.values()))
+
+
+def _gateway_config(path: str) -> GatewayConfig:
+    apps = [a for a in load_serve_config(path)["applications"] if is_app(a, GATEWAY_BUILDER)]
+    return validate(GatewayConfig, apps[0].get("args"), "gateway args") if apps else GatewayConfig()
 
 
 def one_line(message: str) -> str:
@@ -96,6 +117,8 @@ def _report(result: IngestResult, kb_root: Path) -> None:
     state = "published" if result.created else "unchanged, kept"
     print(f"{state} {m.knowledge_base} v{m.version}: {m.count} chunks from {len(m.sources)} files "
           f"({m.embedding_model}, dim {m.dimension}) at {version_directory(kb_root, m.knowledge_base, m.version)}")
+    if result.created:
+        print(f"embedded {result.embedded} chunks, kept the vectors of {result.reused} unchanged ones")
 
 
 if __name__ == "__main__":

@@ -46,13 +46,13 @@ def _published(kb_root: Path, name: str, *versions: int) -> Path:
 
 def test_pin_latest_fixes_a_new_version_to_the_index_published_now(tmp_path: Path) -> None:
     kb_root = _published(tmp_path, "samples", 1, 2)
-    doc = ServeDocument.load(REPO / "serve_config.yaml")
-    doc.add_version("v2", "v1", {"version": "v2", "retrieval.kb_root": str(kb_root),
-                                 "retrieval.knowledge_bases": {"samples": "latest", "faq": 1}})
+    doc = ServeDocument.load(REPO / "serve_config.yaml").variant(kb_root=kb_root)
+    doc.add_version("v2", "v1", {"version": "v2", "retrieval.knowledge_bases": {"samples": "latest", "faq": 1}})
     assert doc.pin_latest("v2") == {"samples": 2}
     assert doc.plain()["applications"][-1]["args"]["retrieval"]["knowledge_bases"] == {"samples": 2, "faq": 1}
     assert doc.pin_latest("v2") == {}  # pinned already: nothing to do
-    assert doc.plain()["applications"][1]["args"]["retrieval"]["knowledge_bases"] == {"samples": 1}  # v1 untouched
+    v1 = doc.plain()["applications"][1]["args"]["retrieval"]
+    assert v1["knowledge_bases"] == {"samples": "latest"}  # v1 untouched
     doc.check()
 
 

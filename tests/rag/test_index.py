@@ -67,7 +67,8 @@ def test_publish_load_search_round_trip(tmp_path: Path, embedder, vectors: np.nd
     assert manifest.embedding_model == MODEL
     assert Manifest.read(tmp_path / "kb" / "v1") == manifest
     assert {p.name for p in (tmp_path / "kb" / "v1").iterdir()} == {"index.faiss", "docstore.sqlite",
-                                                                    "manifest.json"}
+                                                                    "manifest.json", "lexical.npz",
+                                                                    "lexical_vocab.json"}
 
     index = KnowledgeBaseIndex.load(tmp_path, "kb", expected_model=MODEL)
     try:
