@@ -36,8 +36,12 @@ MARKER_QUESTION = "What does the aurora release add?"
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
     # Two gateway replicas: the numbers the rollout judges must cover both.
+    # The stable version pins its index, as a team that ships KB updates as canaries would: the update
+    # must reach users only through the rollout (a version following `latest` would switch at once).
     with running_service(tmp_path_factory.mktemp("rollout"), pipeline_args={
-            "generation": {"extractive_piece_delay_s": 0.01}}, gateway_args={"rollout": FAST_ROLLOUT},
+            "generation": {"extractive_piece_delay_s": 0.01},
+            "retrieval": {"knowledge_bases": {"samples": 1}, "discover": False}},
+            gateway_args={"rollout": FAST_ROLLOUT},
             deployment_options={"Gateway": {"num_replicas": 2}}) as service:
         yield service
 
