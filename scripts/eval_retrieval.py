@@ -16,6 +16,8 @@ pages from another distribution release differ a little, and so may the numbers)
 `data/eval/manpages_zh.txt` lists 30 Chinese pages (zh_CN and zh_TW, paths under /usr/share/man;
 the file says how they were chosen), and `--render-zh-to DIR` renders each the same way, in a
 C.UTF-8 locale, as DIR/NAME.SECTION.txt (passwd.1 and passwd.5 are both there).
+Its 30 questions (`data/eval/manpages_zh_questions.jsonl`) describe a task without naming the
+command; the 8 about zh_TW pages are written in traditional characters, the 22 others in simplified.
 
 Questions are JSON lines `{"question": ..., "source": "<file name relative to --docs>"}`; nothing
 assumes English. `--docs` and `--questions` may be repeated (paired in order): each pair gets its
