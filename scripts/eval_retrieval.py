@@ -1,15 +1,28 @@
-"""Retrieval recall of dense, BM25 and fused search on a folder of documents and a question set.
+"""Retrieval recall of dense, BM25 and fused search on folders of documents and their question sets.
 
     python -m scripts.eval_retrieval --render-to /tmp/heldout     # once: render the man pages
     python -m scripts.eval_retrieval --docs /tmp/heldout --json /tmp/eval.json --cache-dir /tmp/eval-cache
 
-The man-page corpus is not committed (licences, size): `data/eval/manpages.txt` lists the 200 page
+    # English, Chinese, and both folders indexed together (each question set against the mixed corpus)
+    python -m scripts.eval_retrieval --render-to /tmp/heldout --render-zh-to /tmp/heldout_zh
+    python -m scripts.eval_retrieval --cache-dir /tmp/eval-cache --combined \
+        --docs /tmp/heldout --questions data/eval/manpages_questions.jsonl \
+        --docs /tmp/heldout_zh --questions data/eval/manpages_zh_questions.jsonl
+
+The man-page corpora are not committed (licences, size): `data/eval/manpages.txt` lists the 200 page
 stems, and `--render-to DIR` renders each from /usr/share/man as
 `MANWIDTH=100 man -P cat -l /usr/share/man/manN/STEM.N.gz | col -b > DIR/STEM.txt` (the same
 pages from another distribution release differ a little, and so may the numbers).
+`data/eval/manpages_zh.txt` lists 30 Chinese pages (zh_CN and zh_TW, paths under /usr/share/man;
+the file says how they were chosen), and `--render-zh-to DIR` renders each the same way, in a
+C.UTF-8 locale, as DIR/NAME.SECTION.txt (passwd.1 and passwd.5 are both there).
+Its 30 questions (`data/eval/manpages_zh_questions.jsonl`) describe a task without naming the
+command; the 8 about zh_TW pages are written in traditional characters, the 22 others in simplified.
 
 Questions are JSON lines `{"question": ..., "source": "<file name relative to --docs>"}`; nothing
-assumes English, so a Chinese folder and question set work the same way.
+assumes English. `--docs` and `--questions` may be repeated (paired in order): each pair gets its
+own table, and `--combined` adds one table per question set searched in all folders at once (a
+bilingual knowledge base), sources named FOLDER/FILE there.
 
 Chunks are made as Chatchat does (750 characters, 150 overlap) and embedded with the bundled
 MiniLM model; dense search is exact (FAISS IndexFlatIP). A question is a hit at k when its source
@@ -46,8 +59,10 @@ PAGE_LIST = REPO_ROOT / "data" / "eval" / "manpages.txt"
 QUESTIONS = REPO_ROOT / "data" / "eval" / "manpages_questions.jsonl"
 MAN_ROOT = Path("/usr/share/man")
 DEPTH = 50  # candidates taken from each retriever before fusion
-CUTOFFS = (1, 5)
-SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+ZH_PAGE_LIST = REPO_ROOT / "data" / "eval" / "manpages_zh.txt"
+DEFAULT_DOCS = Path("/tmp/heldout")
+CUTOFFS = (1, 3, 5)
+SWEEP = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 Ranking = list[tuple[int, float]]
 
@@ -58,16 +73,36 @@ class Question:
     source: str
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """One folder's chunks, their embeddings, and the question set asked of it."""
+
+    name: str
+    questions: list[Question]
+    texts: list[str]
+    sources: list[str]
+    vectors: np.ndarray
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docs", type=Path, default=Path("/tmp/heldout"), help="folder of documents")
-    parser.add_argument("--questions", type=Path, default=QUESTIONS, help="JSON lines of question and source")
+    parser.add_argument("--docs", type=Path, action="append", default=None,
+                        help=f"folder of documents; repeat for several sets (default {DEFAULT_DOCS})")
+    parser.add_argument("--questions", type=Path, action="append", default=None,
+                        help="JSON lines of question and source, one per --docs, in the same order "
+                             "(may be left out with a single --docs: the English man-page questions)")
+    parser.add_argument("--combined", action="store_true",
+                        help="also index all --docs folders together and ask each question set of that")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="keep chunk embeddings here, keyed by a hash of the chunks (a dev convenience)")
     parser.add_argument("--render-to", type=Path, default=None,
                         help="render the pages listed in --pages into this folder and exit")
     parser.add_argument("--pages", type=Path, default=PAGE_LIST, help="man page stems to render")
+    parser.add_argument("--render-zh-to", type=Path, default=None,
+                        help="render the Chinese pages listed in --zh-pages into this folder and exit")
+    parser.add_argument("--zh-pages", type=Path, default=ZH_PAGE_LIST,
+                        help="Chinese man pages to render, as paths under /usr/share/man without .gz")
     parser.add_argument("--sweep", action="store_true", help="also score the hybrid at other dense weights")
     parser.add_argument("--misses", action="store_true", help="list each mode's misses at the largest cutoff")
     return parser.parse_args(argv)
@@ -85,6 +120,34 @@ def render_pages(stems: list[str], target: Path) -> None:
                               capture_output=True, check=True).stdout
         plain = subprocess.run(["col", "-b"], input=page, capture_output=True, check=True).stdout
         (target / f"{stem}.txt").write_bytes(plain)
+
+
+def render_localized_pages(entries: list[str], target: Path) -> None:
+    """Render pages given by path under MAN_ROOT (e.g. zh_CN/man1/chsh.1) to NAME.SECTION.txt, as UTF-8."""
+    names = [Path(entry).name for entry in entries]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SystemExit(f"pages listed twice under one name: {', '.join(repeated)}")
+    target.mkdir(parents=True, exist_ok=True)
+    # man picks the output encoding from the locale: C.UTF-8 whatever the caller's.
+    environment = {**os.environ, "MANWIDTH": "100", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    for entry, name in zip(entries, names, strict=True):
+        found = [path for path in (MAN_ROOT / f"{entry}.gz", MAN_ROOT / entry) if path.is_file()]
+        if not found:
+            raise SystemExit(f"no man page {entry!r} under {MAN_ROOT}")
+        page = subprocess.run(["man", "-P", "cat", "-l", str(found[0])], env=environment,
+                              capture_output=True, check=True).stdout
+        plain = subprocess.run(["col", "-b"], input=page, env=environment, capture_output=True, check=True).stdout
+        try:
+            plain.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise SystemExit(f"{entry} did not render as UTF-8: {error}") from None
+        (target / f"{name}.txt").write_bytes(plain)
+
+
+def page_list(path: Path) -> list[str]:
+    """Whitespace-separated entries of a page list, ignoring # comments."""
+    return [word for line in path.read_text(encoding="utf-8").splitlines() for word in line.split("#")[0].split()]
 
 
 def read_questions(path: Path) -> list[Question]:
@@ -152,47 +215,95 @@ def timed_searches(index: LexicalIndex, questions: list[Question]) -> tuple[list
     return rankings, 1000 * float(np.median(seconds))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.render_to is not None:
-        if not shutil.which("man") or not shutil.which("col"):
-            raise SystemExit("rendering needs man and col (bsdextrautils)")
-        render_pages(args.pages.read_text().split(), args.render_to)
-        return 0
-    questions = read_questions(args.questions)
-    chunks = split_documents(load_directory(args.docs), SplitterConfig(chunk_size=750, chunk_overlap=150))
+def fused_modes(dense: list[Ranking], lexical: list[Ranking], sweep: bool) -> dict[str, list[Ranking]]:
+    """Each retrieval mode's rankings of the questions, from their dense and BM25 rankings."""
+    fusions: dict[str, Callable[[Ranking, Ranking], Ranking]] = {
+        "rrf": lambda d, s: fuse(d, s, DEPTH, method="rrf", dense_weight=0.5),
+        "hybrid": lambda d, s: fuse(d, s, DEPTH),  # the service's default, dense_weight 0.75
+        "hybrid w=0.5": _convex(0.5),
+        "hybrid w=0.25": _convex(0.25),
+        # BM25's order; dense-only candidates follow with score 0 (in chunk-id order, not dense order).
+        "lexical-led": _convex(0.0),
+    }
+    if sweep:
+        fusions |= {f"hybrid w={w:g}": _convex(w) for w in SWEEP if f"hybrid w={w:g}" not in fusions}
+    return {"dense": dense, "bm25": lexical,
+            **{name: [f(d, s) for d, s in zip(dense, lexical, strict=True)] for name, f in fusions.items()}}
+
+
+def load_corpus(name: str, docs: Path, questions_path: Path, embedder: TextEmbedder,
+                cache_dir: Path | None) -> Corpus:
+    questions = read_questions(questions_path)
+    chunks = split_documents(load_directory(docs), SplitterConfig(chunk_size=750, chunk_overlap=150))
     texts = [chunk.page_content for chunk in chunks]
     sources = [chunk.metadata["source"] for chunk in chunks]
     unknown = sorted({q.source for q in questions} - set(sources))
     if unknown:
-        raise SystemExit(f"questions cite files not in {args.docs}: {', '.join(unknown)}")
+        raise SystemExit(f"questions cite files not in {docs}: {', '.join(unknown)}")
+    return Corpus(name, questions, texts, sources, embed_chunks(embedder, texts, cache_dir))
 
-    embedder = TextEmbedder(EmbeddingConfig())
-    embedder.load()
-    dense = dense_rankings(embed_chunks(embedder, texts, args.cache_dir), embedder.embed([q.text for q in questions]))
-    lexical_index = LexicalIndex.build(texts)
+
+def combine(corpora: list[Corpus]) -> list[Corpus]:
+    """Each question set against the chunks of all folders together, sources named FOLDER/FILE."""
+    texts = [text for corpus in corpora for text in corpus.texts]
+    sources = [f"{corpus.name}/{source}" for corpus in corpora for source in corpus.sources]
+    vectors = np.vstack([corpus.vectors for corpus in corpora])
+    return [Corpus(f"{corpus.name} in {'+'.join(c.name for c in corpora)}",
+                   [Question(q.text, f"{corpus.name}/{q.source}") for q in corpus.questions],
+                   texts, sources, vectors) for corpus in corpora]
+
+
+def run_table(corpus: Corpus, embedder: TextEmbedder, lexical_index: LexicalIndex, args: argparse.Namespace) -> dict:
+    questions, sources = corpus.questions, corpus.sources
+    dense = dense_rankings(corpus.vectors, embedder.embed([q.text for q in questions]))
     lexical, search_ms = timed_searches(lexical_index, questions)
-
-    fusions: dict[str, Callable[[Ranking, Ranking], Ranking]] = {
-        "rrf": lambda d, s: fuse(d, s, DEPTH, method="rrf", dense_weight=0.5),
-        "hybrid": lambda d, s: fuse(d, s, DEPTH),
-    }
-    if args.sweep:
-        fusions |= {f"hybrid w={w:g}": _convex(w) for w in SWEEP}
-    modes = {"dense": dense, "bm25": lexical,
-             **{name: [f(d, s) for d, s in zip(dense, lexical, strict=True)] for name, f in fusions.items()}}
+    modes = fused_modes(dense, lexical, args.sweep)
     results = evaluate(modes, questions, sources)
-    print(f"{len(questions)} questions, {len(set(sources))} files, {len(texts)} chunks; "
+    print(f"\n## {corpus.name}: {len(questions)} questions, {len(set(sources))} files, {len(corpus.texts)} chunks; "
           f"BM25 search median {search_ms:.2f} ms")
     print(markdown(results))
     if args.misses:
         for mode, rankings in modes.items():
             missed = misses(rankings, questions, sources, CUTOFFS[-1])
             print(f"\n{mode} misses at R@{CUTOFFS[-1]}:", *missed, sep="\n  ")
+    return {"name": corpus.name, "questions": len(questions), "files": len(set(sources)), "chunks": len(corpus.texts),
+            "bm25_search_median_ms": search_ms, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render_to is not None or args.render_zh_to is not None:
+        if not shutil.which("man") or not shutil.which("col"):
+            raise SystemExit("rendering needs man and col (bsdextrautils)")
+        if args.render_to is not None:
+            render_pages(page_list(args.pages), args.render_to)
+        if args.render_zh_to is not None:
+            render_localized_pages(page_list(args.zh_pages), args.render_zh_to)
+        return 0
+    folders = args.docs or [DEFAULT_DOCS]
+    question_files = args.questions or ([QUESTIONS] if len(folders) == 1 else [])
+    if len(question_files) != len(folders):
+        raise SystemExit(f"{len(folders)} --docs but {len(question_files)} --questions: give one per folder")
+    names = [folder.resolve().name or str(folder) for folder in folders]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--docs folders need distinct names: {', '.join(names)}")
+    if args.combined and len(folders) < 2:
+        raise SystemExit("--combined needs at least two --docs folders")
+
+    embedder = TextEmbedder(EmbeddingConfig())
+    embedder.load()
+    corpora = [load_corpus(name, folder, question_file, embedder, args.cache_dir)
+               for name, folder, question_file in zip(names, folders, question_files, strict=True)]
+    tables = [run_table(corpus, embedder, LexicalIndex.build(corpus.texts), args) for corpus in corpora]
+    if args.combined:
+        mixed = combine(corpora)
+        lexical_index = LexicalIndex.build(mixed[0].texts)  # one index: every set shares the chunks
+        tables += [run_table(corpus, embedder, lexical_index, args) for corpus in mixed]
     if args.json is not None:
-        report = {"questions": len(questions), "files": len(set(sources)), "chunks": len(texts),
-                  "hit": "source file among the sources of the top-k chunks",
-                  "bm25_search_median_ms": search_ms, "results": results}
+        report: dict = {"hit": "source file among the sources of the top-k chunks", "tables": tables}
+        if len(tables) == 1:  # the single-set layout of earlier reports
+            report |= {key: tables[0][key] for key in ("questions", "files", "chunks", "bm25_search_median_ms",
+                                                       "results")}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
