@@ -220,10 +220,13 @@ class GatewayService:
         return version, [document_json(p) for p in passages]
 
     async def models(self) -> list[dict[str, Any]]:
-        names: set[str] = set()
+        """One model per knowledge base, with how each live version retrieves from it and why."""
+        found: dict[str, dict[str, Any]] = {}
         for version in self.split.live:
-            names.update(await (await self.handles.get(version)).knowledge_bases.remote())
-        return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve"} for n in sorted(names)]
+            for name, info in (await (await self.handles.get(version)).retrieval_modes.remote()).items():
+                found.setdefault(name, {})[version] = info
+        return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve", "retrieval": found[n]}
+                for n in sorted(found)]
 
     def refuse_if_draining(self) -> None:
         if self.draining:

@@ -46,6 +46,10 @@ class PipelineDeployment:
     async def knowledge_bases(self) -> dict[str, int]:
         return await self._retriever.knowledge_bases.remote()
 
+    async def retrieval_modes(self) -> dict[str, dict[str, Any]]:
+        """Per KB: index version, language, and the retrieval its questions get, with why."""
+        return await self._retriever.describe.remote()
+
     def describe(self) -> dict[str, Any]:
         """This version's settings, for the knowledge-base manager (kb_root, splitter, embedding model)."""
         return self._config.model_dump(mode="json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -21,7 +22,8 @@ class RetrieverDeployment:
     async def __init__(self, config: PipelineConfig) -> None:  # type: ignore[misc]
         ctx = serve.get_replica_context()
         self._retriever = Retriever(config.retrieval, config.embedding.model,
-                                    reader_id_for(ctx.app_name, ctx.replica_id.unique_id))
+                                    reader_id_for(ctx.app_name, ctx.replica_id.unique_id),
+                                    model_languages=config.embedding.languages)
         self._life = ReplicaLifecycle(config.version)
         kbs = ",".join(f"{k}@{v}" for k, v in config.retrieval.knowledge_bases.items())
         await self._life.start(f"faiss indexes {kbs} on {self._retriever.device}",
@@ -43,6 +45,9 @@ class RetrieverDeployment:
 
     def knowledge_bases(self) -> dict[str, int]:
         return self._retriever.knowledge_bases()
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        return self._retriever.describe()
 
     def check_health(self) -> None:
         self._retriever.check_health()

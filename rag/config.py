@@ -82,6 +82,13 @@ class EmbeddingConfig(_Strict):
     batch_size: int = Field(64, ge=1, le=4096)
     max_batch_size: int = Field(32, ge=1, le=1024, description="queries merged per forward pass in Serve")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    # What the model's vectors mean anything for: the bundled MiniLM is English-only. `retrieval.mode:
+    # auto` lets BM25 lead for text in other languages. A multilingual model declares e.g. [zh, en].
+    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2}$")]] = Field(
+        default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes the model covers")
+    # Models trained with an instruction on the query side (bge-*-zh: "为这个句子生成表示以用于检索相关文章：")
+    # expect it before every question, never before documents.
+    query_prefix: str = Field("", max_length=500)
 
 
 class SplitterConfig(_Strict):
@@ -118,8 +125,9 @@ class RetrievalConfig(_Strict):
     top_k: int = Field(3, ge=1, le=50)
     score_threshold: float = Field(0.0, ge=-1.0, le=1.0, description="minimum cosine similarity")
     device: Device = "auto"
-    # hybrid: dense and BM25 rankings fused (rag.lexical.fuse); dense: the embedding alone.
-    mode: Literal["dense", "hybrid"] = "hybrid"
+    # hybrid: dense and BM25 rankings fused (rag.lexical.fuse); dense: the embedding alone; auto: hybrid
+    # where embedding.languages covers the KB's and the question's language, else BM25 leads (rag.language).
+    mode: Literal["auto", "dense", "hybrid"] = "auto"
     hybrid_candidates: int = Field(50, ge=1, le=1000, description="chunks each ranking offers the fusion")
     dense_weight: float = Field(0.75, ge=0, le=1, description="the dense ranking's share of a fused score")
 

@@ -37,6 +37,7 @@ from rag.errors import (
     KnowledgeBaseNotFoundError,
     ServiceUnavailableError,
 )
+from rag.language import cjk_share, language_of
 from rag.lexical import LexicalIndex, fuse
 from rag.records import Passage
 
@@ -69,6 +70,12 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # Per original: sha256, size, chunks, updated_at, splitter; what an incremental build compares.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # {"cjk_share": 0..1, "main": "zh" | "en"}: which retrieval `mode: auto` gives this KB (rag.language).
+    language: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def main_language(self) -> str | None:
+        return self.language.get("main")
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
@@ -148,8 +155,11 @@ def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.nda
             LexicalIndex.build([c.text for c in chunks]).save(staging)
             if extra is not None:
                 extra(staging, chunks)
+            share = cjk_share(c.text for c in chunks)
+            profile = {"cjk_share": round(share, 4), "main": language_of(share)}
             return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
-                                      fingerprint, splitter or {}, sorted({c.source for c in chunks}), files or {})
+                                      fingerprint, splitter or {}, sorted({c.source for c in chunks}), files or {},
+                                      profile)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -216,12 +226,12 @@ def _write_docstore(directory: Path, chunks: list[Chunk]) -> None:
 
 def _rename_into_place(base: Path, staging: Path, name: str, dimension: int, count: int, model: str,
                        fingerprint: str, splitter: dict[str, Any], sources: list[str],
-                       files: dict[str, dict[str, Any]]) -> Manifest:
+                       files: dict[str, dict[str, Any]], language: dict[str, Any]) -> Manifest:
     # Another ingest may publish concurrently: a rename onto an existing version fails, so take the next.
     for _ in range(100):
         version = _next_version_number(base)
         manifest = Manifest(name, version, model, dimension, count, fingerprint, time.time(), splitter, sources,
-                            files=files)
+                            files=files, language=language)
         (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, ensure_ascii=False),
                                                encoding="utf-8")
         _fsync(staging / "manifest.json")
@@ -317,10 +327,13 @@ class KnowledgeBaseIndex:
                                                                                                    strict=True)]
 
     def hybrid_search(self, vector: np.ndarray, text: str, top_k: int, score_threshold: float = -1.0, *,
-                      candidates: int = 50, dense_weight: float = 0.75) -> list[Passage]:
+                      candidates: int = 50, dense_weight: float = 0.75, lexical_led: bool = False) -> list[Passage]:
         """Dense and BM25 rankings of `candidates` each, fused (`rag.lexical.fuse`), best `top_k` kept in
         fused order. A passage's `score` stays its cosine similarity, and `score_threshold` applies to
-        it as in dense search, so a threshold means one thing in both modes."""
+        it as in dense search, so a threshold means one thing in both modes.
+
+        `lexical_led`: for text the embedding model does not cover, BM25's order, then the dense
+        ranking's after it; the cosine of such text is noise, so no threshold removes a BM25 hit."""
         if self.lexical is None:
             return self.search(vector, top_k, score_threshold)[0]
         query = self._check_queries(vector)
@@ -329,8 +342,13 @@ class KnowledgeBaseIndex:
         dense = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         lexical = self.lexical.search(text, width)
         cosine = dict(dense) | {i: self._cosine(i, query[0]) for i, _ in lexical if i not in dict(dense)}
-        kept = [i for i, _ in fuse(dense, lexical, len(cosine), dense_weight=dense_weight)
-                if cosine[i] >= score_threshold][:top_k]
+        if lexical_led:
+            found = {i for i, _ in lexical}
+            order = [i for i, _ in lexical] + [i for i, _ in dense if i not in found]
+            kept = [i for i in order if i in found or cosine[i] >= score_threshold][:top_k]
+        else:
+            kept = [i for i, _ in fuse(dense, lexical, len(cosine), dense_weight=dense_weight)
+                    if cosine[i] >= score_threshold][:top_k]
         rows = self._rows(kept)
         return [Passage(id=i, text=rows[i][0], source=rows[i][1], score=cosine[i], metadata=json.loads(rows[i][2]))
                 for i in kept]

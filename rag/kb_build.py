@@ -91,7 +91,7 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
             shutil.rmtree(incoming, ignore_errors=True)
         for name in () if changes.keep_originals else changes.delete:
             kb_store.original_path(kb_root, kb, name).unlink(missing_ok=True)
-        kb_store.ensure_meta(kb_root, kb, config.embedding.model)
+        kb_store.ensure_meta(kb_root, kb, config.embedding.model)  # a switch of model (full rebuild) included
         return BuildResult(manifest, True, embedded, len(chunks) - embedded, tuple(sorted(todo)),
                            tuple(changes.delete), removed)
 
@@ -99,9 +99,10 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
 def _load_previous(kb_root: Path, kb: str, config: PipelineConfig, full: bool) -> _Previous:
     versions = list_versions(kb_root, kb)
     meta = kb_store.read_meta(kb_root, kb)
-    if meta is not None and meta.embed_model != config.embedding.model:
+    if meta is not None and meta.embed_model != config.embedding.model and not full:
         raise IndexMismatchError(f"knowledge base {kb!r} embeds with {meta.embed_model!r}, but this pipeline "
-                                 f"embeds with {config.embedding.model!r}")
+                                 f"embeds with {config.embedding.model!r}; to switch its model, rebuild it "
+                                 "whole (ingest --force, or recreate_vector_store from a version that runs it)")
     if not versions:
         return _Previous()
     manifest, chunks, vectors = read_version(kb_root, kb, versions[-1])

@@ -126,10 +126,14 @@ def read_meta(kb_root: Path, kb: str) -> KnowledgeBaseMeta | None:
 
 
 def ensure_meta(kb_root: Path, kb: str, embed_model: str) -> None:
-    """A KB built by the CLI gets its description too, so both paths leave the same layout."""
-    if read_meta(kb_root, kb) is None:
-        meta = KnowledgeBaseMeta(kb, "", embed_model, time.time())
-        write_atomically(kb_directory(kb_root, kb) / _META, json.dumps(asdict(meta), indent=2).encode())
+    """A KB built by the CLI gets its description too, so both paths leave the same layout; a rebuild
+    with another model records that model."""
+    meta = read_meta(kb_root, kb)
+    if meta is None or meta.embed_model != embed_model:
+        info, created = (meta.kb_info, meta.created_at) if meta else ("", time.time())
+        meta = KnowledgeBaseMeta(kb, info, embed_model, created)
+        write_atomically(kb_directory(kb_root, kb) / _META, json.dumps(asdict(meta), ensure_ascii=False,
+                                                                      indent=2).encode())
 
 
 def delete(kb_root: Path, kb: str) -> None:

@@ -40,6 +40,9 @@ _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # Letters and digits outside CJK (underscore splits words: `set_disk` -> set, disk); a trailing
 # `++` or `#` stays on, so C++ and C# are not the letter c.
 _TOKEN = re.compile(rf"(?P<cjk>[{_CJK}]+)|(?P<word>[^\W_{_CJK}]+(?:\+\+|#)?)")
+# Some Chinese documents (older translations, text pulled from PDFs) put a space between every
+# character; rejoined, jieba sees words again instead of single characters.
+_SPACED_CJK = re.compile(rf"(?<=[{_CJK}])[ \t\u3000](?=[{_CJK}])")
 
 # Words so common that they only add postings to read; kept short, since BM25's idf already
 # discounts frequent terms and a longer list starts dropping meaning ("not", "no", "all").
@@ -71,7 +74,7 @@ def _segmenter() -> ModuleType:
 def tokenize(text: str) -> list[str]:
     """Index terms of `text`, in order: lower-cased words and jieba-segmented CJK words, no stop words."""
     # NFKC folds full-width Latin letters and digits, common in Chinese text, to ASCII.
-    text = unicodedata.normalize("NFKC", text).lower()
+    text = _SPACED_CJK.sub("", unicodedata.normalize("NFKC", text).lower())
     tokens: list[str] = []
     for match in _TOKEN.finditer(text):
         if match.lastgroup == "cjk":

@@ -121,7 +121,8 @@ class LocalPipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.embedder = TextEmbedder(config.embedding)
-        self.retriever = Retriever(config.retrieval, config.embedding.model)
+        self.retriever = Retriever(config.retrieval, config.embedding.model,
+                                   model_languages=config.embedding.languages)
         self.generator: Generator = build_generator(config.generation)
         self.pipeline = RagPipeline(config, self._embed, self._search, self.generator.stream)
 
@@ -141,7 +142,7 @@ class LocalPipeline:
         self.embedder.close()
 
     async def _embed(self, text: str) -> np.ndarray:
-        vectors = await asyncio.to_thread(self.embedder.embed, [text])
+        vectors = await asyncio.to_thread(self.embedder.embed_queries, [text])
         return vectors[0]
 
     async def _search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,

@@ -7,7 +7,9 @@ client can map each citation back to the passage list it received in the answer'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from rag.language import cjk_share, language_of
 from rag.records import GenerationRequest, Passage
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -21,25 +23,51 @@ DEFAULT_SYSTEM_PROMPT = (
 NO_SOURCES_NOTE = "(No relevant passages were found in the knowledge base.)"
 
 
-def format_sources(passages: Sequence[Passage]) -> str:
+@dataclass(frozen=True)
+class Template:
+    """The words of a kb_chat prompt in one language (Chatchat keeps Chinese templates, as here)."""
+
+    system: str
+    sources: str
+    question: str
+    no_sources: str
+    tell_nothing: str
+
+
+ENGLISH = Template(DEFAULT_SYSTEM_PROMPT, "Sources", "Question", NO_SOURCES_NOTE,
+                   "Tell the user the knowledge base has nothing on this.")
+CHINESE = Template(
+    "你是一个根据知识库回答问题的助手。只使用问题附带的编号资料作答，并用方括号标注所用资料的编号，"
+    "例如 [1] 或 [2][3]。如果资料中没有答案，就说不知道，不要编造。用与问题相同的语言回答。",
+    "已知信息", "问题", "（知识库中没有找到相关内容。）", "请告诉用户知识库中没有这方面的内容。")
+
+
+def template_for(question: str) -> Template:
+    """The Chinese template for a Chinese question, else the English one."""
+    return CHINESE if language_of(cjk_share(question)) == "zh" else ENGLISH
+
+
+def format_sources(passages: Sequence[Passage], empty: str = NO_SOURCES_NOTE) -> str:
     """The passages as numbered blocks: ``[1] (source) text``, separated by blank lines."""
     if not passages:
-        return NO_SOURCES_NOTE
+        return empty
     return "\n\n".join(f"[{i}] ({p.source}) {p.text.strip()}" for i, p in enumerate(passages, 1))
 
 
-def build_messages(request: GenerationRequest,
-                   system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
-    """Chat messages: the system instructions, the history turns, then sources plus question."""
-    messages = [{"role": "system", "content": system_prompt}]
+def build_messages(request: GenerationRequest, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """Chat messages: the system instructions, the history turns, then sources plus question, in the
+    question's language (`template_for`)."""
+    words = template_for(request.question)
+    messages = [{"role": "system", "content": system_prompt or words.system}]
     messages.extend({"role": turn.role, "content": turn.content} for turn in request.history)
+    colon = "：" if words is CHINESE else ": "
     if request.passages:
-        user = (f"Sources:\n{format_sources(request.passages)}\n\n"
-                f"Question: {request.question}")
+        user = (f"{words.sources}{colon.strip()}\n{format_sources(request.passages)}\n\n"
+                f"{words.question}{colon}{request.question}")
     else:
         # Said explicitly, so the model answers "I don't know" instead of improvising.
-        user = (f"Sources: {NO_SOURCES_NOTE} Tell the user the knowledge base has nothing on this.\n\n"
-                f"Question: {request.question}")
+        user = (f"{words.sources}{colon}{words.no_sources} {words.tell_nothing}\n\n"
+                f"{words.question}{colon}{request.question}")
     messages.append({"role": "user", "content": user})
     return messages
 

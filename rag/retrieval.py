@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from rag.config import RetrievalConfig
 from rag.devices import pick_device
 from rag.errors import KnowledgeBaseNotFoundError, ServiceUnavailableError
 from rag.index import KnowledgeBaseIndex, list_knowledge_bases, list_versions, resolve_version
+from rag.language import Choice, choose_mode, cjk_share, language_of
 from rag.leases import LeaseKeeper
 from rag.records import Passage
 from rag.shared_index import SharedIndex
@@ -38,9 +40,10 @@ class Retriever:
     """Loads the configured index versions, keeps the followed ones current, and answers vector searches."""
 
     def __init__(self, config: RetrievalConfig, embedding_model: str, reader_id: str | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, model_languages: Sequence[str] = ("en",)) -> None:
         self.config = config
         self.embedding_model = embedding_model
+        self.model_languages = tuple(model_languages)
         self.device = pick_device(config.device)
         self._served: dict[str, SharedIndex] = {}
         # Guards _served and _closed: a search's lookup and acquire are one step against a swap.
@@ -95,15 +98,27 @@ class Retriever:
 
     def search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None = None,
                score_threshold: float | None = None, text: str | None = None) -> list[Passage]:
-        """The best passages for one query vector; with `retrieval.mode: hybrid` and the query's `text`,
-        dense and BM25 rankings fused."""
+        """The best passages for one query vector; with the query's `text`, in the mode `retrieval.mode`
+        gives this KB and question (`rag.language.choose_mode`)."""
         k = top_k if top_k is not None else self.config.top_k
         threshold = score_threshold if score_threshold is not None else self.config.score_threshold
         with self._using(knowledge_base) as index:
-            if self.config.mode == "hybrid" and text:
-                return index.hybrid_search(vector, text, k, threshold, candidates=self.config.hybrid_candidates,
-                                           dense_weight=self.config.dense_weight)
-            return index.search(vector, k, threshold)[0]
+            mode = self.mode_for(index, text).mode if text else "dense"
+            if mode == "dense":
+                return index.search(vector, k, threshold)[0]
+            return index.hybrid_search(vector, text or "", k, threshold, candidates=self.config.hybrid_candidates,
+                                       dense_weight=self.config.dense_weight, lexical_led=mode == "lexical")
+
+    def mode_for(self, index: KnowledgeBaseIndex, text: str | None = None) -> Choice:
+        query_language = language_of(cjk_share(text)) if text else None
+        return choose_mode(self.config.mode, self.model_languages, index.manifest.main_language, query_language)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Per served KB: its index version, language and the retrieval its questions get, with why."""
+        with self._holding_all() as indexes:
+            return {name: {"version": index.version, "language": index.manifest.main_language,
+                           "mode": (choice := self.mode_for(index)).mode, "why": choice.why}
+                    for name, index in indexes.items()}
 
     def warmup(self) -> None:
         """A real search on every loaded index, so FAISS and SQLite pages are touched before traffic."""

@@ -52,6 +52,7 @@ import numpy as np
 from rag.config import EmbeddingConfig, SplitterConfig
 from rag.documents import load_directory, split_documents
 from rag.embedding import TextEmbedder
+from rag.language import choose_mode, cjk_share, language_of
 from rag.lexical import LexicalIndex, fuse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +232,22 @@ def fused_modes(dense: list[Ranking], lexical: list[Ranking], sweep: bool) -> di
             **{name: [f(d, s) for d, s in zip(dense, lexical, strict=True)] for name, f in fusions.items()}}
 
 
+def auto_rankings(dense: list[Ranking], lexical: list[Ranking], questions: list[Question],
+                  texts: list[str]) -> list[Ranking]:
+    """What the service's default `retrieval.mode: auto` does per question (rag.language.choose_mode with
+    the bundled model's languages): fused where the model covers the text, else BM25 first, then dense."""
+    kb_language = language_of(cjk_share(texts))
+    rankings = []
+    for d, s, question in zip(dense, lexical, questions, strict=True):
+        choice = choose_mode("auto", EmbeddingConfig().languages, kb_language, language_of(cjk_share(question.text)))
+        if choice.mode == "lexical":
+            found = {chunk for chunk, _ in s}
+            rankings.append((s + [pair for pair in d if pair[0] not in found])[:DEPTH])
+        else:
+            rankings.append(fuse(d, s, DEPTH))
+    return rankings
+
+
 def load_corpus(name: str, docs: Path, questions_path: Path, embedder: TextEmbedder,
                 cache_dir: Path | None) -> Corpus:
     questions = read_questions(questions_path)
@@ -255,9 +272,10 @@ def combine(corpora: list[Corpus]) -> list[Corpus]:
 
 def run_table(corpus: Corpus, embedder: TextEmbedder, lexical_index: LexicalIndex, args: argparse.Namespace) -> dict:
     questions, sources = corpus.questions, corpus.sources
-    dense = dense_rankings(corpus.vectors, embedder.embed([q.text for q in questions]))
+    dense = dense_rankings(corpus.vectors, embedder.embed_queries([q.text for q in questions]))
     lexical, search_ms = timed_searches(lexical_index, questions)
-    modes = fused_modes(dense, lexical, args.sweep)
+    modes = {"auto (default)": auto_rankings(dense, lexical, questions, corpus.texts),
+             **fused_modes(dense, lexical, args.sweep)}
     results = evaluate(modes, questions, sources)
     print(f"\n## {corpus.name}: {len(questions)} questions, {len(set(sources))} files, {len(corpus.texts)} chunks; "
           f"BM25 search median {search_ms:.2f} ms")
