@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo stop test lint bench bench-rollout
+.PHONY: help install browser demo stop test lint bench bench-rollout bench-ingest
 help:
 	@echo "make demo   start local Ray, ingest the sample KB, deploy, stream an answer"
 	@echo "make stop   drain and remove the apps, stop Ray"
@@ -34,6 +34,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The console's tests drive Debian's headless Chromium through its ChromeDriver; nothing downloads a
+# browser. Installed when missing and this user may (root, or passwordless sudo); else the tests say so.
+browser:
+	@if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+			echo "Chromium is missing: apt-get install chromium chromium-driver (the console tests need it)"; exit 0; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
 demo: install
 	$(PY) -m scripts.demo
 
@@ -44,11 +53,14 @@ lint: install
 	$(VENV)/bin/ruff check rag deployments scripts tests
 	$(VENV)/bin/mypy
 
-test: lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+test: lint browser
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=12
 
 bench: install
 	$(PY) -m scripts.bench_pipeline
 
 bench-rollout: install
 	$(PY) -m scripts.bench_rollout
+
+bench-ingest: install
+	$(PY) -m scripts.bench_ingest

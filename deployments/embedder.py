@@ -22,10 +22,11 @@ class EmbedderDeployment:
         await self._life.start(f"embedding model {config.embedding.model} on {self._embedder.device}",
                                self._embedder.load, self._embedder.warmup, config.lifecycle.warmup_delay_s)
 
-    async def embed(self, text: str) -> np.ndarray:
-        """One request's text, checked alone before it joins a batch with other requests' texts."""
+    async def embed(self, text: str, query: bool = True) -> np.ndarray:
+        """One request's text, checked alone before it joins a batch with other requests' texts; a
+        question (`query`) gets the model's query instruction first."""
         check_text(text)
-        result = await self._embed_batch(text)
+        result = await self._embed_batch(self._embedder.query_text(text) if query else text)
         if isinstance(result, Exception):
             raise result
         return result
@@ -36,6 +37,12 @@ class EmbedderDeployment:
         self._life.log.first_traffic()
         with self._life.in_flight.track():
             return await asyncio.to_thread(self._embedder.embed, texts)
+
+    async def count_tokens(self, texts: list[str]) -> int:
+        return await asyncio.to_thread(self._embedder.count_tokens, texts)
+
+    def describe(self) -> dict[str, object]:
+        return {"model": self._embedder.model_name, "dimension": self._embedder.dimension}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray | Exception]:

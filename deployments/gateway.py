@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import kb_routes
+from deployments.embeddings import Embeddings
 from deployments.gateway_service import AnswerStream, GatewayService
 from deployments.handles import ServeHandles
 from deployments.http_guard import OPEN_PATHS, GuardSettings, HttpGuard
@@ -33,6 +34,7 @@ from deployments.statuses import documented, status_for
 from rag.api import (
     ChatCompletionRequest,
     CompletionFormatter,
+    EmbeddingRequest,
     KbChatRequest,
     SearchDocsRequest,
     error_body,
@@ -210,6 +212,7 @@ class GatewayDeployment:
     async def __init__(self, config: GatewayConfig, kb_manager: DeploymentHandle) -> None:  # type: ignore[misc]
         self._life = ReplicaLifecycle("gateway")
         self.kb_manager = kb_manager
+        self._embeddings = Embeddings()
         self.guard = _guard_settings(config)  # first: a missing key file fails the replica before it serves
         self.service = GatewayService(config, self._life.metrics, self._life.in_flight, ServeHandles(),
                                       lambda: self.readiness.current.serving)
@@ -256,6 +259,13 @@ class GatewayDeployment:
         version, docs = await _bounded(self.service.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
                                        "the search")
         return JSONResponse(docs, headers={VERSION_HEADER: version})
+
+    @app.post("/v1/embeddings", responses=ANSWER_ERRORS)
+    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+        """OpenAI's embeddings: `input` a string or a list, `model` a knowledge base or the embedding model,
+        `encoding_format` float or base64; through the Embedder's batching."""
+        return await _bounded(self._embeddings.create(self, body), self.service.config.request_timeout_s,
+                              "the embedding")
 
     @app.get("/v1/models", responses=READ_ERRORS)
     async def list_models(self) -> dict[str, Any]:

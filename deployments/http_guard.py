@@ -19,8 +19,14 @@ from rag.auth import ApiKeys
 from rag.errors import AuthenticationError, InvalidRequestError, RagError, RequestTooLargeError
 
 REQUEST_ID_HEADER = "x-request-id"
-# Probes carry only a status word; everything else, /docs and /openapi.json included, needs a key.
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Probes carry only a status word, and the console's page and assets are public files (the page asks for
+# the key and sends it on every API call); everything else, /docs and /openapi.json included, needs a key.
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+OPEN_PREFIXES = ("/console/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 # A caller's own request id is kept (it ties its logs to ours) when it is short and plain.
 _CALLER_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -60,7 +66,7 @@ class HttpGuard:
         if not given:
             send = _with_request_id(send, request_id)
         settings = self.settings()
-        if scope["path"] not in OPEN_PATHS and settings.keys is not None \
+        if not is_open(scope["path"]) and settings.keys is not None \
                 and not settings.keys.accepts(_header(scope, b"authorization")):
             await self.refuse(AuthenticationError("a valid API key is required: send 'Authorization: Bearer "
                                                   "<key>'"), request_id, scope["path"])(scope, receive, send)

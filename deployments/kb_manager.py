@@ -56,7 +56,7 @@ class KnowledgeBaseManager:
         self.service = KnowledgeBaseService(config.knowledge_base, ServeStages(), _prune)
         await self._life.start("knowledge-base jobs", lambda: None, lambda: None)
 
-    async def list_knowledge_bases(self, versions: list[str]) -> list[str]:
+    async def list_knowledge_bases(self, versions: list[str]) -> list[dict[str, Any]]:
         return await self.service.list_knowledge_bases(versions)
 
     async def create(self, kb: str, kb_info: str, embed_model: str | None, versions: list[str]) -> dict[str, Any]:

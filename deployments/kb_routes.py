@@ -87,7 +87,10 @@ async def _served(kb: str, version: int) -> bool:
 
 @router.get("/list_knowledge_bases", responses=_documented())
 async def list_knowledge_bases() -> dict[str, Any]:
-    return kb_body(await _call("list_knowledge_bases"))
+    """`data`: the names, as Chatchat gives them; `knowledge_bases`: each one's details, including the
+    retrieval mode its questions get and why."""
+    details = await _call("list_knowledge_bases")
+    return {**kb_body([d["knowledge_base_name"] for d in details]), "knowledge_bases": details}
 
 
 @router.post("/create_knowledge_base", responses=_documented())

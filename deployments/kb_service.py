@@ -29,6 +29,7 @@ from rag.errors import (
 from rag.index import Manifest, list_versions, version_directory
 from rag.kb_build import Changes, Embed, update_knowledge_base
 from rag.kb_jobs import Job, JobBoard
+from rag.language import choose_mode
 
 logger = logging.getLogger("rag.knowledge_bases")
 
@@ -65,8 +66,11 @@ class KnowledgeBaseService:
     async def kb_root(self, versions: list[str]) -> Path:
         return (await self._choose(versions))[1].retrieval.kb_root_path
 
-    async def list_knowledge_bases(self, versions: list[str]) -> list[str]:
-        return kb_store.list_names(await self.kb_root(versions))
+    async def list_knowledge_bases(self, versions: list[str]) -> list[dict[str, Any]]:
+        """Every KB with its description, index version, language, and the retrieval its questions get
+        from the heaviest serving version (and why)."""
+        config = (await self._choose(versions))[1]
+        return await asyncio.to_thread(_describe_all, config)
 
     async def create(self, kb: str, kb_info: str, embed_model: str | None, versions: list[str]) -> dict[str, Any]:
         check_kb_name(kb)
@@ -166,6 +170,20 @@ class KnowledgeBaseService:
                             job.kind, result.manifest.version, result.embedded, result.reused)
             finally:
                 job.finished_at = time.time()
+
+
+def _describe_all(config: PipelineConfig) -> list[dict[str, Any]]:
+    root, rows = config.retrieval.kb_root_path, []
+    for name in kb_store.list_names(root):
+        meta, latest = kb_store.read_meta(root, name), _latest(root, name)
+        language = latest.main_language if latest else None
+        choice = choose_mode(config.retrieval.mode, config.embedding.languages, language)
+        rows.append({"knowledge_base_name": name, "kb_info": meta.kb_info if meta else "",
+                     "embed_model": meta.embed_model if meta else latest.embedding_model if latest else None,
+                     "index_version": latest.version if latest else None,
+                     "files": len(latest.files or latest.sources) if latest else 0, "language": language,
+                     "retrieval_mode": choice.mode, "why": choice.why})
+    return rows
 
 
 def _splitter(default: SplitterConfig, asked: dict[str, int] | None) -> SplitterConfig:

@@ -6,12 +6,14 @@ pipeline's answer events with the formatters below.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rag.config import LimitsConfig
@@ -113,6 +115,34 @@ class SearchDocsRequest(_Request):
         return Question(text=_question_text(self.query, limits.max_question_chars),
                         knowledge_base=self.knowledge_base_name, top_k=self.top_k,
                         score_threshold=self.score_threshold)
+
+
+EMBEDDING_INPUTS = 2048  # as OpenAI's endpoint takes
+EmbeddingText = Annotated[str, Field(min_length=1, max_length=LIMITS.max_message_chars, pattern=NOT_BLANK)]
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's `POST /v1/embeddings`: `model` is a knowledge base (embedded by the model that serves it)
+    or the embedding model's name."""
+
+    input: EmbeddingText | Annotated[list[EmbeddingText], Field(min_length=1, max_length=EMBEDDING_INPUTS)]
+    model: Name
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=65_536)] | None = None
+    user: Name | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def embedding_response(vectors: Sequence[Any], model: str, tokens: int, encoding: str) -> dict[str, Any]:
+    """OpenAI's embedding list; base64 is the little-endian float32 bytes, as the openai SDK decodes it."""
+    def encoded(vector: Any) -> Any:
+        array = np.asarray(vector, dtype="<f4")
+        return base64.b64encode(array.tobytes()).decode() if encoding == "base64" else array.tolist()
+    return {"object": "list", "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]}
 
 
 def enforce(limits: LimitsConfig, messages: list[ChatMessage], max_tokens: int | None, top_k: int | None) -> None:

@@ -305,6 +305,9 @@ class GatewayConfig(_Strict):
     allow_unauthenticated: bool = False
     limits: LimitsConfig = LimitsConfig()
     knowledge_base: KnowledgeBaseSettings = KnowledgeBaseSettings()
+    # Where `rollout start` keeps its state (next to the config it changes): GET /rollout shows it to the
+    # console. Relative paths are taken from the project root.
+    rollout_state_file: Path = Path("serve_config.yaml.rollout.json")
     rollout: RolloutConfig = RolloutConfig()
 
     @property

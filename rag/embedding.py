@@ -71,18 +71,24 @@ class TextEmbedder:
             convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def query_text(self, text: str) -> str:
+        """A question as the model wants it: its query instruction (`embedding.query_prefix`) first."""
+        check_text(text)
+        return self.config.query_prefix + text
+
     def embed_queries(self, texts: list[str]) -> np.ndarray:
-        """Questions, with the model's query instruction (`embedding.query_prefix`) before each."""
-        for text in texts:
-            check_text(text)
-        prefix = self.config.query_prefix
-        return self.embed([prefix + text for text in texts] if prefix else texts)
+        return self.embed([self.query_text(text) for text in texts])
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for `texts` (special tokens included), for an API's usage report."""
+        tokenizer = self._require().tokenizer
+        return sum(len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"])
 
     def embed_each(self, texts: list[str]) -> list[np.ndarray | Exception]:
-        """One result per question, for a batch merged from several requests: when the batch fails, each
+        """One result per text, for a batch merged from several requests: when the batch fails, each
         text is embedded alone, so a text that cannot be embedded fails only its own request."""
         try:
-            return list(self.embed_queries(texts))
+            return list(self.embed(texts))
         except Exception as exc:
             if len(texts) == 1:
                 return [exc]
@@ -91,7 +97,7 @@ class TextEmbedder:
 
     def _embed_one(self, text: str) -> np.ndarray | Exception:
         try:
-            return self.embed_queries([text])[0]
+            return self.embed([text])[0]
         except Exception as exc:
             return exc
 

@@ -12,7 +12,9 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
+import yaml
 from tqdm import tqdm
 
 from rag.config import (
@@ -43,7 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="serve_config.yaml", help="Serve config to take settings from")
     parser.add_argument("--version", default=None, help="pipeline version whose settings to use (default: first)")
     parser.add_argument("--kb-root", type=Path, default=None, help="override retrieval.kb_root")
-    parser.add_argument("--force", action="store_true", help="publish a new version even if nothing changed")
+    parser.add_argument("--force", action="store_true", help="embed everything again and publish a new version")
+    parser.add_argument("--set", dest="settings", action="append", type=setting, default=[],
+                        help="override a pipeline setting (dotted key=value), e.g. to rebuild with the model of a "
+                             "version about to be rolled out: --set embedding.model=models/bge-small-zh-v1.5")
     parser.add_argument("--max-file-mib", type=float, default=DEFAULT_MAX_FILE_BYTES / _MIB,
                         help="refuse any document larger than this (default: %(default)g)")
     return parser.parse_args(argv)
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         check_kb_name(args.kb)  # before reading any config or document
         if not (math.isfinite(args.max_file_mib) and args.max_file_mib > 0):
             raise ConfigError(f"--max-file-mib must be a positive number, got {args.max_file_mib}")
-        config = _pipeline_config(args.config, args.version)
+        config = _pipeline_config(args.config, args.version, args.settings)
         kb_root = resolve_path(args.kb_root) if args.kb_root else config.retrieval.kb_root_path
         result = ingest_directory(resolve_path(args.source), kb_root, args.kb, config, force=args.force,
                                   progress=bars, max_file_bytes=int(args.max_file_mib * _MIB))
@@ -91,13 +96,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _pipeline_config(path: str, version: str | None) -> PipelineConfig:
+def _pipeline_config(path: str, version: str | None, settings: list[tuple[str, object]]) -> PipelineConfig:
     versions = pipeline_configs(load_serve_config(path))
     if not versions:
         raise ConfigError(f"{path} deploys no pipeline version")
     if version and version not in versions:
         raise ConfigError(f"no pipeline version {version!r} in {path}; there are {sorted(versions)}")
-    return versions[version] if version else next(iter(versions.values()))
+    config = versions[version] if version else next(iter(versions.values()))
+    if not settings:
+        return config
+    args = config.model_dump(mode="json")
+    for key, value in settings:
+        set_dotted(args, key, value)
+    return validate(PipelineConfig, args, "the pipeline settings with --set")
+
+
+def setting(text: str) -> tuple[str, object]:
+    """`--set KEY=VALUE`: a dotted key and a YAML value (as `rollout start --set` takes them)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def set_dotted(target: dict[str, Any], dotted: str, value: object) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        target = target.setdefault(key, {})
+    target[last] = value
 
 
 def _gateway_config(path: str) -> GatewayConfig:

@@ -19,20 +19,12 @@ import json
 import signal
 import sys
 
-import yaml
-
 from deployments import ops
 from deployments.rollout import Rollout
 from deployments.serve_document import ServeDocument
 from rag.client import client_key
 from rag.errors import RagError
-
-
-def _setting(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+from scripts.ingest import setting
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     start = commands.add_parser("start", help="roll a version out")
     start.add_argument("version")
     start.add_argument("--from", dest="copy_of", help="derive the new version from this one")
-    start.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
+    start.add_argument("--set", dest="settings", action="append", type=setting, default=[],
                        help="override a pipeline setting of the new version (dotted key=value)")
     start.add_argument("--resume", action="store_true")
     commands.add_parser("status", help="where a rollout stands")

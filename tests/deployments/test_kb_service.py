@@ -148,3 +148,20 @@ def test_a_job_not_finished_in_time_is_returned_running_with_progress(tmp_path: 
 
     early, late = run(scenario())
     assert early["state"] == "running" and early["files_done"] == 1 and late["state"] == "done"
+
+
+def test_listing_says_each_kbs_language_and_retrieval_mode(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> list[dict[str, Any]]:
+        for kb, text in (("english", _doc("alpha")), ("chinese", "修改用户登录时使用的外壳程序。".encode() * 20)):
+            await service.create(kb, "", None, ["v1"])
+            await service.wait(await service.submit("upload_docs", kb, Changes(add={"a.md": text}), None, ["v1"]), 30)
+        await service.create("empty", "nothing yet", None, ["v1"])
+        return await service.list_knowledge_bases(["v1"])
+
+    rows = {row["knowledge_base_name"]: row for row in run(scenario())}
+    assert (rows["english"]["language"], rows["english"]["retrieval_mode"]) == ("en", "hybrid")
+    assert (rows["chinese"]["language"], rows["chinese"]["retrieval_mode"]) == ("zh", "lexical")
+    assert "covers en" in rows["chinese"]["why"] and rows["chinese"]["index_version"] == 1
+    assert rows["empty"]["index_version"] is None and rows["empty"]["kb_info"] == "nothing yet"

@@ -316,3 +316,25 @@ def test_validation_errors_are_summarised_not_echoed() -> None:
     assert len(summary) < 500 and "secret" not in summary
     assert summary.count("body.messages") == 3 and "9997 more" in summary
     assert summarize_problems(problems[:2], 3).count("body.messages") == 2
+
+
+def test_embedding_request_takes_a_string_or_a_list_and_answers_in_openais_shape() -> None:
+    import base64
+
+    import numpy as np
+    from pydantic import ValidationError
+
+    from rag.api import EmbeddingRequest, embedding_response
+
+    assert EmbeddingRequest(input="one", model="samples").texts == ["one"]
+    assert EmbeddingRequest(input=["a", "b"], model="samples").texts == ["a", "b"]
+    for bad in ({"input": [], "model": "m"}, {"input": "  ", "model": "m"}, {"input": [1, 2], "model": "m"},
+                {"input": "x", "model": "m", "encoding_format": "int8"}):
+        with pytest.raises(ValidationError):
+            EmbeddingRequest(**bad)
+    vectors = [np.array([0.5, -1.25, 3.0], dtype=np.float32), np.array([1.0, 0.0, 0.0], dtype=np.float32)]
+    plain = embedding_response(vectors, "samples", 7, "float")
+    assert plain["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and plain["object"] == "list"
+    assert [d["index"] for d in plain["data"]] == [0, 1] and plain["data"][0]["embedding"] == [0.5, -1.25, 3.0]
+    packed = embedding_response(vectors, "samples", 7, "base64")["data"][0]["embedding"]
+    assert np.frombuffer(base64.b64decode(packed), dtype="<f4").tolist() == [0.5, -1.25, 3.0]

@@ -235,7 +235,7 @@ def test_repo_serve_config_deploys_v1_with_expected_settings() -> None:
     assert (v1.splitter.chunk_size, v1.splitter.chunk_overlap) == (750, 150)
     assert v1.retrieval.kb_root == Path("var/kb")
     assert v1.retrieval.knowledge_bases == {"samples": "latest"} and v1.retrieval.discover
-    assert v1.retrieval.mode == "hybrid"
+    assert v1.retrieval.mode == "auto" and v1.embedding.languages == ["en"]
     assert v1.retrieval.top_k == 3
     assert v1.retrieval.score_threshold == pytest.approx(0.2)
     assert v1.generation.backend == "extractive"

@@ -147,6 +147,17 @@ def test_cli_publishes_then_keeps_unchanged(tmp_path: Path, sample_kb_source: Pa
     assert list_versions(kb_root, "cli-kb") == [1]
 
 
+def test_cli_set_overrides_a_pipeline_setting_and_a_bad_one_is_one_line(
+        tmp_path: Path, sample_kb_source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--kb", "cli-kb", "--source", str(sample_kb_source), "--kb-root", str(tmp_path / "kb")]
+    assert ingest_cli([*args, "--set", "splitter.chunk_size=400", "--set", "splitter.chunk_overlap=40"]) == 0
+    assert Manifest.read(tmp_path / "kb" / "cli-kb" / "v1").splitter == {"chunk_size": 400, "chunk_overlap": 40}
+    capsys.readouterr()
+    assert ingest_cli([*args, "--set", "splitter.chunk_sise=400"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "chunk_sise" in err and err.count("\n") == 1
+
+
 def test_cli_missing_source_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "does-not-exist"
     code = ingest_cli(["--kb", "x", "--source", str(missing), "--kb-root", str(tmp_path / "kb")])

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from rag.auth import create_key_file, read_client_key
 from rag.client import gateway_client
@@ -79,11 +78,4 @@ def running_service(work: Path, *, wait: bool = True, with_metrics: bool = False
         ops.deploy(config, dashboard=local.dashboard)
         if wait:
             ops.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
-        yield local
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
-    """A cluster for one test module: modules run one after another, and one process holds one Ray."""
-    with running_service(tmp_path_factory.mktemp("cluster")) as local:
         yield local

@@ -1,0 +1,173 @@
+"""The knowledge-base API (Chatchat 0.3 routes) over real HTTP, on the gateway package's cluster: upload under
+chat load, live search without a rollout, listing, download, deletion, jobs, recreate, refusals, Chinese."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from rag.client import sse_events, stream_chat
+from tests.serve.conftest import LocalService
+
+pytestmark = pytest.mark.cluster
+
+MANUAL = {
+    "volcano.md": "# Volcanoes\n\nA caldera forms when a magma chamber empties and the summit collapses. "
+                  "Basaltic lava is runny; rhyolitic lava is viscous and explosive.",
+    "bread.html": "<html><head><title>Bread</title></head><body><h1>Sourdough</h1><p>A sourdough starter is "
+                  "flour and water fermented by wild yeast and lactobacilli; feed it daily.</p></body></html>",
+    "orbits.txt": "Kepler's third law: the square of a planet's orbital period is proportional to the cube of "
+                  "the semi-major axis of its orbit.",
+}
+
+
+def _upload(http: httpx.Client, kb: str, files: dict[str, bytes | str], **form: Any) -> httpx.Response:
+    parts = [("files", (name, data.encode() if isinstance(data, str) else data)) for name, data in files.items()]
+    return http.post("/knowledge_base/upload_docs", files=parts,
+                     data={"knowledge_base_name": kb, **{k: str(v).lower() for k, v in form.items()}})
+
+
+def _search(http: httpx.Client, kb: str, query: str) -> list[str]:
+    response = http.post("/knowledge_base/search_docs", json={"query": query, "knowledge_base_name": kb, "top_k": 3})
+    assert response.status_code == 200, response.text
+    return [doc["metadata"]["source"] for doc in response.json()]
+
+
+def _listed(http: httpx.Client, kb: str) -> dict[str, dict[str, Any]]:
+    response = http.get("/knowledge_base/list_files", params={"knowledge_base_name": kb})
+    assert response.status_code == 200 and response.json()["code"] == 200, response.text
+    return {f["file_name"]: f for f in response.json()["data"]}
+
+
+@pytest.fixture(scope="module")
+def uploaded(service: LocalService) -> str:
+    """A KB created and filled over HTTP while chat streams run on another KB."""
+    from rag.loadgen import LoadGenerator
+
+    with service.client(timeout=120) as http:
+        created = http.post("/knowledge_base/create_knowledge_base",
+                            json={"knowledge_base_name": "manuals", "kb_info": "test manuals"})
+        assert created.status_code == 200 and created.json()["code"] == 200, created.text
+        load = LoadGenerator(service.gateway, concurrency=2, max_seconds=120, api_key=service.api_key).start()
+        try:
+            response = _upload(http, "manuals", MANUAL)
+        finally:
+            result = load.stop()
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["state"] == "done" and data["served"] is True and set(data["changed_files"]) == set(MANUAL)
+    assert result.answers and not result.failed and not result.truncated and not result.errors, \
+        (result.failed[:3], result.truncated[:3], result.errors[:3])
+    return "manuals"
+
+
+def test_an_uploaded_kb_is_searchable_without_a_rollout(http: httpx.Client, uploaded: str) -> None:
+    assert _search(http, uploaded, "what is a sourdough starter made of")[0] == "bread.html"
+    assert _search(http, uploaded, "orbital period and the semi-major axis")[0] == "orbits.txt"
+    listed = http.get("/knowledge_base/list_knowledge_bases").json()
+    assert {"samples", uploaded} <= set(listed["data"])
+    details = {d["knowledge_base_name"]: d for d in listed["knowledge_bases"]}
+    assert details[uploaded]["language"] == "en" and details[uploaded]["retrieval_mode"] == "hybrid"
+    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert models[uploaded]["retrieval"]["v1"]["mode"] == "hybrid" and models[uploaded]["retrieval"]["v1"]["why"]
+
+
+def test_list_files_and_download_the_original_bytes(http: httpx.Client, uploaded: str) -> None:
+    listed = _listed(http, uploaded)
+    assert set(listed) == set(MANUAL)
+    assert listed["volcano.md"]["file_size"] == len(MANUAL["volcano.md"].encode())
+    assert all(f["docs_count"] >= 1 and f["in_db"] and f["in_folder"] for f in listed.values())
+    download = http.get("/knowledge_base/download_doc", params={"knowledge_base_name": uploaded,
+                                                                "file_name": "bread.html"})
+    assert download.status_code == 200 and download.content == MANUAL["bread.html"].encode()
+
+
+def test_delete_then_re_upload_a_file(http: httpx.Client, uploaded: str) -> None:
+    deleted = http.post("/knowledge_base/delete_docs", json={"knowledge_base_name": uploaded,
+                                                             "file_names": ["orbits.txt"], "delete_content": True})
+    assert deleted.status_code == 200 and deleted.json()["data"]["deleted_files"] == ["orbits.txt"], deleted.text
+    assert "orbits.txt" not in _listed(http, uploaded)
+    assert "orbits.txt" not in _search(http, uploaded, "orbital period and the semi-major axis")
+    again = _upload(http, uploaded, {"orbits.txt": MANUAL["orbits.txt"]})
+    assert again.status_code == 200 and again.json()["data"]["changed_files"] == ["orbits.txt"]
+    assert _search(http, uploaded, "orbital period and the semi-major axis")[0] == "orbits.txt"
+
+
+def test_upload_without_waiting_gives_a_job_to_poll(http: httpx.Client, uploaded: str) -> None:
+    started = _upload(http, uploaded, {"late.md": "Late arrivals: the ferry leaves at nine."}, wait=False)
+    assert started.status_code == 202, started.text
+    job_id = started.json()["data"]["job_id"]
+    deadline = time.monotonic() + 60
+    while (view := http.get(f"/knowledge_base/jobs/{job_id}").json()["data"])["state"] != "done":
+        assert view["state"] in ("queued", "running") and time.monotonic() < deadline, view
+        time.sleep(0.2)
+    assert view["files_total"] == 1 and view["chunks_embedded"] == view["chunks_total"] == 1
+    assert http.get("/knowledge_base/jobs/job-unknown").status_code == 404
+
+
+def test_recreate_streams_progress_to_done(http: httpx.Client, uploaded: str) -> None:
+    with http.stream("POST", "/knowledge_base/recreate_vector_store",
+                     json={"knowledge_base_name": uploaded}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(response.iter_lines()))
+    assert events[-1] == "[DONE]" and events[-2]["job"]["state"] == "done", events[-3:]
+    assert events[-2]["job"]["embedded"] == events[-2]["job"]["chunks"]
+
+
+@pytest.mark.parametrize("name", ["../escape.md", "/tmp/absolute.md", "sub/dir.md", "tool.exe", ".env"])
+def test_unsafe_uploads_are_refused_and_nothing_is_written(service: LocalService, http: httpx.Client,
+                                                           uploaded: str, name: str) -> None:
+    outside = sorted(p for p in service.work.rglob("*") if service.kb_root not in p.parents)
+    before = _listed(http, uploaded)
+    response = _upload(http, uploaded, {name: "payload"})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == 400 and name.rsplit("/", 1)[-1] in body["msg"] and body["data"] is None
+    assert _listed(http, uploaded) == before
+    assert sorted(p for p in service.work.rglob("*") if service.kb_root not in p.parents) == outside
+    assert not (service.kb_root.parent / "escape.md").exists() and not __import__("os").path.exists(
+        "/tmp/absolute.md")
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [
+    ("/knowledge_base/create_knowledge_base", {"knowledge_base_name": "../etc"}, 400),
+    ("/knowledge_base/create_knowledge_base", {"knowledge_base_name": "samples"}, 409),
+    ("/knowledge_base/delete_knowledge_base", {"knowledge_base_name": "no_such_kb"}, 404),
+    ("/knowledge_base/delete_docs", {"knowledge_base_name": "samples", "file_names": ["nope.md"]}, 404),
+])
+def test_kb_errors_carry_code_msg_data_and_the_real_status(http: httpx.Client, path: str, body: dict[str, Any],
+                                                           status: int) -> None:
+    response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == status and response.json()["msg"] and response.json()["data"] is None
+
+
+def test_delete_a_knowledge_base(http: httpx.Client) -> None:
+    assert http.post("/knowledge_base/create_knowledge_base", json={"knowledge_base_name": "scratch"}).status_code \
+        == 200
+    assert _upload(http, "scratch", {"a.md": "scratch notes about tides"}).status_code == 200
+    deleted = http.post("/knowledge_base/delete_knowledge_base", json={"knowledge_base_name": "scratch"})
+    assert deleted.status_code == 200
+    assert "scratch" not in http.get("/knowledge_base/list_knowledge_bases").json()["data"]
+    deadline = time.monotonic() + 10
+    while "scratch" in {m["id"] for m in http.get("/v1/models").json()["data"]}:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_a_chinese_kb_uploaded_over_http_is_searched_lexical_first(http: httpx.Client) -> None:
+    from tests.rag.test_chinese import QUESTIONS, ZH_DOCS
+
+    assert http.post("/knowledge_base/create_knowledge_base", json={"knowledge_base_name": "zhdocs"}).status_code \
+        == 200
+    assert _upload(http, "zhdocs", dict(ZH_DOCS)).status_code == 200
+    for question, source in QUESTIONS.items():
+        assert _search(http, "zhdocs", question)[0] == source, question
+    details = {d["knowledge_base_name"]: d for d in
+               http.get("/knowledge_base/list_knowledge_bases").json()["knowledge_bases"]}
+    assert (details["zhdocs"]["language"], details["zhdocs"]["retrieval_mode"]) == ("zh", "lexical")
+    answer = stream_chat(http, next(iter(QUESTIONS)), "zhdocs")
+    assert answer.complete and "日志" in answer.text and answer.sources[0]["metadata"]["source"] == "tail.md"
