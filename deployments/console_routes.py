@@ -27,8 +27,8 @@ _NO_CACHE = {"cache-control": "no-cache"}
 _ASSET_TYPES = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
 _INDEX = (_DIRECTORY / "index.html").read_text(encoding="utf-8")
 _ASSETS = {name: ((_DIRECTORY / name).read_bytes(), media) for name, media in _ASSET_TYPES.items()}
-# The config file's text before the rollout (and the target config): large, and not the console's business.
-_HIDDEN_KEYS = ("before",)
+# The config texts from before the rollout and of its target: large, and not the console's business.
+_HIDDEN_KEYS = ("before", "target")
 
 
 @router.get("/", include_in_schema=False)
@@ -50,7 +50,7 @@ async def rollout_state() -> dict[str, Any]:
     """The rollout state file as `rollout start` last wrote it (without the config text it restores on a
     rollback); `{"status": "none"}` when no rollout was ever started, `{"status": "unreadable"}` when the
     file cannot be read."""
-    gateway = serve.get_replica_context().servable_object
+    gateway: Any = serve.get_replica_context().servable_object
     return read_rollout_state(resolve_path(gateway.service.config.rollout_state_file))
 
 

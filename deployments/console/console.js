@@ -507,13 +507,16 @@ async function refreshVersions() {
   // /ready answers 503 while starting or draining, with the same body: read it either way.
   const readyResponse = await fetch("/ready", { headers: authHeaders() });
   const ready = await readyResponse.json().catch(() => ({}));
-  const [stats, rollout] = await Promise.all([getJson("/stats?window_s=60"), getJson("/rollout")]);
+  // Statistics or rollout state unavailable (a 503 while the board starts): show what the others say.
+  const problems = [];
+  const tolerant = (path) => getJson(path).catch((e) => { problems.push(`${path.split("?")[0]}: ${e.message}`); return {}; });
+  const [stats, rollout] = await Promise.all([tolerant("/stats?window_s=60"), tolerant("/rollout")]);
   const weights = { ...(stats.weights || {}), ...(ready.weights || {}) };
   const perVersion = stats.versions || {};
   const names = [...new Set([...(ready.versions || []), ...Object.keys(weights), ...Object.keys(perVersion)])].sort();
   const serving = new Set(ready.serving || []), waiting = new Set(ready.waiting_for || []);
   $("ready-status").textContent = `gateway: ${ready.status ?? "unknown"} · in flight: ${ready.in_flight ?? "—"}`
-    + (stats.draining ? " · draining" : "");
+    + (stats.draining ? " · draining" : "") + (problems.length ? ` · unavailable: ${problems.join("; ")}` : "");
   $("version-rows").replaceChildren(...names.map((name) => {
     const s = perVersion[name] || {};
     const state = serving.has(name) ? "ready" : waiting.has(name) ? "starting" : "not serving";
@@ -536,7 +539,7 @@ function showRollout(state) {
   const steps = Array.isArray(state.steps) ? state.steps : null;
   const step = typeof state.step === "number" ? `step ${state.step + 1}${steps ? ` of ${steps.length}` : ""}` : "";
   const decisions = state.history || state.decisions || state.log || [];
-  panel.replaceChildren(
+  panel.replaceChildren(...[
     el("h2", {}, `Rollout in progress: ${state.new} replacing ${state.stable}`),
     el("p", {}, [`status ${state.status}`, state.phase && `phase ${state.phase}`, step].filter(Boolean).join(" · ")),
     state.reason ? el("p", { class: "muted" }, state.reason) : null,
@@ -549,7 +552,7 @@ function showRollout(state) {
       el("tbody", {}, decisions.map((d) => el("tr", { "data-testid": "rollout-decision" },
         el("td", {}, typeof d.step === "number" ? d.step + 1 : "—"), el("td", {}, d.percent ?? "—"),
         el("td", {}, d.action ?? ""), el("td", {}, d.reason ?? ""))))) : null,
-  );
+  ].filter(Boolean));
 }
 
 function pollVersions() {
