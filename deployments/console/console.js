@@ -161,14 +161,23 @@ function renderConversations() {
     el("button", {
       type: "button", class: c === current ? "conversation active" : "conversation", title: c.id,
       "data-testid": "conversation",
-      onclick: () => { if (!running) { current = c; if (c.kb) $("kb-select").value = c.kb; showMode(); renderChat(); } },
+      onclick: () => switchConversation(c),
     }, c.title))));
+}
+
+function switchConversation(conversation) {
+  if (running) return;
+  current = conversation;
+  if (conversation.kb) $("kb-select").value = conversation.kb;
+  showMode();
+  renderChat();
 }
 
 function renderSources(sources) {
   return (sources || []).map((doc, i) => el("details", { class: "source", "data-testid": "source" },
     el("summary", {},
-      el("span", { class: "source-name", title: doc.metadata?.source ?? "" }, `[${i + 1}] ${baseName(doc.metadata?.source)}`),
+      el("span", { class: "source-name", title: doc.metadata?.source ?? "" },
+        `[${i + 1}] ${baseName(doc.metadata?.source)}`),
       el("span", { class: "score", "data-testid": "source-score" }, score(doc.score))),
     el("pre", { class: "passage" }, doc.page_content ?? "")));
 }
@@ -236,7 +245,9 @@ function numberInput(id, min, max) {
   const raw = $(id).value.trim();
   if (raw === "") return undefined;
   const value = Number(raw);
-  if (!Number.isFinite(value) || value < min || value > max) throw new Error(`${id}: must be between ${min} and ${max}`);
+  if (!Number.isFinite(value) || value < min || value > max) {
+    throw new Error(`${id}: must be between ${min} and ${max}`);
+  }
   return value;
 }
 
@@ -435,7 +446,10 @@ function upload() {
     let body = null;
     try { body = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
     if (xhr.status === 401) showKeyForm(`The API key was refused: ${errorMessage(body, 401)}`);
-    if (xhr.status < 200 || xhr.status >= 300) { showJob(`upload failed: ${errorMessage(body, xhr.status)}`, 0); return; }
+    if (xhr.status < 200 || xhr.status >= 300) {
+      showJob(`upload failed: ${errorMessage(body, xhr.status)}`, 0);
+      return;
+    }
     $("upload-input").value = "";
     watchJob(body?.data?.job_id, `upload of ${files.length} file(s)`);
   };
@@ -474,7 +488,10 @@ async function search(query) {
   const docs = await postJson("/knowledge_base/search_docs",
     { query, knowledge_base_name: selectedKb, top_k: numberInput("top-k", 1, 50) ?? 5 });
   const results = $("search-results");
-  if (!Array.isArray(docs) || !docs.length) { results.replaceChildren(el("p", { class: "muted" }, "no match")); return; }
+  if (!Array.isArray(docs) || !docs.length) {
+    results.replaceChildren(el("p", { class: "muted" }, "no match"));
+    return;
+  }
   results.replaceChildren(...docs.map((doc) => el("div", { class: "search-result", "data-testid": "search-result" },
     el("div", { class: "muted" }, `${doc.metadata?.source ?? "?"} · score ${score(doc.score)}`),
     el("pre", { class: "passage" }, doc.page_content ?? ""))));
@@ -509,7 +526,10 @@ async function refreshVersions() {
   const ready = await readyResponse.json().catch(() => ({}));
   // Statistics or rollout state unavailable (a 503 while the board starts): show what the others say.
   const problems = [];
-  const tolerant = (path) => getJson(path).catch((e) => { problems.push(`${path.split("?")[0]}: ${e.message}`); return {}; });
+  const tolerant = (path) => getJson(path).catch((e) => {
+    problems.push(`${path.split("?")[0]}: ${e.message}`);
+    return {};
+  });
   const [stats, rollout] = await Promise.all([tolerant("/stats?window_s=60"), tolerant("/rollout")]);
   const weights = { ...(stats.weights || {}), ...(ready.weights || {}) };
   const perVersion = stats.versions || {};
@@ -522,7 +542,8 @@ async function refreshVersions() {
     const state = serving.has(name) ? "ready" : waiting.has(name) ? "starting" : "not serving";
     const errorRate = typeof s.error_rate === "number" ? `${(100 * s.error_rate).toFixed(1)}%` : "—";
     return el("tr", { "data-testid": "version-row", "data-version": name },
-      el("td", {}, name), el("td", {}, weights[name] ?? "—"), el("td", { class: `state-${state.replace(" ", "-")}` }, state),
+      el("td", {}, name), el("td", {}, weights[name] ?? "—"),
+      el("td", { class: `state-${state.replace(" ", "-")}` }, state),
       el("td", {}, s.requests ?? "—"), el("td", {}, errorRate), el("td", {}, ms(s.ttft_p50_s)),
       el("td", {}, ms(s.ttft_p90_s)), el("td", {}, ms(s.ttft_p99_s)), el("td", {}, s.in_flight ?? "—"));
   }));
@@ -534,7 +555,8 @@ function showRollout(state) {
   const active = ROLLOUT_ACTIVE.includes(state.status);
   panel.hidden = !active;
   $("last-rollout").textContent = !active && state.status && !["none", "unreadable"].includes(state.status)
-    ? `last rollout: ${state.new} over ${state.stable}: ${state.status}${state.reason ? ` (${state.reason})` : ""}` : "";
+    ? `last rollout: ${state.new} over ${state.stable}: ${state.status}${state.reason ? ` (${state.reason})` : ""}`
+    : "";
   if (!active) return;
   const steps = Array.isArray(state.steps) ? state.steps : null;
   const step = typeof state.step === "number" ? `step ${state.step + 1}${steps ? ` of ${steps.length}` : ""}` : "";
