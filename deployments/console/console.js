@@ -219,16 +219,20 @@ async function* sseData(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
-    const events = buffer.split(/\r?\n\r?\n/);
-    buffer = done ? "" : events.pop();
-    for (const event of events) {
-      const data = event.split(/\r?\n/).filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, ""));
-      if (data.length) yield data.join("\n");
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+      const events = buffer.split(/\r?\n\r?\n/);
+      buffer = done ? "" : events.pop();
+      for (const event of events) {
+        const lines = event.split(/\r?\n/).filter((l) => l.startsWith("data:"));
+        if (lines.length) yield lines.map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+      }
+      if (done) return;
     }
-    if (done) return;
+  } finally {
+    reader.cancel().catch(() => {});  // the caller stopped reading early (an error event): close the stream
   }
 }
 
