@@ -22,7 +22,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import kb_routes
+from deployments import console_routes, kb_routes
 from deployments.embeddings import Embeddings
 from deployments.gateway_service import AnswerStream, GatewayService
 from deployments.handles import ServeHandles
@@ -168,6 +168,7 @@ def _openapi() -> dict[str, Any]:
 
 app.openapi = _openapi  # type: ignore[method-assign]
 app.include_router(kb_routes.router)
+app.include_router(console_routes.router)
 app.add_middleware(HttpGuard, settings=_replica_guard, refuse=error_response)
 
 

@@ -283,7 +283,7 @@ class KnowledgeBaseSettings(_Strict):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 ** 3, description="one upload_docs body")
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 ** 3, description="one uploaded file")
     max_files: int = Field(200, ge=1, le=10_000, description="files in one upload_docs request")
-    wait_s: float = Field(60.0, gt=0, le=600, description="an upload with wait=true answers by then; "
+    wait_s: float = Field(120.0, gt=0, le=600, description="an upload with wait=true answers by then; "
                           "after that, 202 and the job to poll")
     keep_versions: int = Field(3, ge=1, le=1000, description="index versions kept besides those still in use")
     embed_batch: int = Field(256, ge=1, le=8192, description="chunks per call to the Embedder while ingesting")
@@ -395,11 +395,23 @@ def stream_drain_problems(serve_config: dict[str, Any]) -> list[str]:
                     "or lower max_stream_seconds")
     for app in serve_config["applications"]:
         if is_app(app, GATEWAY_BUILDER):
-            timeout = _graceful_timeouts(app).get("Gateway", SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
-            if timeout <= longest:
-                problems.append(
-                    f"application {app.get('name')!r}: Gateway.graceful_shutdown_timeout_s ({timeout:g}) must be "
-                    f"above the longest stream of any version plus its drain margin ({longest:g})")
+            problems += _gateway_drain_problems(app, longest)
+    return problems
+
+
+def _gateway_drain_problems(app: dict[str, Any], longest_stream: float) -> list[str]:
+    # An upload request waits up to knowledge_base.wait_s for its job (10 s more for the reply): a drain
+    # must outlast that too, in the Gateway and in the KnowledgeBases manager it waits on.
+    gateway = validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
+    timeouts, problems = _graceful_timeouts(app), []
+    needs = {"Gateway": max(longest_stream, gateway.knowledge_base.wait_s + 10),
+             "KnowledgeBases": gateway.knowledge_base.wait_s + 10}
+    for name, bound in needs.items():
+        timeout = timeouts.get(name, SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
+        if timeout <= bound:
+            problems.append(f"application {app.get('name')!r}: {name}.graceful_shutdown_timeout_s ({timeout:g}) must "
+                            f"be above {bound:g}: the longest stream of any version plus its drain margin, and "
+                            f"knowledge_base.wait_s ({gateway.knowledge_base.wait_s:g}) + 10")
     return problems
 
 

@@ -3,7 +3,8 @@
     .venv/bin/python -m scripts.bench_ingest [--files 150] [--json var/bench_ingest.json]
 
 One run, side by side on this machine:
-1. in-process `TextEmbedder.embed` over a synthetic corpus (about 20 chunks per file), batches of 256;
+1. in-process `TextEmbedder.embed` over a corpus (synthetic, about 20 chunks per file, or `--docs`),
+   batches of 256;
 2. a full build of that corpus as a knowledge base, then a one-file change (in-process embedder);
 3. on a private 2-CPU cluster with the repo's config: the same texts through the v1 Embedder's
    `embed_many` (what the knowledge-base API uses), then the same full build and one-file change
@@ -42,7 +43,9 @@ BATCH = 256
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", type=int, default=150, help="synthetic documents (about 20 chunks each)")
+    parser.add_argument("--files", type=int, default=40, help="synthetic documents (about 20 chunks each)")
+    parser.add_argument("--docs", type=Path, default=None, help="a folder of real documents instead (e.g. the "
+                        "man pages of scripts/eval_retrieval.py --render-to)")
     parser.add_argument("--json", default=None, help="write the results to this path")
     return parser.parse_args(argv)
 
@@ -87,8 +90,7 @@ def in_process(docs: dict[str, bytes], texts: list[str], config: PipelineConfig,
         kb_store.create(work, "bench", "", config.embedding.model)
         build = lambda changes: update_knowledge_base(work, "bench", config, changes, embed=embedder.embed)  # noqa: E731
         full_s, full = timed(lambda: build(Changes(add=dict(docs))))
-        changed = {"doc0003.md": docs["doc0003.md"] + b"\n\nOne more paragraph about kadan and lofel."}
-        one_s, one = timed(lambda: build(Changes(add=changed)))
+        one_s, one = timed(lambda: build(Changes(add=_one_changed(docs))))
     finally:
         embedder.close()
     return {"embed_per_s": throughput, "full_build_s": full_s, "chunks": full.manifest.count,
@@ -116,10 +118,14 @@ def through_serve(docs: dict[str, bytes], texts: list[str], work: Path) -> dict[
         with gateway_client(gateway, read_client_key(key_file), timeout=600) as http:
             http.post("/knowledge_base/create_knowledge_base", json={"knowledge_base_name": "bench"}).raise_for_status()
             full_s, _ = timed(lambda: upload(http, docs))
-            changed = {"doc0003.md": docs["doc0003.md"] + b"\n\nOne more paragraph about kadan and lofel."}
-            one_s, one = timed(lambda: upload(http, changed, override=True))
+            one_s, one = timed(lambda: upload(http, _one_changed(docs), override=True))
     return {"embed_per_s": throughput, "full_build_s": full_s, "one_file_s": one_s,
             "one_file_embedded": one["embedded"]}
+
+
+def _one_changed(docs: dict[str, bytes]) -> dict[str, bytes]:
+    name = sorted(docs)[len(docs) // 2]
+    return {name: docs[name] + b"\n\nOne more paragraph, appended to change this file and nothing else."}
 
 
 def upload(http: Any, docs: dict[str, bytes], override: bool = False) -> dict[str, Any]:
@@ -139,7 +145,8 @@ def upload(http: Any, docs: dict[str, bytes], override: bool = False) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = next(iter(pipeline_configs(load_serve_config(REPO / "serve_config.yaml")).values()))
-    docs = corpus(args.files)
+    docs = {p.name: p.read_bytes() for p in sorted(args.docs.iterdir()) if p.is_file()} if args.docs \
+        else corpus(args.files)
     texts = chunk_texts(docs, config)
     with tempfile.TemporaryDirectory() as tmp:
         local = in_process(docs, texts, config, Path(tmp) / "local")

@@ -60,3 +60,13 @@ def test_limits_may_be_lowered_not_raised_past_the_schema() -> None:
     with pytest.raises(ValueError, match="max_messages"):
         LimitsConfig(max_messages=65)
     assert LimitsConfig(max_body_bytes=8 * 1024 * 1024).max_body_bytes == 8 * 1024 * 1024
+
+
+def test_an_upload_wait_longer_than_the_gateways_drain_is_refused_naming_both() -> None:
+    config = copy.deepcopy(load_serve_config(REPO / "serve_config.yaml"))
+    _gateway_args(config)["knowledge_base"]["wait_s"] = 300
+    with pytest.raises(ConfigError) as refused:
+        check_serve_config(config)
+    message = str(refused.value)
+    assert "Gateway.graceful_shutdown_timeout_s (150)" in message and "KnowledgeBases" in message
+    assert "knowledge_base.wait_s (300)" in message

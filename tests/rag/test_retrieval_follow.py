@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,9 @@ def test_many_searches_across_many_swaps_never_fail(tmp_path: Path, make: Any) -
         for n in range(2, 7):
             _publish(tmp_path, "a", f"v{n}")
             assert r.refresh() == [("a", n - 1, n)]
+        deadline = time.monotonic() + 10  # the searchers must get to run on the last version at least once
+        while "v6.md" not in seen and not failures and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         for thread in threads:
