@@ -98,6 +98,7 @@ def in_process(docs: dict[str, bytes], texts: list[str], config: PipelineConfig,
 
 
 def through_serve(docs: dict[str, bytes], texts: list[str], work: Path) -> dict[str, Any]:
+    ops.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
     from ray import serve
 
     key_file = work / "api_key"
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = chunk_texts(docs, config)
     with tempfile.TemporaryDirectory() as tmp:
         local = in_process(docs, texts, config, Path(tmp) / "local")
+        print(f"in-process: {json.dumps(local)}", flush=True)
         served = through_serve(docs, texts, Path(tmp) / "served")
     report(local, served, len(texts))
     if args.json:
