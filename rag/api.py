@@ -27,7 +27,10 @@ LIMITS = LimitsConfig()
 NAME_MAX_CHARS = 128
 # At least one character that is not whitespace. The server strips with Python's notion of whitespace,
 # so pydantic checks the pattern with Python's `re` too (`regex_engine` below), as schemathesis does.
-NOT_BLANK = r"\S"
+# Spelt out as the characters `str.isspace` (hence `str.strip`) treats as whitespace, rather than `\S`:
+# fuzzers' regex engines disagree on whether `\S` matches the separators U+001C-U+001F.
+_SPACE = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = f"[^{_SPACE}]"
 
 Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX_CHARS)]
 TopK = Annotated[int, Field(ge=1, le=LIMITS.max_top_k)]

@@ -1,5 +1,6 @@
-"""One cluster for the gateway's tests (API, knowledge bases, console): a package-scoped fixture, so the
-modules here share it and it stops before the other cluster tests start theirs."""
+"""One cluster for the gateway's tests (API, knowledge bases, console, then two versions side by side): a
+package-scoped fixture, so the modules here share it and it stops before the other cluster tests start
+theirs."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from tests.serve.conftest import LocalService
 pytestmark = pytest.mark.cluster
 
 QUESTION = "How do I stop the service?"
-SCHEMATHESIS_EXAMPLES = 8  # per route and mode: 17 routes x 2 modes x 8 keeps the run near a minute
+SCHEMATHESIS_EXAMPLES = 6  # per route and mode: 19 routes x 2 modes x 6 keeps the run under 15 s
 
 
 def test_health_and_ready(http: httpx.Client) -> None:
@@ -69,7 +69,7 @@ def test_openai_client_streams_unchanged(service: LocalService) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert (chunks[0].model_extra or {})["sources"]
     models = client.models.list()
-    assert [m.id for m in models.data] == ["samples"]
+    assert "samples" in [m.id for m in models.data]  # the KB tests of this package add theirs
     completion = client.chat.completions.create(
         model="samples", messages=[{"role": "user", "content": "Where is the Ray dashboard?"}])
     assert "8265" in (completion.choices[0].message.content or "")

@@ -12,7 +12,7 @@ import pytest
 
 from deployments import ops
 from deployments.serve_document import ServeDocument
-from tests.serve.conftest import LocalService, running_service
+from tests.serve.conftest import LocalService
 from tests.serve.lifecycle_helpers import replicas, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -29,16 +29,21 @@ def apply_weights(service: LocalService, weights: dict[str, float]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
-    with running_service(tmp_path_factory.mktemp("versions")) as service:
-        doc = ServeDocument.load(service.config_path)
-        doc.add_version("v2", "v1", {"version": "v2"})
-        doc.set_weights({"v1": 100, "v2": 0})  # add at weight 0, wait, then shift
-        doc.save(service.config_path)
-        ops.apply(doc.plain(), service.dashboard)
-        wait_for(lambda: "v2" in ops.readiness(service.gateway)[1].get("serving", []), 300, "v2 to serve")
-        apply_weights(service, {"v1": 90, "v2": 10})
+def two_versions(service: LocalService) -> Iterator[LocalService]:
+    """The package's cluster with a v2 beside v1 (this module runs last there); v2 goes again afterwards."""
+    original = service.config_path.read_text()
+    doc = ServeDocument.load(service.config_path)
+    doc.add_version("v2", "v1", {"version": "v2"})
+    doc.set_weights({"v1": 100, "v2": 0})  # add at weight 0, wait, then shift
+    doc.save(service.config_path)
+    ops.apply(doc.plain(), service.dashboard)
+    wait_for(lambda: "v2" in ops.readiness(service.gateway)[1].get("serving", []), 300, "v2 to serve")
+    apply_weights(service, {"v1": 90, "v2": 10})
+    try:
         yield service
+    finally:
+        service.config_path.write_text(original)
+        ops.deploy(service.config_path, dashboard=service.dashboard)
 
 
 def all_replicas(service: LocalService) -> dict[str, set[str]]:
