@@ -100,8 +100,13 @@ class Clock:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
+    # v1 follows `samples: latest`, which a rollout pins to the index published now: give it one, so the
+    # test does not depend on a var/kb left by `make demo`.
+    (tmp_path / "kb" / "samples" / "v1").mkdir(parents=True)
+    (tmp_path / "kb" / "samples" / "v1" / "manifest.json").write_text("{}")
     path = tmp_path / "serve_config.yaml"
-    ServeDocument.load(REPO / "serve_config.yaml").variant(gateway_args={"rollout": FAST}).save(path)
+    ServeDocument.load(REPO / "serve_config.yaml").variant(gateway_args={"rollout": FAST},
+                                                           kb_root=tmp_path / "kb").save(path)
     return path
 
 

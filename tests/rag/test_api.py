@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rag.api import (
     LIMITS,
     NAME_MAX_CHARS,
+    NOT_BLANK,
     SSE_DONE,
     ChatCompletionRequest,
     CompletionFormatter,
@@ -303,7 +304,7 @@ def test_lowered_limits_are_enforced_with_a_400() -> None:
 def test_the_schema_states_the_limits() -> None:
     schema = json.dumps(ChatCompletionRequest.model_json_schema())
     for fragment in ['"maxLength": 128', f'"maxItems": {LIMITS.max_messages}',
-                     f'"maxLength": {LIMITS.max_message_chars}', '"pattern": "\\\\S"',
+                     f'"maxLength": {LIMITS.max_message_chars}', f'"pattern": {json.dumps(NOT_BLANK)}',
                      f'"maximum": {LIMITS.max_tokens}']:
         assert fragment in schema, fragment
     assert '"maxLength": 4000' in json.dumps(KbChatRequest.model_json_schema())

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.cluster
 # Two pipelines share this machine's two cores, where a scheduling hiccup can double one request's time
 # to first token: the latency rule is covered by unit tests (tests/rag/test_rollout.py), so here a
 # latency difference counts only above 0.3 s.
-FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 4, "min_requests": 5, "max_wait_intervals": 4,
+FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 3, "min_requests": 5, "max_wait_intervals": 4,
                 "drain_timeout_s": 60, "ttft_slack_s": 0.3, "start_timeout_s": 150}
 MARKER = "The aurora release adds a zebra crossing mode"
 MARKER_QUESTION = "What does the aurora release add?"

@@ -17,6 +17,8 @@ from tests.serve.lifecycle_helpers import replicas, wait_for
 
 pytestmark = pytest.mark.cluster
 DEPLOYMENTS = ("Pipeline", "Embedder", "Retriever", "Generator")
+# 0.04 is 3.3 standard deviations of the v2 share at 600 requests and a 10 % weight: a wrong split fails.
+REQUESTS = 600
 
 
 def apply_weights(service: LocalService, weights: dict[str, float]) -> None:
@@ -59,12 +61,12 @@ def _search_version(client: httpx.Client, _: int) -> str:
     return response.headers["x-rag-version"]
 
 
-def test_ninety_ten_split_over_a_thousand_requests(two_versions: LocalService) -> None:
+def test_ninety_ten_split_over_six_hundred_requests(two_versions: LocalService) -> None:
     with two_versions.client(timeout=60,
                       limits=httpx.Limits(max_connections=8)) as client, ThreadPoolExecutor(8) as pool:
-        counts = Counter(pool.map(lambda i: _search_version(client, i), range(1000)))
+        counts = Counter(pool.map(lambda i: _search_version(client, i), range(REQUESTS)))
     assert set(counts) == {"v1", "v2"}
-    assert abs(counts["v2"] / 1000 - 0.10) <= 0.04, counts
+    assert abs(counts["v2"] / REQUESTS - 0.10) <= 0.04, counts
 
 
 def _chat_version(client: httpx.Client, user: str) -> str:
@@ -77,7 +79,7 @@ def _chat_version(client: httpx.Client, user: str) -> str:
 
 
 def test_sticky_ids_never_switch_version(two_versions: LocalService) -> None:
-    users = [f"user-{i}" for i in range(100)] * 3
+    users = [f"user-{i}" for i in range(60)] * 3
     with two_versions.client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
         seen = list(zip(users, pool.map(lambda u: _chat_version(client, u), users), strict=True))
     by_user: dict[str, set[str]] = {}
