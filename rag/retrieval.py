@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,14 @@ import numpy as np
 from rag.config import RetrievalConfig
 from rag.devices import pick_device
 from rag.errors import KnowledgeBaseNotFoundError, ServiceUnavailableError
-from rag.index import KnowledgeBaseIndex, list_knowledge_bases, list_versions, resolve_version
+from rag.index import (
+    KnowledgeBaseIndex,
+    Manifest,
+    list_knowledge_bases,
+    list_versions,
+    resolve_version,
+    version_directory,
+)
 from rag.language import Choice, choose_mode, cjk_share, language_of
 from rag.leases import LeaseKeeper
 from rag.records import Passage
@@ -62,7 +70,7 @@ class Retriever:
     def load(self) -> None:
         """Load every listed KB (failing on any), then, with `discover`, the other KBs that load."""
         root = self.config.kb_root_path
-        versions = {name: resolve_version(root, name, v) for name, v in self.config.knowledge_bases.items()}
+        versions = {name: self._start_version(root, name, v) for name, v in self.config.knowledge_bases.items()}
         # Leased before loading, so a prune cannot delete a pinned old version while it loads.
         self._leases.renew(versions)
         served: dict[str, SharedIndex] = {}
@@ -80,6 +88,17 @@ class Retriever:
             with self._refreshing:
                 self._follow()
         self._leases.renew(self.knowledge_bases())
+
+    def _start_version(self, root: Path, name: str, wanted: int | str) -> int:
+        """A pinned version as pinned; for `latest`, the newest version built with this pipeline's model.
+        While a KB is rebuilt with a new model for the version that will run it, a restarted replica of the
+        old version starts on the index it can read instead of failing (and follows it as before)."""
+        if wanted != "latest":
+            return resolve_version(root, name, int(wanted))
+        for version in reversed(list_versions(root, name)):
+            if Manifest.read(version_directory(root, name, version)).embedding_model == self.embedding_model:
+                return version
+        return resolve_version(root, name, "latest")  # none matches: loading it says why
 
     def refresh(self) -> list[Change]:
         """Switch followed KBs to their newest published version, add discovered KBs and drop deleted ones,

@@ -310,3 +310,15 @@ def test_default_reader_ids_are_unique_and_bad_ones_refused(tmp_path: Path) -> N
     assert Retriever(config, "m").reader_id != Retriever(config, "m").reader_id
     with pytest.raises(InvalidRequestError, match="reader id"):
         Retriever(config, "m", reader_id="../escape")
+
+
+def test_a_replica_starting_during_a_model_switch_serves_the_newest_index_of_its_own_model(tmp_path: Path,
+                                                                                           make: Any) -> None:
+    _publish(tmp_path, "a", "mine")
+    _publish(tmp_path, "a", "rebuilt-for-the-next-version", model="other")
+    r = make({"a": "latest"})
+    assert r.knowledge_bases() == {"a": 1} and _source(r, "a") == "mine.md"
+    assert r.refresh() == [] and r.knowledge_bases() == {"a": 1}  # the other model's index is refused
+    _publish(tmp_path, "a", "mine-again")
+    r.refresh()
+    assert r.knowledge_bases() == {"a": 3}
