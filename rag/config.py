@@ -50,6 +50,15 @@ def check_kb_name(name: object) -> str:
                               "starting with a letter or digit")
 
 
+def is_kb_name(name: object) -> bool:
+    """Whether `name` is a valid knowledge-base name (for filtering folders, where a refusal is no error)."""
+    try:
+        check_kb_name(name)
+    except InvalidRequestError:
+        return False
+    return True
+
+
 def _shown(value: object) -> str:
     if isinstance(value, str) and len(value) > _SHOWN_NAME_CHARS:
         return f"{value[:_SHOWN_NAME_CHARS]!r}... ({len(value)} chars)"

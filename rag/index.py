@@ -30,7 +30,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from rag.config import check_kb_name
+from rag.config import check_kb_name, is_kb_name
 from rag.errors import (
     IndexMismatchError,
     InvalidRequestError,
@@ -106,15 +106,7 @@ def list_knowledge_bases(kb_root: Path) -> list[str]:
     if not kb_root.is_dir():
         return []
     return sorted(p.name for p in kb_root.iterdir()
-                  if p.is_dir() and _is_kb_name(p.name) and list_versions(kb_root, p.name))
-
-
-def _is_kb_name(name: str) -> bool:
-    try:
-        check_kb_name(name)
-    except InvalidRequestError:
-        return False
-    return True
+                  if p.is_dir() and is_kb_name(p.name) and list_versions(kb_root, p.name))
 
 
 def resolve_version(kb_root: Path, name: str, version: int | Literal["latest"]) -> int:

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from rag.config import LEASE_HEARTBEATS_PER_TTL, check_kb_name
+from rag.config import LEASE_HEARTBEATS_PER_TTL, is_kb_name
 from rag.errors import InvalidRequestError
 from rag.index import kb_directory, list_versions, version_directory
 
@@ -99,15 +99,7 @@ def _lease_path(kb_root: Path, kb: str, reader_id: str) -> Path:
 def _leased_knowledge_bases(kb_root: Path, reader_id: str) -> list[str]:
     # By the lease files, not list_knowledge_bases: a KB whose versions are all gone still holds our lease.
     names = {p.parent.parent.name for p in Path(kb_root).glob(f"*/{READERS_DIR}/{reader_id}{_SUFFIX}")}
-    return sorted(n for n in names if _is_kb_name(n))
-
-
-def _is_kb_name(name: str) -> bool:
-    try:
-        check_kb_name(name)
-    except InvalidRequestError:
-        return False
-    return True
+    return sorted(n for n in names if is_kb_name(n))
 
 
 def _write_atomically(path: Path, payload: dict[str, float | int]) -> None:
