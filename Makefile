@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install browser demo stop test lint bench bench-rollout bench-ingest
+.PHONY: help install browser demo stop test lint bench bench-rollout bench-ingest bench-generation gpu-check
 help:
 	@echo "make demo   start local Ray, ingest the sample KB, deploy, stream an answer"
 	@echo "make stop   drain and remove the apps, stop Ray"
@@ -64,3 +64,10 @@ bench-rollout: install
 
 bench-ingest: install
 	$(PY) -m scripts.bench_ingest
+
+bench-generation: install
+	$(PY) -m scripts.bench_generation --tiny --json var/bench_generation.json
+
+# On a machine with a GPU: the issue-10 goals for the Qwen2.5-0.5B shape, through Serve (about 10 minutes).
+gpu-check: install
+	$(PY) -m scripts.bench_generation --device cuda --streams 1 8 64 --json var/gpu_generation.json

@@ -23,6 +23,7 @@ from rag.lifecycle import InFlight, LifecycleLog
 
 _WAITING = re.compile(r"Waiting for an additional [\d.]+s to shut down: (\d+) ongoing requests")
 _DRAINED = "Drained ongoing requests"
+Timings = dict[str, float] | None
 
 
 class _DrainWatcher(logging.Filter):
@@ -65,22 +66,24 @@ class ReplicaLifecycle:
         self._stop_requested_at: float | None = None
         logging.getLogger("ray.serve").addFilter(_DrainWatcher(self._on_drain))
 
-    async def start(self, what: str, load: Callable[[], None], warmup: Callable[[], Awaitable[None] | None],
+    async def start(self, what: str, load: Callable[[], None], warmup: Callable[[], Awaitable[Timings] | Timings],
                     extra_delay_s: float = 0.0) -> None:
         """Load, then warm up with a real call, before `__init__` returns: Serve routes to a replica
-        only after its constructor finished, so no request ever reaches a cold one."""
+        only after its constructor finished, so no request ever reaches a cold one. Timings the
+        warm-up returns (compile seconds, ...) go into the READY line; the metric counts them all."""
         self.log.event("STARTUP", loads=what)
         began = time.monotonic()
         load()
         loaded = time.monotonic()
-        result = warmup()
-        if inspect.isawaitable(result):
-            await result
+        timings = warmup()
+        if inspect.isawaitable(timings):
+            timings = await timings
         if extra_delay_s:
             await asyncio.sleep(extra_delay_s)
         total = time.monotonic() - began
         self.metrics.model_load.set(total)
-        self.log.event("READY", load_s=loaded - began, warmup_s=time.monotonic() - loaded, total_s=total)
+        self.log.event("READY", load_s=loaded - began, warmup_s=time.monotonic() - loaded, total_s=total,
+                       **(timings or {}))
 
     def _on_drain(self, ongoing: int) -> None:
         if self._stop_requested_at is None:

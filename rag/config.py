@@ -184,6 +184,14 @@ class GenerationConfig(_Strict):
                                          "replicas after the first one")
     warmup_tokens: int = Field(4, ge=1, le=64)
     trust_remote_code: bool = False
+    # Continuous batching (transformers backend): concurrent streams share each forward pass.
+    max_batch_streams: int = Field(64, ge=1, le=1024, description="requests decoded together per forward pass")
+    max_batch_tokens: int | None = Field(None, ge=16, le=1 << 20, description="tokens per forward pass "
+                                         "(prefill chunks and decode steps); null: sized from device memory")
+    kv_cache_tokens: int | None = Field(None, ge=64, le=1 << 24, description="KV cache size in tokens; null: "
+                                        "from free device memory on CUDA, 32768 on CPU")
+    compile_level: int = Field(0, ge=0, le=3, description="transformers' torch.compile preset on CUDA, "
+                               "compiled during warm-up; 0 leaves it off")
 
     @model_validator(mode="after")
     def _model_for_transformers(self) -> GenerationConfig:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
+from rag.batching import BatchedDecoding, BatchSettings, Sampling, TokenDecoder
 from rag.config import GenerationConfig
 from rag.constants import local_or_hub_id
 from rag.devices import empty_device_cache, pick_device
@@ -53,8 +53,9 @@ class Generator(ABC):
         self._loaded = True
 
     @abstractmethod
-    async def warmup(self) -> None:
-        """Run one real generation; raise `GenerationError` if it produces nothing."""
+    async def warmup(self) -> dict[str, float] | None:
+        """Run one real generation; raise `GenerationError` if it produces nothing. May return timings
+        (seconds by name) for the READY log line."""
 
     def check_health(self) -> None:
         """Raise `ServiceUnavailableError` unless loaded and not closed. Cheap."""
@@ -173,23 +174,20 @@ class ExtractiveGenerator(Generator):
 
 
 class TransformersGenerator(Generator):
-    """A causal LM from `transformers`, streamed token by token from a background thread.
-
-    Concurrent streams share one model without a lock: weights are only read under
-    `torch.inference_mode()`, and each `generate` call owns its KV cache and a copy of the
-    generation config, so threads do not step on each other. Torch releases the GIL inside
-    kernels, so streams interleave instead of queueing behind one long answer.
-    """
+    """A causal LM from `transformers`. Concurrent streams share forward passes (`rag.batching`): each
+    step decodes every active stream at once, a new stream joins at the next step, and each leaves on
+    its own (EOS, token limit, deadline, client gone)."""
 
     def __init__(self, config: GenerationConfig) -> None:
         super().__init__(config)
         self._model: Any = None
         self._tokenizer: Any = None
         self._device = "cpu"
-        self._running: dict[threading.Thread, threading.Event] = {}  # generate thread -> its cancel
+        self._decoding: BatchedDecoding | None = None
 
     def load(self) -> None:
-        """Load tokenizer and model from `config.model` (a local path or hub id) in eval mode."""
+        """Load tokenizer and model from `config.model` (a local path or hub id) in eval mode, and set
+        up the batched decoder over it (started by `warmup`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,99 +201,88 @@ class TransformersGenerator(Generator):
         model: Any = AutoModelForCausalLM.from_pretrained(
             source, dtype=getattr(torch, dtype_name), trust_remote_code=trust)
         self._model = model.to(self._device).eval()
+        settings = BatchSettings(max_streams=self.config.max_batch_streams,
+                                 max_batch_tokens=self.config.max_batch_tokens,
+                                 kv_cache_tokens=self.config.kv_cache_tokens,
+                                 compile_level=self.config.compile_level)
+        self._decoding = BatchedDecoding(self._model, self._tokenizer.eos_token_id, settings)
         self._loaded = True
+
+    def check_health(self) -> None:
+        super().check_health()
+        if self._decoding is None or not self._decoding.alive:
+            raise ServiceUnavailableError("the transformers generator's batched decoder is not running")
 
     def render_prompt(self, request: GenerationRequest) -> str:
         """The prompt text: the tokenizer's chat template if it has one, else a plain rendering."""
-        self.check_health()
+        super().check_health()
         messages = build_messages(request)
         if getattr(self._tokenizer, "chat_template", None):
             return str(self._tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False))
         return render_plain(messages)
 
-    async def warmup(self) -> None:
-        """Generate exactly `config.warmup_tokens` tokens for a probe question."""
+    async def warmup(self) -> dict[str, float]:
+        """Start the decoder (on CUDA: capture and compile), then stream probe answers alone and in a
+        batch, so the paths traffic takes have produced tokens before the replica reports ready."""
+        assert self._decoding is not None, "load() first"
+        compile_s = await asyncio.to_thread(self._decoding.start)
         n = self.config.warmup_tokens
-        request = GenerationRequest(question="What does the probe check?", passages=[PROBE],
-                                    max_new_tokens=n)
+        probe = GenerationRequest(question="What does the probe check?", passages=[PROBE], max_new_tokens=n)
+        began = time.monotonic()
+        for streams in sorted({1, min(8, self.config.max_batch_streams)}):
+            answers = await asyncio.gather(*(self._generated(probe) for _ in range(streams)))
+            if min(answers) < 1:
+                raise GenerationError(f"transformers warm-up generated no tokens ({streams} streams)")
+        return {"compile_s": compile_s, "probe_s": time.monotonic() - began}
+
+    async def _generated(self, request: GenerationRequest) -> int:
         stats: dict[str, int] = {}
-        _ = [chunk async for chunk in self._generate(request, stats, min_new_tokens=n)]
-        if stats.get("tokens", 0) < 1:
-            raise GenerationError("transformers warm-up generated no tokens")
+        async for _ in self._generate(request, stats):
+            pass
+        return stats.get("tokens", 0)
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream generated text; "length" when max_new_tokens or max_seconds ran out."""
         return self._generate(request, {})
 
-    async def _generate(self, request: GenerationRequest, stats: dict[str, int],
-                        **extra: Any) -> AsyncIterator[GenerationChunk]:
-        from transformers import AsyncTextIteratorStreamer, StoppingCriteriaList
-
-        self.check_health()
-        model, tokenizer = self._model, self._tokenizer
-        max_tokens, max_seconds = self._limits(request)
-        templated = bool(getattr(tokenizer, "chat_template", None))
+    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+        templated = bool(getattr(self._tokenizer, "chat_template", None))
         # A chat template writes its own BOS; adding special tokens again would double it.
-        inputs = tokenizer(self.render_prompt(request), return_tensors="pt", return_token_type_ids=False,
-                           add_special_tokens=not templated).to(self._device)
-        # The async streamer hands text to this event loop via call_soon_threadsafe, so no
-        # executor thread sits blocked on a queue per stream.
-        streamer = AsyncTextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel, pad = threading.Event(), tokenizer.pad_token_id
-        sampling = {"do_sample": True, "temperature": request.temperature, "top_p": self.config.top_p}
-        # The cancel criterion stops `generate` at its next token once the stream is abandoned.
-        stop = StoppingCriteriaList([lambda input_ids, scores, **_: cancel.is_set()])
-        kwargs = {**inputs, **(sampling if request.temperature > 0 else {"do_sample": False}), **extra,
-                  "max_new_tokens": max_tokens, "max_time": max_seconds, "streamer": streamer,
-                  "stopping_criteria": stop, "pad_token_id": tokenizer.eos_token_id if pad is None else pad}
-        result: dict[str, Any] = {}
-        thread = threading.Thread(target=self._run, args=(model, kwargs, streamer, result),
-                                  name="rag-generate", daemon=True)
-        self._running[thread] = cancel
-        thread.start()
-        try:
-            async for text in streamer:
-                if text:
-                    yield GenerationChunk(text)
-            await asyncio.to_thread(thread.join)
-            if "error" in result:
-                raise GenerationError(f"generation failed: {result['error']}") from result["error"]
-            stats["tokens"] = int(result["output"].shape[-1] - inputs["input_ids"].shape[-1])
-            out_of_time = result["seconds"] >= max_seconds
-            yield GenerationChunk("", "length" if stats["tokens"] >= max_tokens or out_of_time else "stop")
-        finally:
-            # Reached on normal end, on aclose() (GeneratorExit) and on task cancellation:
-            # stop the generate thread at its next token instead of letting it run on unseen.
-            cancel.set()
-            await asyncio.to_thread(thread.join, 10.0)
-            self._running.pop(thread, None)
+        return list(self._tokenizer(self.render_prompt(request), add_special_tokens=not templated,
+                                    return_token_type_ids=False)["input_ids"])
 
-    @staticmethod
-    def _run(model: Any, kwargs: dict[str, Any], streamer: Any, result: dict[str, Any]) -> None:
-        import torch
-
-        started = time.monotonic()
-        try:
-            with torch.inference_mode():  # grad mode is thread-local: set it in this thread
-                result["output"] = model.generate(**kwargs)
-            result["seconds"] = time.monotonic() - started
-        except BaseException as exc:  # reported by the consumer; the thread must not die silently
-            result["error"] = exc
-            streamer.end()  # unblock the consumer, which would otherwise wait for text forever
+    async def _generate(self, request: GenerationRequest, stats: dict[str, int]) -> AsyncIterator[GenerationChunk]:
+        self.check_health()
+        decoding = self._decoding
+        assert decoding is not None
+        max_tokens, max_seconds = self._limits(request)
+        deadline = time.monotonic() + max_seconds
+        prompt = self.encode_prompt(request)
+        budget = decoding.limit(len(prompt), max_tokens)
+        text, count = TokenDecoder(self._tokenizer), 0
+        sampling = Sampling(request.temperature, self.config.top_p)
+        async for ids in decoding.tokens(prompt, budget, sampling, deadline):
+            count += len(ids)
+            if piece := text.add(ids):
+                yield GenerationChunk(piece)
+        if tail := text.flush():
+            yield GenerationChunk(tail)
+        stats["tokens"] = count
+        out_of_room = count >= budget or time.monotonic() >= deadline
+        yield GenerationChunk("", "length" if out_of_room else "stop")
 
     def close(self) -> None:
-        """Stop running streams, drop model and tokenizer, free (GPU) memory."""
+        """Stop the decoder (streams still running end with an error), drop the model, free (GPU) memory."""
         self._loaded = False  # refuse new streams first
-        for event in list(self._running.values()):
-            event.set()
-        for thread in list(self._running):
-            thread.join(5.0)
+        decoding, self._decoding = self._decoding, None
+        if decoding is not None:
+            decoding.close()
         self._model = self._tokenizer = None
         super().close()
 
     def count_tokens(self, text: str) -> int:
-        self.check_health()
+        super().check_health()
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
 
