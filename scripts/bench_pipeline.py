@@ -30,9 +30,10 @@ from rag.auth import bearer
 from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
 from rag.config import PipelineConfig, load_serve_config, pipeline_configs
 from rag.embedding import TextEmbedder
-from rag.index import KnowledgeBaseIndex, list_versions
+from rag.index import list_versions
 from rag.pipeline import LocalPipeline
 from rag.records import AnswerDelta, AnswerEnd, Question
+from rag.retrieval import Retriever
 
 QUESTIONS = [
     "How do I upgrade the service without dropping requests?", "How do I shift traffic from version v1 to v2?",
@@ -74,11 +75,14 @@ def pin_served_index(config: PipelineConfig, url: str, kb: str, api_key: str | N
     embedder.load()
     vectors = embedder.embed(QUESTIONS)
     for version in reversed(list_versions(root, kb)):
-        index = KnowledgeBaseIndex.load(root, kb, version, expected_model=config.embedding.model)
-        found = [[(p.id, round(p.score, 3)) for p in ps] for ps in index.search(vectors, top_k, threshold)]
-        index.close()
+        # The Retriever, not the bare index: in `auto` mode the service fuses dense and BM25 rankings.
+        retrieval = config.retrieval.model_copy(update={"knowledge_bases": {kb: version}, "discover": False})
+        retriever = Retriever(retrieval, config.embedding.model, model_languages=config.embedding.languages)
+        retriever.load()
+        found = [[(p.id, round(p.score, 3)) for p in retriever.search(kb, vector, top_k, threshold, question)]
+                 for question, vector in zip(QUESTIONS, vectors, strict=True)]
+        retriever.close()
         if found == served:
-            retrieval = config.retrieval.model_copy(update={"knowledge_bases": {kb: version}})
             return config.model_copy(update={"retrieval": retrieval})
     return None
 
