@@ -1,9 +1,12 @@
-"""Latency of search and streaming chat: the Serve HTTP endpoint vs. the same pipeline in-process.
+"""Latency and throughput of search and streaming chat through the Serve HTTP endpoint, against the
+Serve floor (the same topology with no work in it) and the same pipeline in-process, all in one run.
 
     .venv/bin/python -m scripts.bench_pipeline [--requests 64] [--concurrency 1 8] [--json var/bench.json]
 
 Search is retrieval only (embed + FAISS); chat is one streamed answer, timed to its first piece and its end.
-In-process is `LocalPipeline` (first version in --config) pinned to the index version that --url serves.
+The floor is `deployments.floor`, deployed beside the project on the same cluster under /floor for the
+run and deleted after it; the project's numbers are reported as ratios to it. In-process is
+`LocalPipeline` (first version in --config) pinned to the index version that --url serves.
 """
 
 import os
@@ -15,8 +18,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -25,10 +29,11 @@ import httpx
 import numpy as np
 import torch
 
-from deployments.ops import readiness
+from deployments import ops
 from rag.auth import bearer
 from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
-from rag.config import PipelineConfig, load_serve_config, pipeline_configs
+from rag.config import GATEWAY_BUILDER, PIPELINE_BUILDER, PipelineConfig, is_app, load_serve_config, pipeline_configs
+from rag.constants import resolve_path
 from rag.embedding import TextEmbedder
 from rag.index import list_versions
 from rag.pipeline import LocalPipeline
@@ -44,6 +49,10 @@ QUESTIONS = [
 TIMEOUT_S = 60.0  # per request, both sides
 ROWS = [("search", "search", "latency_s"), ("chat first token", "chat", "first_token_s"),
         ("chat last token", "chat", "latency_s")]
+FLOOR_APP, FLOOR_PREFIX = "floor", "/floor"
+# The issue's goal for the project against the floor: p50 latency at most 1.3 times the floor's,
+# throughput at least 90 % of the floor's.
+GOAL_LATENCY_RATIO, GOAL_THROUGHPUT = 1.3, 0.9
 Sample = dict[str, Any]  # ok, latency_s, first_token_s, error
 Op = Callable[[str], Awaitable[Sample]]  # one timed request
 
@@ -58,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="measured requests per cell")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured requests per operation and side")
     parser.add_argument("--json", default=None, help="write the raw results to this path")
+    parser.add_argument("--ray-address", default="auto", help="the cluster serving --url (to deploy the floor on)")
     return parser.parse_args(argv)
 
 
@@ -141,46 +151,111 @@ async def run_cell(side: str, name: str, op: Op, concurrency: int, n: int) -> di
 async def bench(args: argparse.Namespace, config: PipelineConfig) -> list[dict[str, Any]]:
     # asyncio.to_thread (HTTP calls, the in-process embedder) would otherwise run at most cpus + 4 at once.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max(args.concurrency)))
-    pipe, cells, top_k = LocalPipeline(config), [], config.retrieval.top_k
+    pipe, cells, top_k, key = LocalPipeline(config), [], config.retrieval.top_k, client_key(args.api_key_file)
     pipe.load()
     await pipe.warmup()
-    with gateway_client(args.url, client_key(args.api_key_file), timeout=httpx.Timeout(TIMEOUT_S, connect=5.0),
-                      limits=httpx.Limits(max_connections=2 * max(args.concurrency))) as client:
-        sides = {"in-process": local_ops(pipe, args.kb, top_k), "serve": http_ops(client, args.kb, top_k)}
-        for name in ("search", "chat"):  # the sides alternate, so a noisy neighbour hits both alike
-            for side, ops in sides.items():
-                await run_cell(side, name, ops[name], max(args.concurrency), args.warmup)  # warm-up, not measured
+    options: dict[str, Any] = {"timeout": httpx.Timeout(TIMEOUT_S, connect=5.0),
+                               "limits": httpx.Limits(max_connections=2 * max(args.concurrency))}
+    with gateway_client(args.url, key, **options) as client, \
+            gateway_client(args.url + FLOOR_PREFIX, key, **options) as floor_client:
+        sides = {"in-process": local_ops(pipe, args.kb, top_k), "serve": http_ops(client, args.kb, top_k),
+                 "floor": http_ops(floor_client, args.kb, top_k)}
+        for name in ("search", "chat"):  # the sides alternate, so a noisy neighbour hits all alike
+            for side, ops_ in sides.items():
+                await run_cell(side, name, ops_[name], max(args.concurrency), args.warmup)  # warm-up, not measured
             for c in args.concurrency:
-                cells += [await run_cell(side, name, ops[name], c, args.requests) for side, ops in sides.items()]
+                cells += [await run_cell(side, name, ops_[name], c, args.requests) for side, ops_ in sides.items()]
     pipe.close()
     return cells
 
 
-def print_report(cells: list[dict[str, Any]], args: argparse.Namespace) -> int:
-    def ms(cell: dict[str, Any], key: str) -> list[float]:
-        values = [s[key] for s in cell["samples"] if s["ok"] and s[key] is not None]
-        return [float(v) * 1000 for v in np.percentile(values, [50, 99])] if values else [np.nan, np.nan]
-    by, overheads = {(c["side"], c["op"], c["concurrency"]): c for c in cells}, []
-    print(f"\n{'operation':<17}{'conc':>5} | {'in-proc p50':>11}{'p99':>9} | {'serve p50':>10}{'p99':>9} | "
-          f"{'overhead':>9} | {'in-proc req/s':>13}{'serve req/s':>12}\n" + "-" * 105)
+def project_deployments(serve_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The settings of the gateway's and the first pipeline version's deployments, by name."""
+    found: dict[str, dict[str, Any]] = {}
+    for builder in (GATEWAY_BUILDER, PIPELINE_BUILDER):
+        app = next(a for a in serve_config["applications"] if is_app(a, builder))
+        found.update({d["name"]: d for d in app.get("deployments") or []})
+    return found
+
+
+@contextmanager
+def serve_floor(args: argparse.Namespace) -> Iterator[None]:
+    """The floor deployed beside the project on its cluster for the block, and deleted after it, even
+    when the block fails."""
+    ops.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
+    import ray
+    from ray import serve
+
+    from deployments.floor import build_floor_app
+
+    options = project_deployments(load_serve_config(args.config))
+    ray.init(address=args.ray_address, log_to_driver=False)
+    try:
+        started = perf_counter()
+        serve.run(build_floor_app(str(resolve_path(args.api_key_file)), options), name=FLOOR_APP,
+                  route_prefix=FLOOR_PREFIX, blocking=False)
+        print(f"floor: deployed at {args.url}{FLOOR_PREFIX} in {perf_counter() - started:.1f}s", file=sys.stderr)
+        yield
+    finally:
+        serve.delete(FLOOR_APP)
+        ray.shutdown()
+
+
+def percentiles_ms(cell: dict[str, Any], key: str) -> list[float]:
+    values = [s[key] for s in cell["samples"] if s["ok"] and s[key] is not None]
+    return [float(v) * 1000 for v in np.percentile(values, [50, 99])] if values else [np.nan, np.nan]
+
+
+def comparisons(cells: list[dict[str, Any]], concurrency: list[int]) -> list[dict[str, Any]]:
+    """One row per operation and concurrency: each side's p50/p99 and req/s, the project against the
+    floor (latency ratio, throughput share) and against in-process (overhead)."""
+    by, rows = {(c["side"], c["op"], c["concurrency"]): c for c in cells}, []
     for label, op, key in ROWS:
-        for c in args.concurrency:
-            local, served = by[("in-process", op, c)], by[("serve", op, c)]
-            (l50, l99), (s50, s99) = ms(local, key), ms(served, key)
-            overheads.append(f"{s50 - l50:.1f} ms to {label} at concurrency {c}")
-            print(f"{label:<17}{c:>5} | {l50:>9.1f}ms{l99:>7.1f}ms | {s50:>8.1f}ms{s99:>7.1f}ms | "
-                  f"{s50 - l50:>7.1f}ms | {local['throughput']:>13.1f}{served['throughput']:>12.1f}")
+        for c in concurrency:
+            row: dict[str, Any] = {"operation": label, "concurrency": c}
+            for side in ("in-process", "floor", "serve"):
+                cell = by[(side, op, c)]
+                row[side] = dict(zip(("p50_ms", "p99_ms"), percentiles_ms(cell, key), strict=True),
+                                 throughput=cell["throughput"])
+            floor, served = row["floor"], row["serve"]
+            row["latency_ratio"] = _ratio(served["p50_ms"], floor["p50_ms"])
+            row["p99_ratio"] = _ratio(served["p99_ms"], floor["p99_ms"])
+            row["throughput_of_floor"] = _ratio(served["throughput"], floor["throughput"])
+            row["overhead_ms"] = served["p50_ms"] - row["in-process"]["p50_ms"]
+            rows.append(row)
+    return rows
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")  # a floor side that failed every request has no rate
+
+
+def print_report(cells: list[dict[str, Any]], rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    print(f"\n{'operation':<17}{'conc':>5} | {'floor p50':>9}{'p99':>9} | {'serve p50':>9}{'p99':>9} | "
+          f"{'x floor':>7}{'p99 x':>7} | {'floor req/s':>11}{'serve req/s':>12}{'% floor':>8} | "
+          f"{'in-proc p50':>11}{'req/s':>7}\n" + "-" * 132)
+    for r in rows:
+        floor, served, local = r["floor"], r["serve"], r["in-process"]
+        print(f"{r['operation']:<17}{r['concurrency']:>5} | {floor['p50_ms']:>7.1f}ms{floor['p99_ms']:>7.1f}ms | "
+              f"{served['p50_ms']:>7.1f}ms{served['p99_ms']:>7.1f}ms | {r['latency_ratio']:>7.2f}"
+              f"{r['p99_ratio']:>7.2f} | {floor['throughput']:>11.1f}{served['throughput']:>12.1f}"
+              f"{r['throughput_of_floor']:>7.0%} | {local['p50_ms']:>9.1f}ms{local['throughput']:>7.1f}")
     failures = sum(c["failures"] for c in cells)
     for cell in (c for c in cells if c["errors"]):
         print(f"  failed: {cell['side']} {cell['op']} c={cell['concurrency']}: {cell['errors']}")
-    print(f"\nsummary: Serve adds (p50) {'; '.join(overheads[::len(args.concurrency)])}; failures {failures} of "
+    met = [r for r in rows if r["latency_ratio"] <= GOAL_LATENCY_RATIO and r["throughput_of_floor"] >= GOAL_THROUGHPUT]
+    print(f"\nagainst the floor (goal: p50 at most {GOAL_LATENCY_RATIO}x, throughput at least {GOAL_THROUGHPUT:.0%}): "
+          f"{len(met)} of {len(rows)} rows meet it")
+    added = [f"{r['overhead_ms']:.1f} ms to {r['operation']} at concurrency {r['concurrency']}"
+             for r in rows[::len(args.concurrency)]]
+    print(f"summary: Serve adds (p50, over in-process) {'; '.join(added)}; failures {failures} of "
           f"{len(cells) * args.requests} -> {'valid run' if failures == 0 else 'INVALID run'}")
     return failures
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (ready := readiness(args.url))[0] != 200:
+    if (ready := ops.readiness(args.url))[0] != 200:
         print(f"error: GET {args.url}/ready is not 200 {ready}: start the service first (make demo)", file=sys.stderr)
         return 2
     config = next(iter(pipeline_configs(load_serve_config(args.config)).values()))
@@ -189,16 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         print(f"error: no index of {args.kb!r} in {root} retrieves what {args.url} does", file=sys.stderr)
         return 2
-    cells = asyncio.run(bench(args, config))
+    with serve_floor(args):
+        cells = asyncio.run(bench(args, config))
     info = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
             "loadavg_1m": round(os.getloadavg()[0], 2), "pipeline": config.version,
             "kb": f"{args.kb} v{config.retrieval.knowledge_bases[args.kb]} in {root}"}
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    failures = print_report(cells, args)
+    rows = comparisons(cells, args.concurrency)
+    failures = print_report(cells, rows, args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"machine": info, "args": vars(args), "cells": cells}, fh, indent=1)
+            json.dump({"machine": info, "args": vars(args), "comparisons": rows, "cells": cells}, fh, indent=1)
     return 0 if failures == 0 else 1
 
 
