@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from deployments.readiness import RoutePrimer, assess
+from enum import Enum
+
+from deployments.readiness import RoutePrimer, app_states_from_details, assess
 
 STAGES = {"Pipeline": 1, "Embedder": 1, "Retriever": 1, "Generator": 1}
 
@@ -69,3 +71,19 @@ def test_a_removed_version_is_primed_again_when_it_returns() -> None:
     primer.apply(["v1"], ["v1"], assess(["v1"], {"v1": ("RUNNING", STAGES)}))
     primer.apply(["v1", "v2"], ["v1"], assess(["v1"], with_v2))
     assert calls == ["v1", "v2", "v2"]
+
+
+class _State(Enum):  # the controller's answer holds Serve's enums, as this stands in for
+    RUNNING = "RUNNING"
+    STARTING = "STARTING"
+
+
+def test_states_from_the_controllers_plain_answer() -> None:
+    details = {"applications": {
+        "v1": {"status": _State.RUNNING, "deployments": {
+            "Embedder": {"replicas": [{"state": _State.RUNNING}, {"state": _State.STARTING}]},
+            "Generator": {"replicas": [{"state": "STARTING"}]}}},
+        "v2": {"status": "DEPLOYING", "deployments": {}}}}
+    assert app_states_from_details(details) == {"v1": ("RUNNING", {"Embedder": 1, "Generator": 0}),
+                                                 "v2": ("DEPLOYING", {})}
+    assert app_states_from_details({}) == {}
