@@ -16,7 +16,7 @@ help:
 	@echo "make demo   start local Ray, ingest the sample KB, deploy, stream an answer"
 	@echo "make stop   drain and remove the apps, stop Ray"
 	@echo "make test   install what the tests need and run lint, types and the whole suite"
-	@echo "make bench  benchmark Serve HTTP vs in-process (needs make demo running)"
+	@echo "make bench  benchmark Serve HTTP vs the Serve floor and in-process (needs make demo running)"
 	@echo "make bench-rollout  upgrades and rollouts under load, three ways (about 20 minutes)"
 
 # torch goes in first: with no GPU the CPU build (a bare `torch` requirement, pulled in by
