@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CPU_KV_CACHE_TOKENS = 32_768  # on CUDA the library sizes the cache from free device memory
 CPU_MAX_BATCH_TOKENS = 512  # tokens per forward pass on CPU: prefill chunks beyond this wait a step
 PAGE_TOKENS = 64
+_DEADLINE = object()
 
 
 @dataclass(frozen=True)
@@ -153,16 +154,19 @@ class BatchedDecoding:
         request_id = f"rag-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         manager.register_result_handler(request_id, outputs.put_nowait)
+        # One timer per stream puts a marker in the queue at the deadline: cheaper than a timeout per token.
+        timer = asyncio.get_running_loop().call_at(deadline, outputs.put_nowait, _DEADLINE)
         finished, sent = False, 0
         try:
             accepted = manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=max_new_tokens,
                                            streaming=True, **sampling.kwargs(self.vocab_size))
             if accepted is None:
                 raise ServiceUnavailableError("the batched decoder is stopping and takes no new requests")
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    output = await asyncio.wait_for(outputs.get(), left)
-                except TimeoutError:
+            while True:
+                output = await outputs.get()
+                while output is not _DEADLINE and not outputs.empty():
+                    output = outputs.get_nowait()  # each output holds all tokens so far: the newest counts
+                if output is _DEADLINE:
                     return
                 if output.error is not None:
                     finished = True  # the library has already dropped a failed request
@@ -174,6 +178,7 @@ class BatchedDecoding:
                 if finished:
                     return
         finally:
+            timer.cancel()
             if not finished:
                 manager.cancel_request(request_id)
                 self._forget(request_id)

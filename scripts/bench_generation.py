@@ -2,13 +2,14 @@
 
     .venv/bin/python -m scripts.bench_generation --tiny [--streams 1 8 32 64] [--device cpu|cuda] [--json PATH]
 
-The model has random weights: `--tiny` a 2-layer Llama, otherwise the Qwen2.5-0.5B shape (24 layers,
-hidden 896, vocabulary 151,936), built once under `var/models/` with a word-level tokenizer and its
-special tokens suppressed, so every answer runs to `--new-tokens`. Each stream asks `--rounds` questions
-back to back, greedy, with a prompt of about `--prompt-tokens` tokens. In-process is `TransformersGenerator`
-in this process; through Serve is the project's Generator deployment, deployed beside whatever runs on
-the demo cluster (or on a private cluster of the demo's shape when none runs) and called through its
-handle. Inter-token times spread each arrival over the tokens it carried.
+The model has random weights: `--tiny` a 2-layer Llama, otherwise the Qwen2.5-0.5B shape (24 layers, hidden
+896, vocabulary 151,936), built once under `var/models/` with a word-level tokenizer and its special tokens
+suppressed, so every answer runs to `--new-tokens`. Each stream asks `--rounds` questions back to back (more
+where a cell would produce fewer than `--min-tokens`), greedy, with a prompt of about `--prompt-tokens`
+tokens. In-process is `TransformersGenerator` in this process; through Serve is the project's Generator
+deployment, deployed beside whatever runs on the demo cluster (or on a private cluster of the demo's shape
+when none runs) and called through its handle. Inter-token times spread each arrival over the tokens it
+carried.
 """
 
 import os
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="questions per stream, back to back")
+    parser.add_argument("--min-tokens", type=int, default=4096, help="tokens per cell at least (more rounds)")
     parser.add_argument("--compile-level", type=int, default=0, help="generation.compile_level (CUDA)")
     parser.add_argument("--skip-serve", action="store_true", help="in-process only")
     parser.add_argument("--json", default=None, help="write the results to this path")
@@ -132,6 +135,11 @@ async def measure(stream: Stream, request: GenerationRequest, streams: int, roun
             "inter_token_p50_s": float(np.percentile(gaps, 50)), "inter_token_p99_s": float(np.percentile(gaps, 99))}
 
 
+def rounds(args: argparse.Namespace, streams: int) -> int:
+    """Questions per stream: `--rounds`, or more where few streams would make a cell too short to time."""
+    return max(args.rounds, math.ceil(args.min_tokens / (streams * args.new_tokens)))
+
+
 def cuda_used() -> int | None:
     """Bytes in use on the GPU by every process (None without CUDA)."""
     import torch
@@ -155,7 +163,7 @@ def in_process(args: argparse.Namespace, model: Path) -> tuple[dict[str, Any], G
             yield [chunk]
 
     for streams in args.streams:
-        results[str(streams)] = asyncio.run(measure(stream, request, streams, args.rounds))
+        results[str(streams)] = asyncio.run(measure(stream, request, streams, rounds(args, streams)))
         print(f"  in-process {streams:>3} streams: {results[str(streams)]['tokens_per_s']:,.0f} tokens/s",
               file=sys.stderr)
     generator.close()
@@ -201,7 +209,7 @@ def through_serve(args: argparse.Namespace, model: Path, request: GenerationRequ
                 return handle.generate.remote(r)  # type: ignore[no-any-return]
 
             for streams in args.streams:
-                results[str(streams)] = asyncio.run(measure(stream, request, streams, args.rounds))
+                results[str(streams)] = asyncio.run(measure(stream, request, streams, rounds(args, streams)))
                 print(f"  serve      {streams:>3} streams: {results[str(streams)]['tokens_per_s']:,.0f} tokens/s",
                       file=sys.stderr)
         finally:
