@@ -44,7 +44,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                      "intermediate_size": 4_864, "num_hidden_layers": 24, "num_attention_heads": 14,
                      "num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 1_000_000.0},
 }
-APP = "bench-generation"
+APP = f"bench-generation-{os.getpid()}"  # runs side by side do not delete each other's app
 Stream = Callable[[GenerationRequest], AsyncIterator[list[GenerationChunk]]]
 
 
@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="questions per stream, back to back")
     parser.add_argument("--min-tokens", type=int, default=4096, help="tokens per cell at least (more rounds)")
     parser.add_argument("--compile-level", type=int, default=0, help="generation.compile_level (CUDA)")
+    parser.add_argument("--stream-window-s", type=float, default=0.05,
+                        help="generation.stream_batch_window_s, pieces gathered per message between replicas (the "
+                        "value serve_config.gpu.yaml sets for the transformers backend)")
     parser.add_argument("--skip-serve", action="store_true", help="in-process only")
     parser.add_argument("--json", default=None, help="write the results to this path")
     return parser.parse_args(argv)
@@ -93,6 +96,7 @@ def generation_config(args: argparse.Namespace, model: Path) -> GenerationConfig
     return GenerationConfig(backend="transformers", model=str(model), device=args.device,
                             max_new_tokens=args.new_tokens, max_stream_seconds=600, temperature=0.0,
                             max_batch_streams=max(args.streams), compile_level=args.compile_level,
+                            stream_batch_window_s=args.stream_window_s,
                             kv_cache_tokens=max(args.streams) * (args.prompt_tokens + args.new_tokens + 64))
 
 
@@ -276,6 +280,8 @@ def goals(args: argparse.Namespace, local: dict[str, Any], served: dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.skip_serve:
+        ops.use_token_auth()  # before anything imports Ray, which reads RAY_AUTH_MODE once, at import
     shape = "tiny" if args.tiny else "qwen2.5-0.5b"
     model = build_model(REPO / "var" / "models" / f"bench-{shape}", shape)
     local, request = in_process(args, model)
