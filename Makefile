@@ -70,4 +70,4 @@ bench-generation: install
 
 # On a machine with a GPU: the issue-10 goals for the Qwen2.5-0.5B shape, through Serve (about 10 minutes).
 gpu-check: install
-	$(PY) -m scripts.bench_generation --device cuda --streams 1 8 64 --json var/gpu_generation.json
+	$(PY) -m scripts.bench_generation --device cuda --streams 1 8 64 --min-tokens 1024 --json var/gpu_generation.json
