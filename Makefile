@@ -18,6 +18,8 @@ help:
 	@echo "make test   install what the tests need and run lint, types and the whole suite"
 	@echo "make bench  benchmark Serve HTTP vs the Serve floor and in-process (needs make demo running)"
 	@echo "make bench-rollout  upgrades and rollouts under load, three ways (about 20 minutes)"
+	@echo "make bench-generation  batched generation, 1-64 streams, in-process and through Serve (tiny model)"
+	@echo "make gpu-check  on a GPU machine: the batched-generation goals for the 0.5B shape through Serve"
 
 # torch goes in first: with no GPU the CPU build (a bare `torch` requirement, pulled in by
 # sentence-transformers, would drag a multi-GB CUDA build onto a machine that cannot use it).
@@ -70,4 +72,4 @@ bench-generation: install
 
 # On a machine with a GPU: the issue-10 goals for the Qwen2.5-0.5B shape, through Serve (about 10 minutes).
 gpu-check: install
-	$(PY) -m scripts.bench_generation --device cuda --streams 1 8 64 --min-tokens 1024 --json var/gpu_generation.json
+	$(PY) -m scripts.bench_generation --device cuda --streams 1 8 64 --min-tokens 1024 --repeat 1 --json var/gpu_generation.json

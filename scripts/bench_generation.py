@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="questions per stream, back to back")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every cell, interleaved; the median counts")
     parser.add_argument("--min-tokens", type=int, default=4096, help="tokens per cell at least (more rounds)")
     parser.add_argument("--compile-level", type=int, default=0, help="generation.compile_level (CUDA)")
     parser.add_argument("--stream-window-s", type=float, default=0.05,
@@ -139,6 +140,19 @@ async def measure(stream: Stream, request: GenerationRequest, streams: int, roun
             "inter_token_p50_s": float(np.percentile(gaps, 50)), "inter_token_p99_s": float(np.percentile(gaps, 99))}
 
 
+def cells(args: argparse.Namespace, stream: Stream, request: GenerationRequest, side: str) -> dict[str, Any]:
+    """Every stream count `--repeat` times, the counts interleaved so that a slow spell of a shared
+    machine touches them all alike; each count keeps its run of median throughput."""
+    runs: dict[str, list[dict[str, float]]] = {str(n): [] for n in args.streams}
+    for repeat in range(args.repeat):
+        for streams in args.streams:
+            result = asyncio.run(measure(stream, request, streams, rounds(args, streams)))
+            runs[str(streams)].append(result)
+            print(f"  {side:<10} {streams:>3} streams, run {repeat + 1}: {result['tokens_per_s']:,.0f} tokens/s",
+                  file=sys.stderr)
+    return {n: sorted(r, key=lambda x: x["tokens_per_s"])[len(r) // 2] for n, r in runs.items()}
+
+
 def rounds(args: argparse.Namespace, streams: int) -> int:
     """Questions per stream: `--rounds`, or more where few streams would make a cell too short to time."""
     return max(args.rounds, math.ceil(args.min_tokens / (streams * args.new_tokens)))
@@ -166,10 +180,7 @@ def in_process(args: argparse.Namespace, model: Path) -> tuple[dict[str, Any], G
         async for chunk in generator.stream(r):
             yield [chunk]
 
-    for streams in args.streams:
-        results[str(streams)] = asyncio.run(measure(stream, request, streams, rounds(args, streams)))
-        print(f"  in-process {streams:>3} streams: {results[str(streams)]['tokens_per_s']:,.0f} tokens/s",
-              file=sys.stderr)
+    results.update(cells(args, stream, request, "in-process"))
     generator.close()
     results["cuda_used_after_close"] = cuda_used()
     return results, request
@@ -212,10 +223,7 @@ def through_serve(args: argparse.Namespace, model: Path, request: GenerationRequ
             def stream(r: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
                 return handle.generate.remote(r)  # type: ignore[no-any-return]
 
-            for streams in args.streams:
-                results[str(streams)] = asyncio.run(measure(stream, request, streams, rounds(args, streams)))
-                print(f"  serve      {streams:>3} streams: {results[str(streams)]['tokens_per_s']:,.0f} tokens/s",
-                      file=sys.stderr)
+            results.update(cells(args, stream, request, "serve"))
         finally:
             serve.delete(APP)
         time.sleep(2)  # the replica's process exits after its cleanup

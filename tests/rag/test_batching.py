@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -230,3 +231,21 @@ def test_passages_do_not_leak_between_rows(llm: TransformersGenerator) -> None:
         return [_text(c) for c in await asyncio.gather(*(_collect(llm, r) for r in requests))]
 
     assert asyncio.run(together()) == alone
+
+
+def test_the_generation_benchmark_runs_and_writes_its_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from scripts import bench_generation
+
+    monkeypatch.setattr(bench_generation, "REPO", tmp_path)  # the model is built under tmp_path/var/models
+    out = tmp_path / "bench.json"
+    assert bench_generation.main(["--tiny", "--skip-serve", "--streams", "1", "3", "--new-tokens", "6",
+                                  "--prompt-tokens", "40", "--min-tokens", "6", "--repeat", "1",
+                                  "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"in_process", "serve"} and results["serve"] == {}
+    for streams in ("1", "3"):
+        cell = results["in_process"][streams]
+        assert cell["tokens"] == int(streams) * 6 * 2  # every answer runs to its limit, --rounds 2 each
+        assert cell["tokens_per_s"] > 0 and cell["ttft_p50_s"] <= cell["ttft_p99_s"]
