@@ -9,7 +9,7 @@ capture and compilation; this module turns its per-token callbacks into one asyn
 Measured on this project's 2-core machine (tiny random Llama, 64 new tokens each, one thread), before
 choosing it: eight `generate` threads over one model gave 320-430 tokens/s in total, fewer than one
 stream alone (750-960); eight `generate` calls batched into one gave 5,100 but cannot take a request
-that arrives while it runs; continuous batching gave 3,300-3,900 and takes arrivals at the next step.
+that arrives while it runs; continuous batching gave 2,900-3,900 and takes arrivals at the next step.
 """
 
 from __future__ import annotations
