@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import logging
 import math
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +25,6 @@ from typing import Any
 
 from rag.errors import GenerationError, InvalidRequestError, ServiceUnavailableError
 
-log = logging.getLogger(__name__)
 CPU_KV_CACHE_TOKENS = 32_768  # on CUDA the library sizes the cache from free device memory
 CPU_MAX_BATCH_TOKENS = 512  # tokens per forward pass on CPU: prefill chunks beyond this wait a step
 PAGE_TOKENS = 64
@@ -108,6 +105,7 @@ class BatchedDecoding:
         cpu = model.device.type == "cpu"
         cache_tokens = settings.kv_cache_tokens or (CPU_KV_CACHE_TOKENS if cpu else None)
         self.cache_tokens = cache_tokens
+        self.capacity = min(self.context, cache_tokens or self.context)  # tokens one request may hold
         batching = ContinuousBatchingConfig(
             page_size=PAGE_TOKENS, per_request_processors=True, max_requests_per_batch=settings.max_streams,
             num_blocks=math.ceil(cache_tokens / PAGE_TOKENS) if cache_tokens else None,
@@ -116,7 +114,6 @@ class BatchedDecoding:
         self._manager = model.init_continuous_batching(generation_config=generation,
                                                        continuous_batching_config=batching)
         self._ids = itertools.count()
-        self._lock = threading.Lock()
 
     def start(self) -> float:
         """Start the decoding thread; on CUDA capture graphs and compile first. Returns those seconds."""
@@ -136,12 +133,11 @@ class BatchedDecoding:
     def limit(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """`max_new_tokens` cut to what the model's context and the cache hold after the prompt;
         a prompt that leaves no room is refused here, alone, before it joins a batch."""
-        room = min(self.context, self.cache_tokens or self.context) - prompt_tokens
+        room = self.capacity - prompt_tokens
         if room < 1:
             raise InvalidRequestError(
-                f"the prompt has {prompt_tokens} tokens; this model's context holds "
-                f"{min(self.context, self.cache_tokens or self.context)}: ask a shorter question or retrieve "
-                "fewer passages (top_k)")
+                f"the prompt has {prompt_tokens} tokens; this model's context holds {self.capacity}: "
+                "ask a shorter question or retrieve fewer passages (top_k)")
         return min(max_new_tokens, room)
 
     async def tokens(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
@@ -164,8 +160,10 @@ class BatchedDecoding:
                 raise ServiceUnavailableError("the batched decoder is stopping and takes no new requests")
             while True:
                 output = await outputs.get()
-                while output is not _DEADLINE and not outputs.empty():
-                    output = outputs.get_nowait()  # each output holds all tokens so far: the newest counts
+                # Each output holds all tokens so far, so only the newest counts; a final one (finished or
+                # failed) is never skipped.
+                while output is not _DEADLINE and not output.is_finished() and not outputs.empty():
+                    output = outputs.get_nowait()
                 if output is _DEADLINE:
                     return
                 if output.error is not None:
@@ -181,11 +179,13 @@ class BatchedDecoding:
             timer.cancel()
             if not finished:
                 manager.cancel_request(request_id)
-                self._forget(request_id)
+                self._forget(manager, request_id)
 
-    def _forget(self, request_id: str) -> None:
-        # A cancelled request gets no final output, so the library never drops its handler itself.
-        router = self._manager.output_router
+    @staticmethod
+    def _forget(manager: Any, request_id: str) -> None:
+        # A cancelled request gets no final output, so the library never drops its handler itself. The
+        # manager is the stream's own: `close()` may have dropped this object's reference meanwhile.
+        router = manager.output_router
         with router._lock:
             router.result_handlers.pop(request_id, None)
 
