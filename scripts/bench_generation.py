@@ -286,6 +286,17 @@ def goals(args: argparse.Namespace, local: dict[str, Any], served: dict[str, Any
     return found
 
 
+def as_json(local: dict[str, Any], served: dict[str, Any]) -> dict[str, Any]:
+    """`{"in_process": {"<streams>": cell}, "serve": {...}, "startup": {...}}`: each side holds only its
+    cells, keyed by stream count; start-up times and GPU memory go under "startup"."""
+    def split(side: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return ({k: v for k, v in side.items() if k.isdigit()}, {k: v for k, v in side.items() if not k.isdigit()})
+
+    (local_cells, local_rest), (served_cells, served_rest) = split(local), split(served)
+    return {"in_process": local_cells, "serve": served_cells,
+            "startup": {"in_process": local_rest, "serve": served_rest}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.skip_serve:
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     report(args, local, served)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"in_process": local, "serve": served}, indent=2))
+        Path(args.json).write_text(json.dumps(as_json(local, served), indent=2))
     return 0
 
 

@@ -244,7 +244,9 @@ def test_the_generation_benchmark_runs_and_writes_its_json(tmp_path: Path, monke
                                   "--prompt-tokens", "40", "--min-tokens", "6", "--repeat", "1",
                                   "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results) == {"in_process", "serve"} and results["serve"] == {}
+    assert set(results) == {"in_process", "serve", "startup"} and results["serve"] == {}
+    assert set(results["in_process"]) == {"1", "3"}  # only cells, keyed by stream count
+    assert results["startup"]["in_process"]["ready_s"] > 0
     for streams in ("1", "3"):
         cell = results["in_process"][streams]
         assert cell["tokens"] == int(streams) * 6 * 2  # every answer runs to its limit, --rounds 2 each
