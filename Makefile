@@ -52,11 +52,11 @@ stop: install
 	$(PY) -m scripts.stop
 
 lint: install
-	$(VENV)/bin/ruff check rag deployments scripts tests
+	$(VENV)/bin/ruff check rag control deployments scripts tests
 	$(VENV)/bin/mypy
 
 test: lint browser
-	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=12
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10
 
 bench: install
 	$(PY) -m scripts.bench_pipeline

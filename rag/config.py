@@ -7,13 +7,11 @@ gateway's `user_config` is a `TrafficConfig`. Scripts (ingest, demo) read the sa
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -348,131 +346,3 @@ def validate(schema: type[T], data: Any, where: str) -> T:
         return schema.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, where)) from None
-
-
-def load_serve_config(path: str | Path) -> dict[str, Any]:
-    with open(resolve_path(path), encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    if not isinstance(data, dict) or not isinstance(data.get("applications"), list):
-        raise ConfigError(f"{path}: not a Serve config (no 'applications' list)")
-    bad = [i for i, app in enumerate(data["applications"]) if not isinstance(app, dict)]
-    if bad:
-        raise ConfigError(f"{path}: applications {bad} are not mappings with name, import_path and args")
-    return data
-
-
-# The builders in `deployments/app.py` that `import_path` names: they tell what an application is.
-PIPELINE_BUILDER = "build_pipeline_app"
-GATEWAY_BUILDER = "build_gateway_app"
-
-
-def is_app(app: dict[str, Any], builder: str) -> bool:
-    """Whether a Serve config application is built by `builder` (PIPELINE_BUILDER or GATEWAY_BUILDER)."""
-    return str(app.get("import_path", "")).endswith(f":{builder}")
-
-
-def pipeline_configs(serve_config: dict[str, Any]) -> dict[str, PipelineConfig]:
-    """The pipeline versions a Serve config deploys, by version name."""
-    found: dict[str, PipelineConfig] = {}
-    for app in serve_config["applications"]:
-        if is_app(app, PIPELINE_BUILDER):
-            cfg = validate(PipelineConfig, app.get("args"), f"args of application {app.get('name')!r}")
-            found[cfg.version] = cfg
-    return found
-
-
-# Serve's default when a deployment does not set it.
-SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
-STREAMING_DEPLOYMENTS = ("Pipeline", "Generator")
-
-
-def _graceful_timeouts(app: dict[str, Any]) -> dict[str, float]:
-    given = {d.get("name"): d.get("graceful_shutdown_timeout_s") for d in app.get("deployments") or []}
-    return {name: float(given.get(name) or SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S) for name in given}
-
-
-def stream_drain_problems(serve_config: dict[str, Any]) -> list[str]:
-    """Every place where a stream could outlive its replica's drain, so a redeploy would cut it."""
-    problems: list[str] = []
-    longest = 0.0
-    for app in serve_config["applications"]:
-        if not is_app(app, PIPELINE_BUILDER):
-            continue
-        cfg = validate(PipelineConfig, app.get("args"), f"args of application {app.get('name')!r}")
-        bound = cfg.generation.max_stream_seconds + cfg.lifecycle.drain_margin_s
-        longest = max(longest, bound)
-        timeouts = _graceful_timeouts(app)
-        for name in STREAMING_DEPLOYMENTS:
-            timeout = timeouts.get(name, SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
-            if timeout <= bound:
-                problems.append(
-                    f"application {app.get('name')!r}: {name}.graceful_shutdown_timeout_s ({timeout:g}) must be "
-                    f"above generation.max_stream_seconds ({cfg.generation.max_stream_seconds:g}) + "
-                    f"lifecycle.drain_margin_s ({cfg.lifecycle.drain_margin_s:g}) = {bound:g}; raise the timeout "
-                    "or lower max_stream_seconds")
-    for app in serve_config["applications"]:
-        if is_app(app, GATEWAY_BUILDER):
-            problems += _gateway_drain_problems(app, longest)
-    return problems
-
-
-def _gateway_drain_problems(app: dict[str, Any], longest_stream: float) -> list[str]:
-    # An upload request waits up to knowledge_base.wait_s for its job (10 s more for the reply): a drain
-    # must outlast that too, in the Gateway and in the KnowledgeBases manager it waits on.
-    gateway = validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
-    timeouts, problems = _graceful_timeouts(app), []
-    needs = {"Gateway": max(longest_stream, gateway.knowledge_base.wait_s + 10),
-             "KnowledgeBases": gateway.knowledge_base.wait_s + 10}
-    for name, bound in needs.items():
-        timeout = timeouts.get(name, SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
-        if timeout <= bound:
-            problems.append(f"application {app.get('name')!r}: {name}.graceful_shutdown_timeout_s ({timeout:g}) must "
-                            f"be above {bound:g}: the longest stream of any version plus its drain margin, and "
-                            f"knowledge_base.wait_s ({gateway.knowledge_base.wait_s:g}) + 10")
-    return problems
-
-
-def check_serve_config(serve_config: dict[str, Any]) -> None:
-    """Validate a whole Serve config before it is deployed: every application's args, the gateway's
-    traffic weights, and that no stream can outlive a drain. Raises `ConfigError` listing every problem."""
-    versions = pipeline_configs(serve_config)
-    problems = stream_drain_problems(serve_config)
-    for app in serve_config["applications"]:
-        if is_app(app, GATEWAY_BUILDER):
-            gateway = validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
-            problems += unauthenticated_problems(serve_config, app.get("name"), gateway)
-            for deployment in app.get("deployments") or []:
-                if deployment.get("name") == "Gateway" and "user_config" in deployment:
-                    traffic = validate(TrafficConfig, deployment["user_config"], "Gateway user_config")
-                    missing = sorted(v for v, w in traffic.weights.items() if w > 0 and v not in versions)
-                    if missing:
-                        problems.append(f"Gateway user_config gives traffic to versions that are not deployed: "
-                                        f"{missing}; deployed: {sorted(versions)}")
-    roots = {str(c.retrieval.kb_root_path) for c in versions.values()}
-    if len(roots) > 1:
-        problems.append(f"pipeline versions read knowledge bases from different retrieval.kb_root folders "
-                        f"{sorted(roots)}; the knowledge-base API writes to one, so give them the same")
-    if problems:
-        raise ConfigError("invalid Serve config:\n  " + "\n  ".join(problems))
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-# Serve's HTTP proxy binds 127.0.0.1 when http_options.host is not set.
-SERVE_DEFAULT_HTTP_HOST = "127.0.0.1"
-
-
-def unauthenticated_problems(serve_config: dict[str, Any], name: Any, gateway: GatewayConfig) -> list[str]:
-    """A gateway without keys is acceptable only where nobody else can reach it."""
-    host = str((serve_config.get("http_options") or {}).get("host") or SERVE_DEFAULT_HTTP_HOST)
-    if not gateway.allow_unauthenticated or is_loopback(host):
-        return []
-    return [f"application {name!r}: allow_unauthenticated is true but http_options.host is {host!r}, which is not "
-            "loopback; give the gateway an api_key_file instead, or bind the proxy to 127.0.0.1"]

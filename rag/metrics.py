@@ -28,6 +28,9 @@ TIME_TO_FIRST_TOKEN_SECONDS = MetricSpec("rag_time_to_first_token_seconds",
 GENERATED_TOKENS = MetricSpec("rag_generated_tokens_total", "Answer pieces streamed to clients.")
 REQUESTS = MetricSpec("rag_requests_total", "Requests answered, by endpoint, status and version.",
                       ("version", "endpoint", "status"))
+LIFECYCLE_EVENTS = MetricSpec("rag_lifecycle_events_total",
+                              "Replica lifecycle events (STARTUP, READY, SHUTDOWN, DRAINING, CLEANUP, ...).",
+                              ("version", "event"))
 
 ALL = (REQUESTS_IN_FLIGHT, MODEL_LOAD_SECONDS, VECTOR_SEARCH_MS, SHUTDOWN_GRACE_USED_SECONDS,
-       TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS)
+       TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS, LIFECYCLE_EVENTS)

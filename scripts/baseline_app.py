@@ -22,8 +22,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from control.document import load_serve_config
+from control.serve_config import pipeline_configs
 from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, error_body, sse
-from rag.config import GatewayConfig, PipelineConfig, load_serve_config, pipeline_configs
+from rag.config import GatewayConfig, PipelineConfig
 from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, RagError
 from rag.pipeline import LocalPipeline
 from rag.records import AnswerEvent

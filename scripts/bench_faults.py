@@ -32,11 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deployments import ops
+from control import cluster
+from control.document import load_serve_config
+from control.serve_config import pipeline_configs
 from rag.auth import create_key_file, read_client_key
-from rag.config import load_serve_config, pipeline_configs
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator, LoadResult
+from tests.support import cluster as support
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("Embedder", "Retriever", "Pipeline", "Generator")
@@ -46,7 +48,7 @@ COLUMNS = ("fault", "requests", "ok", "failed before 1st byte", "cut with error 
 
 
 def running(dashboard: str, app: str, deployment: str) -> set[str]:
-    details = ops.applications(dashboard).get(app, {}).get("deployments", {}).get(deployment, {})
+    details = cluster.applications(dashboard).get(app, {}).get("deployments", {}).get(deployment, {})
     return {r["replica_id"] for r in details.get("replicas", []) if r.get("state") == "RUNNING"}
 
 
@@ -54,7 +56,7 @@ def recovered(dashboard: str, gateway: str, app: str, deployment: str, before: s
     """Seconds until a replica other than the killed ones runs and the gateway is ready again."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        if running(dashboard, app, deployment) - before and ops.readiness(gateway)[0] == 200:
+        if running(dashboard, app, deployment) - before and cluster.readiness(gateway)[0] == 200:
             return time.monotonic() - started
         time.sleep(0.25)
     return float("nan")
@@ -78,7 +80,7 @@ def run_fault(fault: str, dashboard: str, gateway: str, key: str, args: argparse
                        max_requests=1_000_000) as load:
         time.sleep(args.before)
         killed_at = time.time()
-        ops.kill_replica(dashboard, app, deployment)
+        support.kill_replica(dashboard, app, deployment)
         recovered_s = recovered(dashboard, gateway, app, deployment, before, 240)
         time.sleep(args.after)
     result = row(fault, load.result, killed_at, recovered_s)
@@ -110,22 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         config = next(iter(pipeline_configs(load_serve_config(REPO / "serve_config.yaml")).values()))
         ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples", config)
         create_key_file(work / "api_key")
-        port = ops.free_port()
+        port = support.free_port()
         gateway = f"http://127.0.0.1:{port}"
         common = {"http_port": port, "kb_root": work / "kb", "gateway_args": {"api_key_file": str(work / "api_key")},
                   "pipeline_args": {"generation": {"extractive_piece_delay_s": args.piece_delay}}}
-        with ops.private_cluster() as dashboard:
-            ops.deploy(ops.write_config(REPO / "serve_config.yaml", work / "demo.yaml", **common), dashboard)
-            ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        with support.private_cluster() as dashboard:
+            cluster.deploy(cluster.write_config(REPO / "serve_config.yaml", work / "demo.yaml", **common), dashboard)
+            cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
             for fault in [f for f in args.faults if f != "Gateway"]:
                 rows.append(run_fault(fault, dashboard, gateway, read_client_key(work / "api_key"), args))
             if "Gateway" in args.faults:
-                two = ops.write_config(REPO / "serve_config.yaml", work / "two-gateways.yaml",
+                two = cluster.write_config(REPO / "serve_config.yaml", work / "two-gateways.yaml",
                                        deployment_options={"Gateway": {"num_replicas": 2}}, **common)
-                ops.deploy(two, dashboard)
+                cluster.deploy(two, dashboard)
                 while len(running(dashboard, "gateway", "Gateway")) < 2:
                     time.sleep(0.5)
-                ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+                cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
                 rows.append(run_fault("Gateway", dashboard, gateway, read_client_key(work / "api_key"), args))
     print(table(rows))
     return 0

@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from deployments import ops
+from control import cluster
 from rag.config import GenerationConfig, PipelineConfig
 from rag.generation import TransformersGenerator
 from rag.records import GenerationChunk, GenerationRequest, Passage
+from tests.support import cluster as support
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
@@ -189,24 +190,24 @@ def in_process(args: argparse.Namespace, model: Path) -> tuple[dict[str, Any], G
 @contextlib.contextmanager
 def serve_cluster() -> Iterator[None]:
     """The running demo cluster if there is one (the app goes beside the project), else a private one."""
-    ops.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
+    support.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
     import ray
 
-    if ops.ray_running():
+    if cluster.ray_running():
         ray.init(address="auto", log_to_driver=False)
         try:
             yield
         finally:
             ray.shutdown()
     else:
-        with ops.private_cluster():
+        with support.private_cluster():
             yield
 
 
 def through_serve(args: argparse.Namespace, model: Path, request: GenerationRequest) -> dict[str, Any]:
     from ray import serve
 
-    from deployments.generator import GeneratorDeployment
+    from deployments.stages.generator_deployment import GeneratorDeployment
 
     config = PipelineConfig(version="bench", generation=generation_config(args, model))
     actor = {"num_cpus": 0.2, "num_gpus": 1 if args.device == "cuda" else 0,
@@ -300,7 +301,7 @@ def as_json(local: dict[str, Any], served: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.skip_serve:
-        ops.use_token_auth()  # before anything imports Ray, which reads RAY_AUTH_MODE once, at import
+        support.use_token_auth()  # before anything imports Ray, which reads RAY_AUTH_MODE once, at import
     shape = "tiny" if args.tiny else "qwen2.5-0.5b"
     model = build_model(REPO / "var" / "models" / f"bench-{shape}", shape)
     local, request = in_process(args, model)

@@ -28,14 +28,17 @@ from typing import Any
 
 from langchain_core.documents import Document
 
-from deployments import ops
+from control import cluster
+from control.document import load_serve_config
+from control.serve_config import pipeline_configs
 from rag import kb_store
 from rag.auth import create_key_file, read_client_key
 from rag.client import gateway_client
-from rag.config import PipelineConfig, load_serve_config, pipeline_configs
+from rag.config import PipelineConfig
 from rag.documents import split_documents
 from rag.embedding import TextEmbedder
 from rag.kb_build import Changes, update_knowledge_base
+from tests.support import cluster as support
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 256
@@ -98,22 +101,22 @@ def in_process(docs: dict[str, bytes], texts: list[str], config: PipelineConfig,
 
 
 def through_serve(docs: dict[str, bytes], texts: list[str], work: Path) -> dict[str, Any]:
-    ops.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
+    support.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
     from ray import serve
 
     key_file = work / "api_key"
     create_key_file(key_file)
-    port = ops.free_port()
-    config = ops.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=port,
+    port = support.free_port()
+    config = cluster.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=port,
                               kb_root=work / "kb", gateway_args={"api_key_file": str(key_file)})
     first = next(iter(pipeline_configs(load_serve_config(config)).values()))
     from rag.ingest import ingest_directory
 
     ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples", first)
-    with ops.private_cluster() as dashboard:
-        ops.deploy(config, dashboard=dashboard)
+    with support.private_cluster() as dashboard:
+        cluster.deploy(config, dashboard=dashboard)
         gateway = f"http://127.0.0.1:{port}"
-        ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
         handle = serve.get_deployment_handle("Embedder", app_name=first.version)
         throughput = rate(texts, lambda batch: handle.embed_many.remote(batch).result(timeout_s=300))
         with gateway_client(gateway, read_client_key(key_file), timeout=600) as http:

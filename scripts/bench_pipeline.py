@@ -4,7 +4,7 @@ Serve floor (the same topology with no work in it) and the same pipeline in-proc
     .venv/bin/python -m scripts.bench_pipeline [--requests 64] [--concurrency 1 8] [--json var/bench.json]
 
 Search is retrieval only (embed + FAISS); chat is one streamed answer, timed to its first piece and its end.
-The floor is `deployments.floor`, deployed beside the project on the same cluster under /floor for the
+The floor is `scripts.floor_app`, deployed beside the project on the same cluster under /floor for the
 run and deleted after it; the project's numbers are reported as ratios to it. In-process is
 `LocalPipeline` (first version in --config) pinned to the index version that --url serves.
 """
@@ -29,16 +29,19 @@ import httpx
 import numpy as np
 import torch
 
-from deployments import ops
+from control import cluster
+from control.document import load_serve_config
+from control.serve_config import GATEWAY_BUILDER, PIPELINE_BUILDER, is_app, pipeline_configs
 from rag.auth import bearer
 from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
-from rag.config import GATEWAY_BUILDER, PIPELINE_BUILDER, PipelineConfig, is_app, load_serve_config, pipeline_configs
+from rag.config import PipelineConfig
 from rag.constants import resolve_path
 from rag.embedding import TextEmbedder
 from rag.index import list_versions
 from rag.pipeline import LocalPipeline
 from rag.records import AnswerDelta, AnswerEnd, Question
 from rag.retrieval import Retriever
+from tests.support import cluster as support
 
 QUESTIONS = [
     "How do I upgrade the service without dropping requests?", "How do I shift traffic from version v1 to v2?",
@@ -182,11 +185,11 @@ def project_deployments(serve_config: dict[str, Any]) -> dict[str, dict[str, Any
 def serve_floor(args: argparse.Namespace) -> Iterator[None]:
     """The floor deployed beside the project on its cluster for the block, and deleted after it, even
     when the block fails."""
-    ops.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
+    support.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
     import ray
     from ray import serve
 
-    from deployments.floor import build_floor_app
+    from scripts.floor_app import build_floor_app
 
     options = project_deployments(load_serve_config(args.config))
     ray.init(address=args.ray_address, log_to_driver=False)
@@ -255,7 +258,7 @@ def print_report(cells: list[dict[str, Any]], rows: list[dict[str, Any]], args: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (ready := ops.readiness(args.url))[0] != 200:
+    if (ready := cluster.readiness(args.url))[0] != 200:
         print(f"error: GET {args.url}/ready is not 200 {ready}: start the service first (make demo)", file=sys.stderr)
         return 2
     config = next(iter(pipeline_configs(load_serve_config(args.config)).values()))

@@ -5,7 +5,7 @@
 
 K streaming clients ask questions for T seconds (one answer piece every --piece-delay s); at --upgrade-at x T
 the server is upgraded. Scenarios, each on fresh ports, one after another:
-  project         serve_config.yaml on a private local Ray cluster, upgraded by `serve deploy` (ops.deploy) of
+  project         serve_config.yaml on a private local Ray cluster, upgraded by `serve deploy` (cluster.deploy) of
                   a config that replaces every pipeline stage (a new args.revision, or --trigger num-cpus).
   gunicorn        scripts.baseline_app (same pipeline, in-process) under Gunicorn + Uvicorn workers, upgraded
                   by Gunicorn's reload: `kill -HUP <master>`.
@@ -37,13 +37,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from deployments import ops
-from deployments.rollout import Rollout
-from deployments.serve_document import ServeDocument
+from control import cluster
+from control.document import ServeDocument, load_serve_config
+from control.rollout import Rollout
+from control.serve_config import PIPELINE_BUILDER, is_app, pipeline_configs
 from rag.auth import create_key_file, read_client_key
-from rag.config import PIPELINE_BUILDER, is_app, load_serve_config, pipeline_configs
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator, LoadResult
+from tests.support import cluster as support
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_CONFIG = REPO / "serve_config.yaml"
@@ -77,7 +78,7 @@ def strip_tuning(path: Path) -> Path:
 
 
 def upgrade_overrides(trigger: str) -> dict[str, Any]:
-    """`ops.write_config` overrides that replace the replica of every pipeline stage."""
+    """`cluster.write_config` overrides that replace the replica of every pipeline stage."""
     source = load_serve_config(SOURCE_CONFIG)
     if trigger == "revision":  # a new code revision: Serve rebuilds the application
         return {"pipeline_args": {"revision": f"{next(iter(pipeline_configs(source).values())).revision}-up"}}
@@ -92,7 +93,7 @@ def serve_configs(work: Path, kb: Path, port: int, args: argparse.Namespace, def
     for name, overrides in (("start", {}), ("upgraded", upgrade_overrides(args.trigger))):
         pipeline_args = {"generation": {"extractive_piece_delay_s": args.piece_delay},
                          **overrides.get("pipeline_args", {})}
-        path = ops.write_config(SOURCE_CONFIG, work / f"{name}.yaml", http_port=port, kb_root=kb,
+        path = cluster.write_config(SOURCE_CONFIG, work / f"{name}.yaml", http_port=port, kb_root=kb,
                                 pipeline_args=pipeline_args, deployment_options=overrides.get("deployment_options"),
                                 gateway_args={"api_key_file": str(args.key_file)})
         paths.append(strip_tuning(path) if defaults else path)
@@ -101,11 +102,11 @@ def serve_configs(work: Path, kb: Path, port: int, args: argparse.Namespace, def
 
 def deploy(path: Path, dashboard: str, checked: bool) -> None:
     if checked:
-        return ops.deploy(path, dashboard)
-    # Deliberately bypasses rag.config.check_serve_config (called by ops.deploy): it refuses Ray's defaults
+        return cluster.deploy(path, dashboard)
+    # Deliberately bypasses rag.config.check_serve_config (called by cluster.deploy): it refuses Ray's defaults
     # because a 60 s stream can outlive Serve's default 20 s drain. That refusal is this project's safety
     # net; the serve-defaults scenario measures what happens without it.
-    result = ops.run_cli("serve", "deploy", str(path), "--address", dashboard, check=False)
+    result = cluster.run_cli("serve", "deploy", str(path), "--address", dashboard, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
 
@@ -113,7 +114,7 @@ def deploy(path: Path, dashboard: str, checked: bool) -> None:
 def replicas(dashboard: str, app: str) -> dict[str, dict[str, str]] | None:
     """{deployment: {replica id: state}} of an application; None if the dashboard did not answer."""
     with contextlib.suppress(Exception):  # the dashboard can be slow to answer on a busy machine
-        deployments = ops.applications(dashboard).get(app, {}).get("deployments", {})
+        deployments = cluster.applications(dashboard).get(app, {}).get("deployments", {})
         return {name: {r["replica_id"]: r["state"] for r in d.get("replicas", [])} for name, d in deployments.items()}
     return None
 
@@ -136,14 +137,14 @@ def serve_upgrade(path: Path, dashboard: str, checked: bool, app: str) -> OldGon
 @contextlib.contextmanager
 def serve_target(work: Path, kb: Path, args: argparse.Namespace, defaults: bool) -> Iterator[Target]:
     """A private local cluster (its own dashboard and HTTP ports) with the service deployed and ready."""
-    http_port = ops.free_port()
+    http_port = support.free_port()
     start, upgraded = serve_configs(work, kb, http_port, args, defaults)
     app = next(a["name"] for a in load_serve_config(start)["applications"]
                if is_app(a, PIPELINE_BUILDER))
-    with ops.private_cluster() as dashboard:
+    with support.private_cluster() as dashboard:
         gateway = f"http://127.0.0.1:{http_port}"
         deploy(start, dashboard, checked=not defaults)
-        ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
         yield gateway, lambda: serve_upgrade(upgraded, dashboard, not defaults, app)
 
 
@@ -167,7 +168,7 @@ def gunicorn_ready(base_url: str, workers: int, timeout_s: float) -> None:
     seen: set[int] = set()
     deadline = time.monotonic() + timeout_s
     while len(seen) < workers and time.monotonic() < deadline:
-        status, body = ops.readiness(base_url)
+        status, body = cluster.readiness(base_url)
         seen |= {int(body["pid"])} if status == 200 else set()
         time.sleep(0.2)
     if not seen:
@@ -185,7 +186,7 @@ def stop_group(process: subprocess.Popen[bytes], timeout_s: float = 45) -> None:
 
 @contextlib.contextmanager
 def gunicorn_target(work: Path, kb: Path, delay: float) -> Iterator[Target]:
-    port, workers = ops.free_port(), 2
+    port, workers = support.free_port(), 2
     command = [str(Path(sys.executable).parent / "gunicorn"), "scripts.baseline_app:app",
                "-k", "uvicorn.workers.UvicornWorker", "-w", str(workers), "--graceful-timeout", "30",
                "--no-control-socket", "-b", f"127.0.0.1:{port}"]
@@ -245,7 +246,7 @@ def run_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) 
 def rollout_config(work: Path, kb: Path, port: int, args: argparse.Namespace) -> Path:
     rollout = {"steps": [5, 25, 50, 100], "interval_s": args.step_seconds, "min_requests": 10,
                "max_wait_intervals": 3, "drain_timeout_s": DRAIN_LIMIT_S}
-    return ops.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=port, kb_root=kb,
+    return cluster.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=port, kb_root=kb,
                             pipeline_args={"generation": {"extractive_piece_delay_s": args.piece_delay}},
                             gateway_args={"rollout": rollout, "api_key_file": str(args.key_file)})
 
@@ -263,7 +264,7 @@ def phase_rows(scenario: str, result: LoadResult, marks: list[tuple[float, str]]
 
 def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Under the load, the rollout tool moves traffic to a new version (or gives up on a faulty one)."""
-    http_port = ops.free_port()
+    http_port = support.free_port()
     path = rollout_config(work, kb, http_port, args)
     marks: list[tuple[float, str]] = []
 
@@ -273,18 +274,18 @@ def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespa
         print(f"[{scenario}] {line}", flush=True)
 
     try:
-        with ops.private_cluster() as dashboard:
+        with support.private_cluster() as dashboard:
             gateway = f"http://127.0.0.1:{http_port}"
-            ops.deploy(path, dashboard)
-            ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+            cluster.deploy(path, dashboard)
+            cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
             faults = {"faults": {"error_rate": 0.5}} if scenario == "rollback" else {}
             with LoadGenerator(gateway, api_key=read_client_key(args.key_file), concurrency=args.clients,
                                max_seconds=DRAIN_LIMIT_S * 4,
                                max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
                 time.sleep(args.step_seconds)
                 marks.append((0.0, "before the rollout"))
-                cluster = ops.ClusterClient(dashboard, gateway, read_client_key(args.key_file))
-                status = Rollout(path, cluster, say=note).start(
+                client = cluster.ClusterClient(dashboard, gateway, read_client_key(args.key_file))
+                status = Rollout(path, client, say=note).start(
                     "v2", "v1", {"revision": "2", **faults})
                 marks.append((time.time(), f"after: {status}"))
                 time.sleep(args.step_seconds)

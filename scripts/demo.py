@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deployments import ops
+from control import cluster, local_cluster
+from control.document import load_serve_config
+from control.serve_config import pipeline_configs
 from rag.auth import create_key_file
 from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
-from rag.config import load_serve_config, pipeline_configs
 from rag.constants import resolve_path
 from rag.index import list_versions
 from rag.ingest import ingest_directory
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default=QUESTION)
     args = parser.parse_args(argv)
 
-    print("1/4 Ray head", "started" if ops.start_head() else "already running", f"({ops.DASHBOARD})")
+    print("1/4 Ray head", "started" if local_cluster.start_head() else "already running", f"({cluster.DASHBOARD})")
     for config in pipeline_configs(load_serve_config(args.config)).values():
         for kb in config.retrieval.knowledge_bases:
             root = config.retrieval.kb_root_path
@@ -49,21 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     if create_key_file(key_file):
         print(f"    created the gateway's API key in {key_file} (mode 0600; keep it out of git)")
     print("3/4 serve deploy", args.config)
-    ops.deploy(args.config)
-    ops.wait_ready(on_poll=lambda status, body: print(f"    /ready {status} {body.get('status')} "
+    cluster.deploy(args.config)
+    cluster.wait_ready(on_poll=lambda status, body: print(f"    /ready {status} {body.get('status')} "
                                                       f"{body.get('waiting_for', '')}", flush=True))
     print(f"4/4 asking: {args.question}\n")
-    with gateway_client(ops.GATEWAY, client_key(key_file), timeout=120) as client:
+    with gateway_client(cluster.GATEWAY, client_key(key_file), timeout=120) as client:
         answer = stream_chat(client, args.question, on_event=_print_piece)
     print("\n\nsources:")
     for i, doc in enumerate(answer.sources, 1):
         print(f"  [{i}] {doc['metadata']['source']} (score {doc['score']:.2f})")
     print(f"\nserved by version {answer.version}, finish_reason={answer.finish_reason}")
-    print(f"\nRay dashboard: {ops.DASHBOARD} (token auth is on: it asks for the cluster token, which "
-          f"`.venv/bin/ray get-auth-token` prints)   OpenAI-compatible API: {ops.GATEWAY}/v1")
+    print(f"\nRay dashboard: {cluster.DASHBOARD} (token auth is on: it asks for the cluster token, which "
+          f"`.venv/bin/ray get-auth-token` prints)   OpenAI-compatible API: {cluster.GATEWAY}/v1")
     print(f"Every route but /health and /ready needs the API key in {DEFAULT_KEY_FILE}:\n"
           f"    export OPENAI_API_KEY=$(cat {DEFAULT_KEY_FILE})\n"
-          f'    curl -H "Authorization: Bearer $OPENAI_API_KEY" {ops.GATEWAY}/v1/models')
+          f'    curl -H "Authorization: Bearer $OPENAI_API_KEY" {cluster.GATEWAY}/v1/models')
     print("Stop gracefully with: make stop")
     return 0 if answer.complete else 1
 

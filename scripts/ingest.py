@@ -17,17 +17,9 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from rag.config import (
-    GATEWAY_BUILDER,
-    ConfigError,
-    GatewayConfig,
-    PipelineConfig,
-    check_kb_name,
-    is_app,
-    load_serve_config,
-    pipeline_configs,
-    validate,
-)
+from control.document import load_serve_config
+from control.serve_config import GATEWAY_BUILDER, is_app, pipeline_configs
+from rag.config import ConfigError, GatewayConfig, PipelineConfig, check_kb_name, validate
 from rag.constants import resolve_path
 from rag.documents import DEFAULT_MAX_FILE_BYTES
 from rag.errors import RagError

@@ -1,6 +1,6 @@
 """Regenerate the RayService manifest's serveConfigV2 from serve_config.yaml, so the two cannot drift.
 
-    python -m scripts.kuberay_manifest           # rewrite deployments/kuberay/rayservice.yaml (+ serve_config.k8s.yaml)
+    python -m scripts.kuberay_manifest           # rewrite control/kuberay/rayservice.yaml (+ serve_config.k8s.yaml)
     python -m scripts.kuberay_manifest --check   # exit 1 if the committed files differ from what it would write
 
 The Kubernetes substitutions: the proxy listens on 0.0.0.0 inside the pod, every version reads the
@@ -18,14 +18,14 @@ from typing import Any
 
 from ruamel.yaml.scalarstring import LiteralScalarString
 
-from deployments.serve_document import ServeDocument, round_trip_yaml
-from rag.config import GATEWAY_BUILDER, PIPELINE_BUILDER, is_app
+from control.document import ServeDocument, round_trip_yaml
+from control.serve_config import GATEWAY_BUILDER, PIPELINE_BUILDER, is_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = ROOT / "serve_config.yaml"
-MANIFEST = ROOT / "deployments" / "kuberay" / "rayservice.yaml"
+MANIFEST = ROOT / "control" / "kuberay" / "rayservice.yaml"
 # serveConfigV2 as a file in the image, for the head's preStop drain (`scripts.stop --config`).
-K8S_SERVE_CONFIG = ROOT / "deployments" / "kuberay" / "serve_config.k8s.yaml"
+K8S_SERVE_CONFIG = ROOT / "control" / "kuberay" / "serve_config.k8s.yaml"
 
 HTTP_HOST = "0.0.0.0"
 KB_ROOT = "/kb"

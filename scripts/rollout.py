@@ -19,9 +19,9 @@ import json
 import signal
 import sys
 
-from deployments import ops
-from deployments.rollout import Rollout
-from deployments.serve_document import ServeDocument
+from control import cluster
+from control.document import ServeDocument
+from control.rollout import Rollout
 from rag.client import client_key
 from rag.errors import RagError
 from scripts.ingest import setting
@@ -30,8 +30,8 @@ from scripts.ingest import setting
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="serve_config.yaml")
-    parser.add_argument("--dashboard", default=ops.DASHBOARD)
-    parser.add_argument("--gateway", default=ops.GATEWAY)
+    parser.add_argument("--dashboard", default=cluster.DASHBOARD)
+    parser.add_argument("--gateway", default=cluster.GATEWAY)
     parser.add_argument("--api-key-file", default=None,
                         help="the gateway key to read /stats with (default: the gateway's api_key_file)")
     parser.add_argument("--dry-run", action="store_true",
@@ -48,11 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _cluster(args: argparse.Namespace) -> ops.ClusterClient:
+def _cluster(args: argparse.Namespace) -> cluster.ClusterClient:
     gateway = ServeDocument.load(args.config).gateway
     unauthenticated = gateway.allow_unauthenticated and not args.api_key_file
     key = None if unauthenticated else client_key(args.api_key_file or gateway.api_key_path)
-    return ops.ClusterClient(args.dashboard, args.gateway, key)
+    return cluster.ClusterClient(args.dashboard, args.gateway, key)
 
 
 def _interrupt(*_: object) -> None:

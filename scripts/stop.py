@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deployments import ops
+from control import cluster, local_cluster
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,15 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="serve_config.yaml")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the drain")
     args = parser.parse_args(argv)
-    if not ops.ray_running():
+    if not cluster.ray_running():
         print("no local Ray cluster is answering; stopping any leftover Ray processes")
-        ops.stop_ray()
+        local_cluster.stop_ray()
         return 0
     try:
-        ops.graceful_stop(args.config, timeout_s=args.timeout)
+        local_cluster.graceful_stop(args.config, timeout_s=args.timeout)
     except (RuntimeError, TimeoutError) as exc:
         print(f"warning: {exc}; stopping Ray anyway", file=sys.stderr)
-        ops.stop_ray()
+        local_cluster.stop_ray()
     print("stopped")
     return 0
 

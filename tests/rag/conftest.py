@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rag.config import EmbeddingConfig, PipelineConfig
@@ -56,3 +57,11 @@ def sample_manifest(sample_kb_root: Path) -> Manifest:
 def sample_kb_source() -> Path:
     """The repo's sample corpus folder (never written to)."""
     return SAMPLE_KB_SOURCE
+
+
+@pytest.fixture(scope="module")
+def vectors(embedder: TextEmbedder) -> np.ndarray:
+    """The embeddings of the index tests' sample chunks, in their order."""
+    from tests.rag.index_samples import CHUNKS
+
+    return embedder.embed([c.text for c in CHUNKS])

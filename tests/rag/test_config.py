@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from control.document import load_serve_config
+from control.serve_config import pipeline_configs
 from rag.config import (
     ConfigError,
     EmbeddingConfig,
@@ -18,8 +20,6 @@ from rag.config import (
     SplitterConfig,
     TrafficConfig,
     check_kb_name,
-    load_serve_config,
-    pipeline_configs,
     validate,
 )
 from rag.constants import BUNDLED_EMBEDDING_MODEL

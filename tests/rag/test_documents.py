@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import docx
@@ -13,7 +12,6 @@ from langchain_core.documents import Document
 
 from rag.config import SplitterConfig
 from rag.documents import (
-    MAX_JSON_DEPTH,
     SUPPORTED_SUFFIXES,
     build_splitter,
     content_fingerprint,
@@ -23,76 +21,38 @@ from rag.documents import (
     split_documents,
 )
 from rag.errors import UnsupportedDocumentError
-
-
-def _pdf_bytes(pages: list[str]) -> bytes:
-    """A minimal valid PDF, one line of Helvetica text per page ("" for a blank page).
-
-    No PDF writer that can draw text is installed, so the fixture lays out the objects itself.
-    """
-    count = len(pages)
-    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(count))
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        f"<< /Type /Pages /Kids [{kids}] /Count {count} >>".encode(),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    for i, text in enumerate(pages):
-        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {5 + 2 * i} 0 R "
-                       "/Resources << /Font << /F1 3 0 R >> >> >>".encode())
-        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode() if text else b""
-        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
-
-
-def _write(path: Path, content: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
-
+from tests.rag.files import pdf_bytes, write
 
 # --- loading -------------------------------------------------------------------------------------
 
 
 def test_text_source_is_relative_posix_path_under_root(tmp_path: Path) -> None:
-    path = _write(tmp_path / "guides" / "setup.md", "# Setup\n\nRun make demo.\n")
+    path = write(tmp_path / "guides" / "setup.md", "# Setup\n\nRun make demo.\n")
     [doc] = load_file(path, tmp_path)
     assert doc.page_content == "# Setup\n\nRun make demo."
     assert doc.metadata == {"source": "guides/setup.md"}
 
 
 def test_source_without_root_is_file_name(tmp_path: Path) -> None:
-    path = _write(tmp_path / "a" / "notes.txt", "hello")
+    path = write(tmp_path / "a" / "notes.txt", "hello")
     assert load_file(path)[0].metadata["source"] == "notes.txt"
 
 
 def test_gb18030_chinese_text_is_decoded(tmp_path: Path) -> None:
     text = "知识库问答服务。支持中文文档。"
-    path = _write(tmp_path / "zh.txt", text.encode("gb18030"))
+    path = write(tmp_path / "zh.txt", text.encode("gb18030"))
     assert load_file(path)[0].page_content == text
 
 
 def test_undecodable_text_raises_naming_file(tmp_path: Path) -> None:
-    path = _write(tmp_path / "binary.txt", b"\xff\xfe\x80 not text")
+    path = write(tmp_path / "binary.txt", b"\xff\xfe\x80 not text")
     with pytest.raises(UnsupportedDocumentError, match=r"binary\.txt.*decode"):
         load_file(path)
 
 
 def test_pdf_one_document_per_non_empty_page(tmp_path: Path) -> None:
-    pdf = _pdf_bytes(["Ray Serve deploys replicas", "", "FAISS stores vectors"])
-    path = _write(tmp_path / "manual.pdf", pdf)
+    pdf = pdf_bytes(["Ray Serve deploys replicas", "", "FAISS stores vectors"])
+    path = write(tmp_path / "manual.pdf", pdf)
     docs = load_file(path, tmp_path)
     assert [(d.metadata["page"], d.page_content) for d in docs] == [
         (1, "Ray Serve deploys replicas"), (3, "FAISS stores vectors")]
@@ -100,7 +60,7 @@ def test_pdf_one_document_per_non_empty_page(tmp_path: Path) -> None:
 
 
 def test_corrupt_pdf_raises_naming_file(tmp_path: Path) -> None:
-    path = _write(tmp_path / "broken.pdf", b"%PDF-1.4\nthis is not really a pdf")
+    path = write(tmp_path / "broken.pdf", b"%PDF-1.4\nthis is not really a pdf")
     with pytest.raises(UnsupportedDocumentError, match=r"broken\.pdf.*PDF"):
         load_file(path)
 
@@ -121,7 +81,7 @@ def test_docx_paragraphs_and_table_cells(tmp_path: Path) -> None:
 
 
 def test_corrupt_docx_raises(tmp_path: Path) -> None:
-    path = _write(tmp_path / "broken.docx", b"PK\x03\x04 truncated zip")
+    path = write(tmp_path / "broken.docx", b"PK\x03\x04 truncated zip")
     with pytest.raises(UnsupportedDocumentError, match=r"broken\.docx.*DOCX"):
         load_file(path)
 
@@ -131,7 +91,7 @@ def test_html_text_without_links_images_or_scripts(tmp_path: Path) -> None:
       API </title><script>var secret = 1;</script></head>
       <body><h1>Endpoints</h1><p>Call <a href="http://example.com/x">the health route</a> first.
       <img src="diagram.png" alt="diagram"></p></body></html>"""
-    [doc] = load_file(_write(tmp_path / "api.html", markup), tmp_path)
+    [doc] = load_file(write(tmp_path / "api.html", markup), tmp_path)
     assert "Endpoints" in doc.page_content
     assert "Call the health route first." in doc.page_content
     for noise in ("example.com", "diagram", "secret", "<p>"):
@@ -140,7 +100,7 @@ def test_html_text_without_links_images_or_scripts(tmp_path: Path) -> None:
 
 
 def test_csv_one_document_per_row(tmp_path: Path) -> None:
-    path = _write(tmp_path / "glossary.csv", 'term,definition\nKB,"knowledge base, a folder"\nTTFT,\n')
+    path = write(tmp_path / "glossary.csv", 'term,definition\nKB,"knowledge base, a folder"\nTTFT,\n')
     docs = load_file(path, tmp_path)
     assert [d.page_content for d in docs] == ["term: KB\ndefinition: knowledge base, a folder", "term: TTFT"]
     assert [d.metadata for d in docs] == [{"source": "glossary.csv", "row": 1},
@@ -149,14 +109,14 @@ def test_csv_one_document_per_row(tmp_path: Path) -> None:
 
 def test_json_list_gives_one_document_per_item(tmp_path: Path) -> None:
     items = [{"question": "How to stop?", "answer": "make stop"}, "plain string item"]
-    docs = load_file(_write(tmp_path / "faq.json", json.dumps(items)), tmp_path)
+    docs = load_file(write(tmp_path / "faq.json", json.dumps(items)), tmp_path)
     assert [(d.metadata["row"], d.page_content) for d in docs] == [
         (1, "question: How to stop?\nanswer: make stop"), (2, "plain string item")]
 
 
 def test_json_object_gives_one_document_of_its_values(tmp_path: Path) -> None:
     data = {"title": "Ports", "body": {"dashboard": "8265", "http": 8000}}
-    [doc] = load_file(_write(tmp_path / "ports.json", json.dumps(data)), tmp_path)
+    [doc] = load_file(write(tmp_path / "ports.json", json.dumps(data)), tmp_path)
     assert "title: Ports" in doc.page_content
     assert "dashboard: 8265" in doc.page_content and "http: 8000" in doc.page_content
     assert "row" not in doc.metadata
@@ -164,19 +124,19 @@ def test_json_object_gives_one_document_of_its_values(tmp_path: Path) -> None:
 
 def test_invalid_json_raises(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedDocumentError, match=r"bad\.json.*invalid JSON"):
-        load_file(_write(tmp_path / "bad.json", "{not json"))
+        load_file(write(tmp_path / "bad.json", "{not json"))
 
 
 def test_jsonl_rows_are_line_numbers(tmp_path: Path) -> None:
-    path = _write(tmp_path / "log.jsonl", '{"text": "first"}\n\n"second"\n')
+    path = write(tmp_path / "log.jsonl", '{"text": "first"}\n\n"second"\n')
     docs = load_file(path, tmp_path)
     assert [(d.metadata["row"], d.page_content) for d in docs] == [(1, "text: first"), (3, "second")]
     with pytest.raises(UnsupportedDocumentError, match="line 2"):
-        load_file(_write(tmp_path / "bad.jsonl", '"ok"\n{oops\n'))
+        load_file(write(tmp_path / "bad.jsonl", '"ok"\n{oops\n'))
 
 
 def test_unsupported_suffix_lists_supported_ones(tmp_path: Path) -> None:
-    path = _write(tmp_path / "slides.pptx", b"whatever")
+    path = write(tmp_path / "slides.pptx", b"whatever")
     with pytest.raises(UnsupportedDocumentError) as info:
         load_file(path)
     message = str(info.value)
@@ -186,11 +146,11 @@ def test_unsupported_suffix_lists_supported_ones(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["empty.txt", "empty.pdf", "empty.json", "empty.csv", "empty.docx"])
 def test_empty_file_gives_no_documents(tmp_path: Path, name: str) -> None:
-    assert load_file(_write(tmp_path / name, b"")) == []
+    assert load_file(write(tmp_path / name, b"")) == []
 
 
 def test_whitespace_only_text_gives_no_documents(tmp_path: Path) -> None:
-    assert load_file(_write(tmp_path / "blank.md", "  \n\n\t\n")) == []
+    assert load_file(write(tmp_path / "blank.md", "  \n\n\t\n")) == []
 
 
 # --- directories ---------------------------------------------------------------------------------
@@ -199,135 +159,26 @@ def test_whitespace_only_text_gives_no_documents(tmp_path: Path) -> None:
 def test_iter_files_sorted_recursive_and_skips_hidden_and_unsupported(tmp_path: Path) -> None:
     for name in ["b.txt", "a/z.md", "a/c.CSV", ".hidden.txt", ".git/config.txt", "a/.cache/x.md",
                  "image.png", "notes"]:
-        _write(tmp_path / name, "x")
+        write(tmp_path / name, "x")
     relative = [p.relative_to(tmp_path).as_posix() for p in iter_files(tmp_path)]
     assert relative == ["a/c.CSV", "a/z.md", "b.txt"]
 
 
 def test_load_directory_loads_every_supported_file(tmp_path: Path) -> None:
-    _write(tmp_path / "one.txt", "first file")
-    _write(tmp_path / "sub" / "two.csv", "k,v\na,1\nb,2\n")
-    _write(tmp_path / ".secret.txt", "hidden")
+    write(tmp_path / "one.txt", "first file")
+    write(tmp_path / "sub" / "two.csv", "k,v\na,1\nb,2\n")
+    write(tmp_path / ".secret.txt", "hidden")
     docs = load_directory(tmp_path)
     assert [(d.metadata["source"], d.page_content) for d in docs] == [
         ("one.txt", "first file"), ("sub/two.csv", "k: a\nv: 1"), ("sub/two.csv", "k: b\nv: 2")]
 
 
 def test_load_directory_propagates_errors(tmp_path: Path) -> None:
-    _write(tmp_path / "good.txt", "fine")
-    _write(tmp_path / "bad.pdf", b"garbage")
+    write(tmp_path / "good.txt", "fine")
+    write(tmp_path / "bad.pdf", b"garbage")
     with pytest.raises(UnsupportedDocumentError, match=r"bad\.pdf"):
         load_directory(tmp_path)
 
-
-# --- unsafe entries and limits ---------------------------------------------------------------------
-
-def _source_folder(tmp_path: Path) -> Path:
-    source = tmp_path / "src"
-    _write(source / "good.md", "A good document.")
-    return source
-
-
-@pytest.mark.timeout(20)
-def test_fifo_is_refused_by_name_without_being_opened(tmp_path: Path) -> None:
-    source = _source_folder(tmp_path)
-    os.mkfifo(source / "pipe.md")  # opening it for reading would block until a writer came
-    with pytest.raises(UnsupportedDocumentError, match=r"pipe\.md is a FIFO, not a regular file"):
-        iter_files(source)
-    with pytest.raises(UnsupportedDocumentError, match="FIFO"):
-        load_file(source / "pipe.md", source)
-    with pytest.raises(UnsupportedDocumentError, match="FIFO"):
-        load_file(source / "pipe.md")
-
-
-def test_symlink_to_a_file_outside_is_refused(tmp_path: Path) -> None:
-    source = _source_folder(tmp_path)
-    secret = _write(tmp_path / "outside" / "secret.md", "not for the index")
-    (source / "sub").mkdir()
-    (source / "sub" / "link.md").symlink_to(secret)
-    with pytest.raises(UnsupportedDocumentError, match=r"sub/link\.md is a symlink leading outside"):
-        iter_files(source)
-    with pytest.raises(UnsupportedDocumentError, match="outside the source folder"):
-        load_file(source / "sub" / "link.md", source)
-
-
-def test_symlink_to_a_folder_outside_is_refused(tmp_path: Path) -> None:
-    source = _source_folder(tmp_path)
-    _write(tmp_path / "outside" / "secret.md", "not for the index")
-    (source / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
-    with pytest.raises(UnsupportedDocumentError, match=r"linked is a symlink leading outside"):
-        iter_files(source)
-
-
-def test_broken_symlink_is_refused(tmp_path: Path) -> None:
-    source = _source_folder(tmp_path)
-    (source / "gone.md").symlink_to(source / "missing.md")
-    with pytest.raises(UnsupportedDocumentError, match=r"gone\.md cannot be resolved"):
-        iter_files(source)
-
-
-def test_every_refusal_is_named_in_one_error(tmp_path: Path) -> None:
-    source = _source_folder(tmp_path)
-    for n in range(5):
-        os.mkfifo(source / f"pipe{n}.md")
-    with pytest.raises(UnsupportedDocumentError) as info:
-        iter_files(source)
-    message = str(info.value)
-    assert "pipe0.md" in message and "pipe2.md" in message
-    assert "pipe3.md" not in message
-    assert "(and 2 more)" in message
-    assert "\n" not in message
-
-
-def test_symlinks_inside_the_folder_are_read_once_under_their_own_name(tmp_path: Path) -> None:
-    source = _source_folder(tmp_path)
-    _write(source / ".drafts" / "draft.md", "A draft kept in a hidden folder.")
-    (source / "draft-link.md").symlink_to(source / ".drafts" / "draft.md")  # otherwise skipped as hidden
-    (source / "again.md").symlink_to(source / "good.md")  # same content as good.md: not indexed twice
-    (source / "sub").mkdir()
-    (source / "sub" / "up").symlink_to(source, target_is_directory=True)  # a loop, not walked
-    files = iter_files(source)
-    assert [p.relative_to(source).as_posix() for p in files] == ["draft-link.md", "good.md"]
-    docs = load_directory(source)
-    assert [(d.metadata["source"], d.page_content) for d in docs] == [
-        ("draft-link.md", "A draft kept in a hidden folder."), ("good.md", "A good document.")]
-
-
-def test_root_and_file_spelt_through_different_links(tmp_path: Path) -> None:
-    source = _source_folder(tmp_path)
-    (tmp_path / "alias").symlink_to(source, target_is_directory=True)
-    [doc] = load_file(source / "good.md", tmp_path / "alias")
-    assert doc.metadata["source"] == "good.md"
-
-
-def _nested(depth: int) -> str:
-    return '{"a": ' * (depth - 1) + '["deep"]' + "}" * (depth - 1)
-
-
-@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 900, 100_000])
-def test_deeply_nested_json_is_refused_by_name(tmp_path: Path, depth: int) -> None:
-    with pytest.raises(UnsupportedDocumentError, match=rf"deep\.json: JSON nested deeper than {MAX_JSON_DEPTH}"):
-        load_file(_write(tmp_path / "deep.json", _nested(depth)), tmp_path)
-
-
-def test_deeply_nested_jsonl_line_is_refused_naming_the_line(tmp_path: Path) -> None:
-    path = _write(tmp_path / "deep.jsonl", '{"ok": 1}\n' + "[" * 50_000 + "]" * 50_000 + "\n")
-    with pytest.raises(UnsupportedDocumentError, match=r"deep\.jsonl: JSON on line 2 nested deeper"):
-        load_file(path, tmp_path)
-
-
-def test_json_at_the_depth_limit_loads(tmp_path: Path) -> None:
-    [doc] = load_file(_write(tmp_path / "ok.json", _nested(MAX_JSON_DEPTH)), tmp_path)
-    assert doc.page_content.endswith("deep")
-
-
-def test_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
-    path = _write(tmp_path / "big.txt", "x" * 1001)
-    with pytest.raises(UnsupportedDocumentError, match=r"big\.txt: larger than the 1000-byte limit"):
-        load_file(path, tmp_path, max_bytes=1000)
-    assert load_file(path, tmp_path, max_bytes=1001)[0].page_content == "x" * 1001
-    with pytest.raises(UnsupportedDocumentError, match="1000-byte limit"):
-        load_directory(tmp_path, max_bytes=1000)
 
 
 # --- splitting -----------------------------------------------------------------------------------
@@ -394,8 +245,8 @@ def test_build_splitter_uses_config_sizes() -> None:
 
 
 def test_fingerprint_changes_only_with_content(tmp_path: Path) -> None:
-    a = _write(tmp_path / "a.txt", "alpha")
-    b = _write(tmp_path / "sub" / "b.md", "beta")
+    a = write(tmp_path / "a.txt", "alpha")
+    b = write(tmp_path / "sub" / "b.md", "beta")
     first = content_fingerprint([a, b], tmp_path)
     assert content_fingerprint([b, a], tmp_path) == first
     a.touch()  # a new mtime alone is not a change

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rag.config import (
-    GATEWAY_BUILDER,
-    ConfigError,
-    GatewayConfig,
-    LimitsConfig,
-    check_serve_config,
-    is_app,
-    load_serve_config,
-)
+from control.document import load_serve_config
+from control.serve_config import GATEWAY_BUILDER, check_serve_config, is_app
+from rag.config import ConfigError, GatewayConfig, LimitsConfig
 from rag.constants import PROJECT_ROOT
 
 REPO = Path(__file__).resolve().parents[2]

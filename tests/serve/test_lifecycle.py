@@ -1,4 +1,5 @@
-"""Lifecycle under load on a real cluster: replica replacement, a crash mid-stream, events, metrics."""
+"""Lifecycle under load on one real cluster: warm-up before the first answer, replica replacement, a
+crash mid-stream, events, metrics, and the graceful stop of the whole service."""
 
 from __future__ import annotations
 
@@ -6,28 +7,54 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from deployments import ops
-from deployments.ops import kill_replica
+from control import cluster, local_cluster
 from rag.auth import bearer
 from rag.client import stream_chat
+from rag.lifecycle import read_events
 from rag.loadgen import LoadGenerator
-from tests.serve.conftest import LocalService, running_service
-from tests.serve.lifecycle_helpers import assert_clean, lifecycle_events, replicas, wait_for
+from tests.serve.lifecycle_helpers import (
+    StartUp,
+    assert_clean,
+    lifecycle_events,
+    replicas,
+    wait_for,
+    watch_ready,
+    watch_start_up,
+)
+from tests.support import cluster as support
+from tests.support.service import LocalService, running_service
 
 pytestmark = pytest.mark.cluster
 
 # Paced streams (~50 pieces x 40 ms) stay open long enough to be in flight while a replica stops.
 PACED = {"generation": {"extractive_piece_delay_s": 0.04}}
+# Every replica of this cluster holds back READY this long after its real warm-up, so the window in
+# which /ready must say "starting" is wide enough to watch.
+WARMUP_DELAY_S = 4
 
 
 @pytest.fixture(scope="module")
-def paced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
-    with running_service(tmp_path_factory.mktemp("lifecycle"), with_metrics=True, pipeline_args=PACED) as local:
-        yield local
+def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalService, StartUp]]:
+    """The paced service, watched from its deploy until it answers (what `/ready` said, when chats were
+    answered), whichever test asks for it first."""
+    pipeline_args = {**PACED, "lifecycle": {"warmup_delay_s": WARMUP_DELAY_S}}
+    with running_service(tmp_path_factory.mktemp("lifecycle"), wait=False, with_metrics=True,
+                         pipeline_args=pipeline_args) as local:
+        start_up = watch_start_up(local)
+        cluster.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
+        yield local, start_up
+
+
+@pytest.fixture
+def paced(started: tuple[LocalService, StartUp]) -> LocalService:
+    service, _ = started
+    cluster.wait_ready(service.gateway, timeout_s=300, dashboard=service.dashboard)
+    return service
 
 
 def _non_stream_loop(service: LocalService, stop: threading.Event, statuses: list[int]) -> None:
@@ -50,7 +77,7 @@ def _replace_under_load(service: LocalService, deployment: str, num_cpus: float)
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
         config = service.config(f"{deployment}-{num_cpus}.yaml", pipeline_args=PACED,
                                 deployment_options={deployment: {"ray_actor_options": {"num_cpus": num_cpus}}})
-        ops.deploy(config, dashboard=service.dashboard)
+        cluster.deploy(config, dashboard=service.dashboard)
         wait_for(lambda: (now := replicas(service.dashboard, "v1", deployment)) and not (now & before)
                  and not replicas(service.dashboard, "v1", deployment, "STOPPING"), 120, "the replacement")
         sent_at_switch = load.result.sent
@@ -60,7 +87,7 @@ def _replace_under_load(service: LocalService, deployment: str, num_cpus: float)
     result = load.result
     assert_clean(result, min_sent=12)
     assert statuses and set(statuses) == {200}, statuses
-    return next(iter(before)), [e for e, _ in lifecycle_events(next(iter(before)))]
+    return next(iter(before)), [e for e, _ in lifecycle_events(service, next(iter(before)))]
 
 
 def test_generator_replacement_lets_every_stream_finish(paced: LocalService) -> None:
@@ -68,8 +95,8 @@ def test_generator_replacement_lets_every_stream_finish(paced: LocalService) -> 
     # The old replica drained with streams in flight and cleaned up after them.
     assert events[:2] == ["STARTUP", "READY"]
     assert events.index("SHUTDOWN") < events.index("DRAINING") < events.index("CLEANUP")
-    drains = [rest for e, rest in lifecycle_events(old) if e == "DRAINING"]
-    assert "in_flight=0" in drains[-1]
+    drains = [fields for e, fields in lifecycle_events(paced, old) if e == "DRAINING"]
+    assert drains[-1]["in_flight"] == 0
 
 
 def test_embedder_replacement_lets_every_stream_finish(paced: LocalService) -> None:
@@ -87,14 +114,14 @@ def test_scale_down_lets_the_removed_replicas_streams_finish(paced: LocalService
             "Generator": {"num_replicas": count, "graceful_shutdown_wait_loop_s": 0.5}})
 
     old = replicas(paced.dashboard, "v1", "Generator")
-    ops.deploy(generators(2), dashboard=paced.dashboard)  # new args: the app is rebuilt, old replicas go
+    cluster.deploy(generators(2), dashboard=paced.dashboard)  # new args: the app is rebuilt, old replicas go
     wait_for(lambda: len(now := replicas(paced.dashboard, "v1", "Generator")) == 2 and not now & old
              and not replicas(paced.dashboard, "v1", "Generator", "STOPPING")
-             and ops.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 120, "two new Generator replicas")
+             and cluster.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 120, "two new Generator replicas")
     both = replicas(paced.dashboard, "v1", "Generator")
     with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=6, max_seconds=120) as load:
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
-        ops.deploy(generators(1), dashboard=paced.dashboard)  # only num_replicas differs: no replacement
+        cluster.deploy(generators(1), dashboard=paced.dashboard)  # only num_replicas differs: no replacement
         wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 1
                  and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 120, "the scale-down")
         sent_at_switch = load.result.sent
@@ -103,12 +130,12 @@ def test_scale_down_lets_the_removed_replicas_streams_finish(paced: LocalService
     kept = replicas(paced.dashboard, "v1", "Generator")
     assert kept < both  # the survivor is one of the two: scaled down, not replaced
     (removed,) = both - kept
-    events = lifecycle_events(removed)
+    events = lifecycle_events(paced, removed)
     names = [e for e, _ in events]
     assert names.index("SHUTDOWN") < names.index("DRAINING") < names.index("CLEANUP"), events
-    shutdown = next(rest for e, rest in events if e == "SHUTDOWN")
-    assert "in_flight=0" not in shutdown, events  # it held streams when told to stop ...
-    assert "in_flight=0" in [rest for e, rest in events if e == "DRAINING"][-1]  # ... and let them finish
+    shutdown = next(fields for e, fields in events if e == "SHUTDOWN")
+    assert shutdown["in_flight"] > 0, events  # it held streams when told to stop ...
+    assert [fields for e, fields in events if e == "DRAINING"][-1]["in_flight"] == 0  # ... and let them finish
 
 
 def test_revision_bump_replaces_every_stage_without_a_failure(paced: LocalService) -> None:
@@ -117,10 +144,10 @@ def test_revision_bump_replaces_every_stage_without_a_failure(paced: LocalServic
     with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=6, max_seconds=180) as load:
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
         config = paced.config("revision.yaml", pipeline_args={**PACED, "revision": "bumped"})
-        ops.deploy(config, dashboard=paced.dashboard)
+        cluster.deploy(config, dashboard=paced.dashboard)
         wait_for(lambda: all(replicas(paced.dashboard, "v1", d) - ids and not replicas(paced.dashboard, "v1", d) & ids
                              for d, ids in before.items())
-                 and ops.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 180, "every stage replaced")
+                 and cluster.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 180, "every stage replaced")
         sent_at_switch = load.result.sent
         wait_for(lambda: load.result.sent >= sent_at_switch + 6, 30, "requests on the new replicas")
     result = load.result
@@ -139,7 +166,7 @@ def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: Local
     thread = threading.Thread(target=ask)
     thread.start()
     assert started.wait(30)
-    kill_replica(paced.dashboard, "v1", "Generator")
+    support.kill_replica(paced.dashboard, "v1", "Generator")
     thread.join(60)
     answer = holder[0]
     assert answer.status == 200 and answer.done, answer
@@ -158,7 +185,7 @@ def test_killing_the_only_embedder_loses_no_request_that_had_not_started(paced: 
     before = replicas(paced.dashboard, "v1", "Embedder")
     with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=8, max_seconds=180) as load:
         wait_for(lambda: len(load.result.answers) >= 8, 30, "the load to get going")
-        kill_replica(paced.dashboard, "v1", "Embedder")
+        support.kill_replica(paced.dashboard, "v1", "Embedder")
         wait_for(lambda: replicas(paced.dashboard, "v1", "Embedder") - before, 120, "a new Embedder replica")
         sent = load.result.sent
         wait_for(lambda: load.result.sent >= sent + 8, 60, "answers after the replacement")
@@ -172,8 +199,8 @@ def test_client_that_hangs_up_stops_the_generation(paced: LocalService) -> None:
     wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 1, 60, "one running Generator")
     (generator,) = replicas(paced.dashboard, "v1", "Generator")
 
-    def cancellations() -> list[str]:
-        return [rest for event, rest in lifecycle_events(generator) if event == "CANCELLED"]
+    def cancellations() -> list[dict[str, Any]]:
+        return [fields for event, fields in lifecycle_events(paced, generator) if event == "CANCELLED"]
 
     before = len(cancellations())
     body = {"model": "samples", "stream": True,
@@ -184,7 +211,7 @@ def test_client_that_hangs_up_stops_the_generation(paced: LocalService) -> None:
         # Hang up at the first piece of answer text, with the rest of the paced answer still to come.
         next(line for line in response.iter_lines() if _answer_text(line))
     wait_for(lambda: len(cancellations()) > before, 30, "the Generator to stop the abandoned answer")
-    assert "pieces_sent=" in cancellations()[-1]
+    assert cancellations()[-1]["pieces_sent"] >= 1  # it stopped mid-answer, not before it began
     stats_url, key = f"{paced.gateway}/stats", bearer(paced.api_key)
     wait_for(lambda: httpx.get(stats_url, headers=key, timeout=10).json()["versions"]["v1"]["in_flight"] == 0,
              30, "the gateway to let go of the abandoned answer")
@@ -201,14 +228,15 @@ def test_lifecycle_events_come_in_order(paced: LocalService) -> None:
         assert stream_chat(client, "Where is the Ray dashboard?").complete
     for deployment in ("Pipeline", "Retriever"):
         (replica,) = replicas(paced.dashboard, "v1", deployment)
-        events = [e for e, _ in lifecycle_events(replica)]
+        events = [e for e, _ in lifecycle_events(paced, replica)]
         assert events[:2] == ["STARTUP", "READY"] and "TRAFFIC" in events, (deployment, events)
-        ready = next(rest for e, rest in lifecycle_events(replica) if e == "READY")
-        assert "load_s=" in ready and "warmup_s=" in ready
+        ready = next(fields for e, fields in lifecycle_events(paced, replica) if e == "READY")
+        assert ready["load_s"] >= 0 and ready["warmup_s"] >= 0
 
 
 METRICS = ["rag_requests_in_flight", "rag_model_load_seconds", "rag_vector_search_ms",
-           "rag_time_to_first_token_seconds", "rag_generated_tokens_total", "rag_requests_total"]
+           "rag_time_to_first_token_seconds", "rag_generated_tokens_total", "rag_requests_total",
+           "rag_lifecycle_events_total"]
 
 
 def test_metrics_are_exported(paced: LocalService) -> None:
@@ -221,4 +249,50 @@ def test_metrics_are_exported(paced: LocalService) -> None:
         return text if all(f"ray_{name}" in text for name in METRICS) else None
 
     text = wait_for(scrape, 90, "the metrics to be exported", interval_s=2)
-    assert 'version="v1"' in text and 'status="200"' in text
+    assert 'version="v1"' in text and 'status="200"' in text and 'event="READY"' in text
+
+
+def test_ready_turns_200_only_after_real_warm_up(started: tuple[LocalService, StartUp]) -> None:
+    service, start_up = started
+    # The first Generator to warm up is the one that started with the service (the other tests of this
+    # module may have replaced it since).
+    warm_at = min(e["ts"] for e in read_events(service.events_file)
+                  if e.get("event") == "READY" and e.get("deployment") == "Generator" and e.get("version") == "v1")
+    probes, chats = start_up.probes, start_up.chats
+    starting = [p for p in probes if p[1] == 503 and p[2] == "starting"]
+    assert starting, probes[:5]
+    assert any(p[1] == 200 and p[2] == "ready" for p in probes)
+    first_ready = min(t for t, status, _ in probes if status == 200)
+    assert all(t < first_ready for t, _, _ in starting)
+    answered = [t for t, status in chats if status == 200]
+    assert answered and min(answered) >= warm_at, "a chat was answered before the Generator was warm"
+    assert {status for _, status in chats if status != 200} <= {404, 503}
+
+
+def test_graceful_stop_finishes_every_stream(paced: LocalService) -> None:
+    """`make stop`'s path: /ready turns to draining, streams in flight all finish, new requests are
+    refused cleanly, the applications go; then the service is deployed again for whatever runs next."""
+    seen: list[str] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_ready, args=(paced.gateway, stop, seen))
+    watcher.start()
+    try:
+        with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=6, max_seconds=120) as load:
+            wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
+            local_cluster.graceful_stop(paced.config_path, dashboard=paced.dashboard, gateway=paced.gateway,
+                                        stop_cluster=False, say=lambda *_: None)
+            apps_left = cluster.applications(paced.dashboard)
+    finally:
+        stop.set()
+        watcher.join()
+        cluster.deploy(paced.config_path, dashboard=paced.dashboard)
+        cluster.wait_ready(paced.gateway, timeout_s=300, dashboard=paced.dashboard)
+
+    result = load.result
+    assert apps_left == {}
+    assert "ready" in seen and "draining" in seen
+    assert seen.index("draining") > seen.index("ready")
+    assert not result.truncated, [a.error for a in result.truncated[:3]]
+    assert len([a for a in result.answers if a.complete]) >= 6
+    # Requests that arrived after the drain began were refused before any byte was streamed.
+    assert {a.status for a in result.failed} <= {503, 404}

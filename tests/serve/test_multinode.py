@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
-from deployments import ops
-from deployments.rollout import Rollout
-from deployments.serve_document import ServeDocument
+from control import cluster
+from control.document import ServeDocument
+from control.rollout import Rollout
 from rag.auth import create_key_file, read_client_key
 from rag.loadgen import LoadGenerator
-from tests.serve.conftest import REPO, ingest_samples
 from tests.serve.lifecycle_helpers import assert_clean, wait_for
+from tests.support import cluster as support
+from tests.support.service import REPO, ingest_samples
 
 pytestmark = pytest.mark.cluster
 # A custom resource only the worker has, and the one Ray gives the head: each stage asks for a sliver of
@@ -36,7 +37,7 @@ class TwoNodes:
     gateway: str
     config: Path
     key: str
-    cluster: Any
+    ray_cluster: Any
     worker: Any
 
 
@@ -49,7 +50,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     work = tmp_path_factory.mktemp("two-nodes")
     kb_root = work / "kb"  # one path both nodes see: the shared kb_root a real cluster needs
     ingest_samples(kb_root)
-    http_port, dashboard_port = ops.free_port(), ops.free_port()
+    http_port, dashboard_port = support.free_port(), support.free_port()
     create_key_file(work / "api_key")
     options = {name: {"ray_actor_options": {"num_cpus": CPUS[name], "resources": {node: 0.01}}}
                for name, node in PLACEMENT.items()}
@@ -62,24 +63,24 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     config = work / "serve_config.yaml"
     doc.save(config)
 
-    ops.use_token_auth()
-    cluster = Cluster(initialize_head=True, head_node_args={
+    support.use_token_auth()
+    ray_cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
     try:
-        worker = cluster.add_node(num_cpus=1, resources={WORKER: 1})
-        ray.init(address=cluster.address, log_to_driver=False)
+        worker = ray_cluster.add_node(num_cpus=1, resources={WORKER: 1})
+        ray.init(address=ray_cluster.address, log_to_driver=False)
         dashboard, gateway = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}"
-        ops.deploy(config, dashboard)
-        ops.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-        yield TwoNodes(dashboard, gateway, config, read_client_key(work / "api_key"), cluster, worker)
+        cluster.deploy(config, dashboard)
+        cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        yield TwoNodes(dashboard, gateway, config, read_client_key(work / "api_key"), ray_cluster, worker)
     finally:
         serve.shutdown()
         ray.shutdown()
-        cluster.shutdown()
+        ray_cluster.shutdown()
 
 
 def _nodes_of(dashboard: str, app: str) -> dict[str, set[str]]:
-    deployments = ops.applications(dashboard)[app]["deployments"]
+    deployments = cluster.applications(dashboard)[app]["deployments"]
     return {name: {r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING"} for name, d in deployments.items()}
 
 
@@ -90,7 +91,7 @@ def test_rollout_across_two_nodes_fails_and_cuts_nothing(two_nodes: TwoNodes) ->
     assert nodes["Generator"] == nodes["Retriever"] != nodes["Embedder"] == nodes["Pipeline"]
     log: list[str] = []
     with LoadGenerator(gateway, api_key=key, concurrency=4, max_seconds=240) as load:
-        status = Rollout(config, ops.ClusterClient(dashboard, gateway, key), say=log.append).start(
+        status = Rollout(config, cluster.ClusterClient(dashboard, gateway, key), say=log.append).start(
             "v2", "v1", {"revision": "multi-node"})
     assert status == "promoted", "\n".join(log)
     assert_clean(load.result, min_sent=10)
@@ -104,11 +105,11 @@ def test_losing_the_worker_node_cuts_only_its_streams_and_serves_again_when_a_no
     with LoadGenerator(two_nodes.gateway, api_key=two_nodes.key, concurrency=4, max_seconds=240) as load:
         wait_for(lambda: len(load.result.answers) >= 8, 60, "the load to get going")
         lost_at = time.time()
-        two_nodes.cluster.remove_node(two_nodes.worker, allow_graceful=False)  # its raylet and workers die
+        two_nodes.ray_cluster.remove_node(two_nodes.worker, allow_graceful=False)  # its raylet and workers die
         time.sleep(3)  # the worker's stages need its resource: Serve can place them only on a new worker
-        two_nodes.worker = two_nodes.cluster.add_node(num_cpus=1, resources={WORKER: 1})
+        two_nodes.worker = two_nodes.ray_cluster.add_node(num_cpus=1, resources={WORKER: 1})
         wait_for(lambda: _nodes_of(two_nodes.dashboard, version).get("Generator") and
-                 ops.readiness(two_nodes.gateway)[0] == 200, 180, "the worker's stages to run again")
+                 cluster.readiness(two_nodes.gateway)[0] == 200, 180, "the worker's stages to run again")
         back_at = time.time()
         sent = load.result.sent
         wait_for(lambda: load.result.sent >= sent + 8, 60, "answers after the node came back")

@@ -12,16 +12,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from deployments import ops
-from deployments.rollout import Rollout
-from deployments.serve_document import ServeDocument
+from control import cluster
+from control.document import ServeDocument, load_serve_config
+from control.rollout import Rollout
+from control.serve_config import pipeline_configs
 from rag.client import stream_chat
-from rag.config import load_serve_config, pipeline_configs
 from rag.errors import InvalidRequestError
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator
-from tests.serve.conftest import REPO, LocalService, running_service
 from tests.serve.lifecycle_helpers import assert_clean, replicas, wait_for
+from tests.support import cluster as support
+from tests.support.service import REPO, LocalService, running_service
 
 pytestmark = pytest.mark.cluster
 # Two pipelines share this machine's two cores, where a scheduling hiccup can double one request's time
@@ -47,7 +48,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
 
 
 def _rollout(service: LocalService, log: list[str]) -> Rollout:
-    return Rollout(service.config_path, ops.ClusterClient(service.dashboard, service.gateway, service.api_key),
+    return Rollout(service.config_path, cluster.ClusterClient(service.dashboard, service.gateway, service.api_key),
                    say=log.append)
 
 
@@ -85,7 +86,7 @@ def test_knowledge_base_update_is_promoted_with_zero_failures(live: LocalService
     assert status == "promoted", "\n".join(log)
     doc = ServeDocument.load(live.config_path)
     assert list(doc.versions) == [canary] and doc.weights == {canary: 100.0}
-    wait_for(lambda: stable not in ops.applications(live.dashboard), 60, "the old version to be removed")
+    wait_for(lambda: stable not in cluster.applications(live.dashboard), 60, "the old version to be removed")
     assert_clean(load.result, min_sent=20)
     # The old index kept serving the old version until it was removed; the new one answers from the update.
     assert seen and all(not has for version, has in seen if version == stable)
@@ -108,12 +109,12 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     # Injected failures happen before the first byte, so the gateway retried them on the stable version.
     assert_clean(load.result, min_sent=20)
     assert {d: replicas(live.dashboard, stable, d) for d in stable_replicas} == stable_replicas
-    wait_for(lambda: canary not in ops.applications(live.dashboard), 120, "the canary to be removed")
+    wait_for(lambda: canary not in cluster.applications(live.dashboard), 120, "the canary to be removed")
 
 
 def _snapshot(service: LocalService) -> tuple[list[str], str, int, dict]:
-    status, body = ops.readiness(service.gateway)
-    return sorted(ops.applications(service.dashboard)), service.config_path.read_text(), status, body["weights"]
+    status, body = cluster.readiness(service.gateway)
+    return sorted(cluster.applications(service.dashboard)), service.config_path.read_text(), status, body["weights"]
 
 
 def test_a_version_too_big_for_the_cluster_is_refused_in_seconds_and_changes_nothing(live: LocalService) -> None:
@@ -147,7 +148,7 @@ def test_a_version_whose_replicas_cannot_start_is_rolled_back(live: LocalService
         status = _rollout(live, log).start("broken", stable, broken)
     assert status == "rolled_back", "\n".join(log)
     assert any("ROLLOUT_DONE" in line and "failed to deploy" in line for line in log), "\n".join(log)
-    wait_for(lambda: "broken" not in ops.applications(live.dashboard), 120, "the broken version to be removed")
+    wait_for(lambda: "broken" not in cluster.applications(live.dashboard), 120, "the broken version to be removed")
     assert _snapshot(live) == before
     assert_clean(load.result, min_sent=5)
 
@@ -171,20 +172,20 @@ def test_stats_cover_every_gateway_replica(live: LocalService) -> None:
 
 
 def test_ray_refuses_unauthenticated_control_calls(live: LocalService) -> None:
-    apps = sorted(ops.applications(live.dashboard))
+    apps = sorted(cluster.applications(live.dashboard))
     put = httpx.put(f"{live.dashboard}/api/serve/applications/", json={"applications": []}, timeout=10)
     job = httpx.post(f"{live.dashboard}/api/jobs/", json={"entrypoint": "touch /tmp/rag-serve-pwned"}, timeout=10)
     wrong = httpx.post(f"{live.dashboard}/api/jobs/", json={"entrypoint": "true"}, timeout=10,
                        headers={"Authorization": "Bearer not-the-token"})
     assert put.status_code == 401 and job.status_code == 401 and wrong.status_code == 403
-    assert sorted(ops.applications(live.dashboard)) == apps
+    assert sorted(cluster.applications(live.dashboard)) == apps
 
 
 def test_losing_a_gateway_replica_costs_only_the_streams_it_carried(live: LocalService) -> None:
     with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=6, max_seconds=180) as load:
         wait_for(lambda: len(load.result.answers) >= 12, 60, "the load to get going")
         killed_at = time.time()
-        ops.kill_replica(live.dashboard, "gateway", "Gateway")
+        support.kill_replica(live.dashboard, "gateway", "Gateway")
         wait_for(lambda: len(replicas(live.dashboard, "gateway", "Gateway")) == 2, 120, "a new gateway replica")
         sent = load.result.sent
         wait_for(lambda: load.result.sent >= sent + 12, 60, "answers after the replacement")

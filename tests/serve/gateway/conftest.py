@@ -1,6 +1,6 @@
-"""One cluster for the gateway's tests (API, knowledge bases, console, then two versions side by side): a
+"""One cluster for the gateway's tests (API, knowledge bases, console, two versions side by side): a
 package-scoped fixture, so the modules here share it and it stops before the other cluster tests start
-theirs."""
+theirs. A module that changes the cluster puts it back before it ends, so the modules run in any order."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.serve.conftest import LocalService, running_service
+from tests.support.service import LocalService, running_service
 
 
 @pytest.fixture(scope="package")

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments import ops
-from tests.serve.conftest import REPO, LocalService
+from control import cluster
+from tests.support.service import REPO, LocalService
 
 pytestmark = pytest.mark.cluster
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -129,9 +129,9 @@ def test_the_versions_tab_follows_a_weight_change_live(page: Any, service: Local
     assert "100" in row.text
     half = service.config("half.yaml", traffic={"weights": {"v1": 50}})
     try:
-        ops.deploy(half, dashboard=service.dashboard)  # weights only: reconfigure, no restart
+        cluster.deploy(half, dashboard=service.dashboard)  # weights only: reconfigure, no restart
         _wait(page, lambda: any("v1" in r.text and "50" in r.text for r in _testid(page, "version-row")), 30)
         page.save_screenshot(str(ARTIFACTS / "console-versions.png"))
     finally:
-        ops.deploy(service.config_path, dashboard=service.dashboard)
+        cluster.deploy(service.config_path, dashboard=service.dashboard)
     _wait(page, lambda: any("v1" in r.text and "100" in r.text for r in _testid(page, "version-row")), 30)

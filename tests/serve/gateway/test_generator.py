@@ -13,7 +13,7 @@ from rag.generation import TransformersGenerator
 from rag.records import GenerationRequest
 from tests.rag.test_batching import QUESTIONS
 from tests.rag.test_generation import PASSAGES, _save_model
-from tests.serve.conftest import LocalService
+from tests.support.service import LocalService
 
 pytestmark = pytest.mark.cluster
 
@@ -40,7 +40,7 @@ def _in_process(config: GenerationConfig, requests: list[GenerationRequest]) -> 
 def test_concurrent_streams_through_the_replica_match_solo_answers(service: LocalService, tmp_path: Path) -> None:
     from ray import serve
 
-    from deployments.generator import GeneratorDeployment
+    from deployments.stages.generator_deployment import GeneratorDeployment
 
     model = _save_model(tmp_path / "tiny-llama", chat_template=None, allow="words")
     config = GenerationConfig(backend="transformers", model=str(model), device="cpu", max_batch_streams=8)

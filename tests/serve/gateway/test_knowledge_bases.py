@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from rag.client import sse_events, stream_chat
-from tests.serve.conftest import LocalService
+from tests.support.service import LocalService
 
 pytestmark = pytest.mark.cluster
 

@@ -16,7 +16,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from rag.auth import bearer
 from rag.client import sse_events, stream_chat
-from tests.serve.conftest import LocalService
+from tests.support.service import LocalService
 
 pytestmark = pytest.mark.cluster
 

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from deployments import ops
-from deployments.serve_document import ServeDocument
-from tests.serve.conftest import LocalService
+from control import cluster
+from control.document import ServeDocument
 from tests.serve.lifecycle_helpers import replicas, wait_for
+from tests.support.service import LocalService
 
 pytestmark = pytest.mark.cluster
 DEPLOYMENTS = ("Pipeline", "Embedder", "Retriever", "Generator")
@@ -25,27 +25,31 @@ def apply_weights(service: LocalService, weights: dict[str, float]) -> None:
     doc = ServeDocument.load(service.config_path)
     doc.set_weights(weights)
     doc.save(service.config_path)
-    ops.apply(doc.plain(), service.dashboard)
-    wait_for(lambda: ops.readiness(service.gateway)[1].get("weights") == {k: v for k, v in weights.items() if v > 0},
-             30, f"the gateway to take weights {weights}")
+    cluster.apply(doc.plain(), service.dashboard)
+    live = {k: v for k, v in weights.items() if v > 0}
+    wait_for(lambda: cluster.readiness(service.gateway)[1].get("weights") == live, 30,
+             f"the gateway to take weights {weights}")
 
 
 @pytest.fixture(scope="module")
 def two_versions(service: LocalService) -> Iterator[LocalService]:
-    """The package's cluster with a v2 beside v1 (this module runs last there); v2 goes again afterwards."""
+    """The package's cluster with a v2 beside v1; afterwards v2 is gone and v1 serves alone again, so
+    the modules sharing the cluster may run in any order."""
     original = service.config_path.read_text()
     doc = ServeDocument.load(service.config_path)
     doc.add_version("v2", "v1", {"version": "v2"})
     doc.set_weights({"v1": 100, "v2": 0})  # add at weight 0, wait, then shift
     doc.save(service.config_path)
-    ops.apply(doc.plain(), service.dashboard)
-    wait_for(lambda: "v2" in ops.readiness(service.gateway)[1].get("serving", []), 300, "v2 to serve")
+    cluster.apply(doc.plain(), service.dashboard)
+    wait_for(lambda: "v2" in cluster.readiness(service.gateway)[1].get("serving", []), 300, "v2 to serve")
     apply_weights(service, {"v1": 90, "v2": 10})
     try:
         yield service
     finally:
         service.config_path.write_text(original)
-        ops.deploy(service.config_path, dashboard=service.dashboard)
+        cluster.deploy(service.config_path, dashboard=service.dashboard)
+        wait_for(lambda: "v2" not in cluster.applications(service.dashboard), 180, "v2 to be removed")
+        cluster.wait_ready(service.gateway, timeout_s=120, dashboard=service.dashboard)
 
 
 def all_replicas(service: LocalService) -> dict[str, set[str]]:

@@ -1,0 +1,148 @@
+"""The answering routes: OpenAI-compatible chat and embeddings, Chatchat-style kb_chat and search, the
+models, per-version statistics and the probes. Each parses (FastAPI + `rag.api` schemas), calls a
+service, and maps the result; the logic is in `GatewayService` and `EmbeddingsService`.
+
+No `from __future__ import annotations` here: FastAPI must see real annotation objects.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray.serve.exceptions import BackPressureError
+
+from deployments.gateway.answer_service import AnswerStream, GatewayService
+from deployments.gateway.services import Services
+from deployments.gateway.statuses import documented, status_for
+from rag.api import (
+    ChatCompletionRequest,
+    CompletionFormatter,
+    EmbeddingRequest,
+    KbChatRequest,
+    SearchDocsRequest,
+    error_body,
+)
+from rag.errors import OverloadedError, RagError, UpstreamTimeoutError
+from rag.records import AnswerStart, Question
+
+logger = logging.getLogger("rag.gateway")
+router = APIRouter()
+VERSION_HEADER = "x-rag-version"
+T = TypeVar("T")
+
+STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {
+    200: {"description": "an SSE stream of `chat.completion.chunk`s (`stream: true`) or one JSON body",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}, "application/json": {}}}}
+ANSWER_ERRORS = documented(400, 401, 404, 413, 422, 500, 503, 504)
+READ_ERRORS = documented(401, 500, 503, 504)
+
+
+async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
+    """One hop with a deadline; a full queue downstream is an immediate 503, not a 500."""
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except TimeoutError:
+        raise UpstreamTimeoutError(f"{what} took longer than {timeout_s:g}s") from None
+    except BackPressureError:
+        raise OverloadedError(f"{what}: the service is at capacity; retry shortly") from None
+
+
+async def _answer(service: GatewayService, question: Question, key: str | None, stream: bool,
+                  formatter: CompletionFormatter, endpoint: str) -> StreamingResponse | JSONResponse:
+    started = time.perf_counter()
+    try:
+        version, first, rest = await service.open_answer(question, key)
+    except RagError as exc:  # refused before its first byte: counted, as a cut stream is (stream_error)
+        service.metrics.count_request(endpoint, status_for(exc))
+        raise
+    if stream:
+        return _streamed(service, version, first, rest, formatter, started, endpoint)
+    events = await service.collect(version, first, rest, started, endpoint)
+    return JSONResponse(formatter.completion(events), headers={VERSION_HEADER: version})
+
+
+def _streamed(service: GatewayService, version: str, first: AnswerStart, rest: AnswerStream,
+              formatter: CompletionFormatter, started: float, endpoint: str) -> StreamingResponse:
+    return StreamingResponse(service.relay(formatter, version, first, rest, started, endpoint),
+                             media_type="text/event-stream",
+                             headers={VERSION_HEADER: version, "cache-control": "no-cache"})
+
+
+@router.post("/v1/chat/completions", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
+async def chat_completions(body: ChatCompletionRequest, services: Services) -> StreamingResponse | JSONResponse:
+    services.first_traffic()
+    service = services.answers
+    cfg = service.config
+    question = body.to_question(service.knowledge_base_for(body), cfg.limits, cfg.max_history_turns)
+    return await _answer(service, question, body.sticky_key, body.stream, CompletionFormatter(body.model),
+                         "chat_completions")
+
+
+@router.post("/chat/kb_chat", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
+async def kb_chat(body: KbChatRequest, services: Services) -> StreamingResponse | JSONResponse:
+    services.first_traffic()
+    cfg = services.answers.config
+    question = body.to_question(cfg.limits, cfg.max_history_turns)
+    formatter = CompletionFormatter(body.model or body.knowledge_base_name, docs_key="docs")
+    return await _answer(services.answers, question, body.conversation_id, body.stream, formatter, "kb_chat")
+
+
+@router.post("/knowledge_base/search_docs", responses=ANSWER_ERRORS)
+async def search_docs(body: SearchDocsRequest, services: Services) -> JSONResponse:
+    services.first_traffic()
+    cfg = services.answers.config
+    version, docs = await bounded(services.answers.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
+                                  "the search")
+    return JSONResponse(docs, headers={VERSION_HEADER: version})
+
+
+@router.post("/v1/embeddings", responses=ANSWER_ERRORS)
+async def embeddings(body: EmbeddingRequest, services: Services) -> dict[str, Any]:
+    """OpenAI's embeddings: `input` a string or a list, `model` a knowledge base or the embedding model,
+    `encoding_format` float or base64; through the Embedder's batching."""
+    return await bounded(services.embeddings.create(body), services.answers.config.request_timeout_s,
+                         "the embedding")
+
+
+@router.get("/v1/models", responses=READ_ERRORS)
+async def list_models(services: Services) -> dict[str, Any]:
+    models = await bounded(services.answers.models(), services.answers.config.request_timeout_s,
+                           "listing the models")
+    return {"object": "list", "data": models}
+
+
+@router.get("/health")
+async def health(services: Services) -> dict[str, Any]:
+    return {"status": "alive", "uptime_s": round(time.monotonic() - services.answers.started, 3)}
+
+
+@router.get("/stats", response_model=None, responses=documented(401, 422, 503))
+async def stats(services: Services, window_s: float | None = Query(None, gt=0, le=86_400),
+                scope: Literal["cluster", "replica"] = "cluster") -> dict[str, Any] | JSONResponse:
+    """Per-version requests, error rate, p50/p90/p99 time to first token and in-flight over the last
+    `window_s` seconds, of every gateway replica (`scope=replica`: of the one answering): what
+    `rollout` compares."""
+    service = services.answers
+    body = {"weights": service.split.weights, "draining": service.draining, "window_s": window_s, "scope": scope}
+    if scope == "replica":
+        return {**body, "versions": service.stats.summary(window_s)}
+    try:
+        merged = await asyncio.wait_for(services.merged_stats(window_s), 5)
+    except Exception as exc:
+        logger.warning("event=STATS_UNAVAILABLE error=%r", exc)
+        return JSONResponse(error_body("the merged statistics of the gateway replicas are unavailable", 503),
+                            status_code=503, headers={"retry-after": "1"})
+    return {**body, **merged}
+
+
+@router.get("/ready", responses={503: {"description": "starting or draining (same body as 200)"}})
+async def ready(services: Services) -> JSONResponse:
+    state, service = services.readiness(), services.answers
+    status = "draining" if service.draining else "ready" if state.ready else "starting"
+    body = {"status": status, "versions": service.split.live, "weights": service.split.weights,
+            "waiting_for": state.waiting_for, "serving": sorted(state.serving), "in_flight": service.in_flight.count}
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)

@@ -1,0 +1,277 @@
+"""The gateway's logic: choose a version, start its answer (retrying once before the first byte),
+relay the events, and keep the counts that /ready, /stats and the metrics report.
+
+Plain code: the versions' handles come in through `VersionHandles` (Serve's in the deployment, a fake
+in unit tests), the way vLLM's serving layer takes an engine client, so routing, retry, relaying and
+accounting are tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, document_json, sse
+from rag.config import GatewayConfig, TrafficConfig
+from rag.errors import (
+    InvalidRequestError,
+    KnowledgeBaseNotFoundError,
+    OverloadedError,
+    RagError,
+    ServiceUnavailableError,
+)
+from rag.lifecycle import InFlight
+from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
+from rag.stats import VersionStats
+from rag.traffic import TrafficSplit
+
+logger = logging.getLogger("rag.gateway")
+DEFAULT_MODEL_ALIAS = "rag"
+# Pauses between attempts at one answer: spaced, so a replica's replacement is waited for rather than
+# hammered, all within `first_event_timeout_s`.
+RETRY_PAUSES_S = (0.2, 0.5, 1.0, 2.0)
+SERVING_POLL_S = 0.25
+# The request's own fault: any version would refuse it alike, so it says nothing about the version.
+REQUEST_FAULTS = (InvalidRequestError, KnowledgeBaseNotFoundError)
+
+
+class VersionHandles(Protocol):
+    """Handles to the pipeline versions (each with `answer`, `search`, `knowledge_bases` methods) and
+    to their Embedders (`embed`, `embed_many`, `count_tokens`, `describe`)."""
+
+    async def get(self, version: str) -> Any: ...
+
+    async def embedder(self, version: str) -> Any: ...
+
+    def prime(self, version: str, timeout_s: float) -> None: ...
+
+    def is_overload(self, exc: BaseException) -> bool:
+        """Whether `exc` is a full queue downstream (refused at once, never waited on)."""
+        ...
+
+
+class Metrics(Protocol):
+    first_token: Any
+
+    def count_request(self, endpoint: str, status: int | str, version: str | None = None) -> None: ...
+
+
+class GatewayService:
+    """Picks a version for each request and relays its answer events in the requested shape."""
+
+    def __init__(self, config: GatewayConfig, metrics: Metrics, in_flight: InFlight, handles: VersionHandles,
+                 ready_versions: Callable[[], set[str]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.traffic = TrafficConfig()
+        self.split = TrafficSplit(self.traffic)
+        self.in_flight = in_flight
+        self.started = time.monotonic()
+        self.ready_versions = ready_versions or (lambda: set(self.split.live))
+        self.stats = VersionStats(config.stats_window_records)
+        self.handles = handles
+        self.clock = clock
+
+    def set_traffic(self, traffic: TrafficConfig) -> None:
+        self.traffic = traffic
+        self.split = TrafficSplit(traffic)
+
+    @property
+    def draining(self) -> bool:
+        return self.traffic.draining
+
+    def serving_versions(self) -> list[str]:
+        """Versions that serve now, the heaviest first: the knowledge-base API embeds through the first."""
+        serving, weights = self.ready_versions(), self.split.weights
+        return sorted((v for v in weights if v in serving), key=lambda v: -weights[v])
+
+    def knowledge_base_for(self, request: ChatCompletionRequest) -> str:
+        if request.knowledge_base:
+            return request.knowledge_base
+        return self.config.default_knowledge_base if request.model == DEFAULT_MODEL_ALIAS else request.model
+
+    def choose_version(self, key: str | None, avoid: list[str] | None = None) -> str:
+        """By weight among the live versions that are serving; a version that just failed is avoided
+        when another one can take the request."""
+        ready = [v for v in self.split.live if v in self.ready_versions()]
+        if not ready:
+            raise ServiceUnavailableError(f"no version of {self.split.live} is serving; retry shortly")
+        fresh = [v for v in ready if v not in (avoid or [])]
+        return self.split.choose(key, among=fresh or ready)
+
+    async def open_answer(self, question: Question, key: str | None) -> tuple[str, AnswerStart, AnswerStream]:
+        """Start an answer and wait for its first event (the sources). Errors before that event become
+        an HTTP status, not an error inside a 200 stream.
+
+        Nothing has been sent yet, so a lost replica (or a version being replaced or removed) costs the
+        client time, not the answer: the request waits for a version that serves and tries again, with
+        growing pauses and elsewhere when possible, until the first-event budget is spent; only then
+        503. A full queue is refused at once: waiting is what overload must not do."""
+        self.refuse_if_draining()
+        deadline = self.clock() + self.config.first_event_timeout_s
+        failed: list[str] = []
+        for attempt in itertools.count(1):
+            version = await self._serving_version(key, failed, deadline)
+            try:
+                # Half the budget at most for one attempt, so a version that hangs leaves time to try another.
+                attempt_s = min(deadline - self.clock(), self.config.first_event_timeout_s / 2)
+                first, stream = await self._first_event(version, question, attempt_s)
+                return version, first, stream
+            except RagError as exc:
+                # Raised by a stage: not retried (it is an answer, not a lost replica), but counted against
+                # the version unless the request itself was at fault.
+                if not isinstance(exc, REQUEST_FAULTS):
+                    self.stats.failed_to_start(version)
+                raise
+            except Exception as exc:
+                self.stats.failed_to_start(version)
+                if self.handles.is_overload(exc):
+                    raise OverloadedError("the service is at capacity; retry shortly") from None
+                failed.append(version)
+                pause = RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S)) - 1]
+                logger.warning("event=RETRY version=%s attempt=%d pause_s=%s error=%r", version, attempt, pause, exc)
+                if deadline - self.clock() <= pause:
+                    break
+                await asyncio.sleep(pause)
+        raise ServiceUnavailableError(f"no version could start the answer within {self.config.first_event_timeout_s:g}"
+                                      f"s (tried {failed}); retry shortly")
+
+    async def _serving_version(self, key: str | None, failed: list[str], deadline: float) -> str:
+        """A version to try: at once when one serves; while none does (the only replica of a stage is being
+        replaced, a node is lost, the service is still warming up), wait for one within the budget."""
+        while True:
+            try:
+                return self.choose_version(key, failed[-1:])
+            except ServiceUnavailableError:
+                if self.clock() >= deadline:
+                    raise
+                await asyncio.sleep(min(SERVING_POLL_S, max(0.0, deadline - self.clock())))
+
+    async def _first_event(self, version: str, question: Question,
+                           timeout_s: float) -> tuple[AnswerStart, AnswerStream]:
+        stream = AnswerStream((await self.handles.get(version)).answer.options(stream=True).remote(question))
+        try:
+            first = await stream.start(max(timeout_s, 0.001))
+        except BaseException:
+            stream.cancel()
+            raise
+        return first, stream
+
+    async def relay(self, formatter: CompletionFormatter, version: str, first: AnswerStart,
+                    rest: AnswerStream, started: float, endpoint: str) -> AsyncIterator[str]:
+        """SSE lines for one answer; a broken upstream ends in an error event and [DONE], never a cut."""
+        status, finished, ttft = "200", False, None
+        with self.in_flight.track(), self._counted(version) as outcome:
+            try:
+                yield sse(formatter.chunk(first))
+                async for batch in rest.batches():
+                    for event in batch:
+                        ttft = ttft or self._first_token(event, started, version)
+                    yield "".join(sse(formatter.chunk(event)) for event in batch)
+                finished = True
+            except Exception as exc:
+                status, finished = "stream_error", True
+                logger.warning("event=STREAM_ERROR version=%s error=%r", version, exc)
+                yield sse(formatter.error_chunk(f"the answer stream broke off ({type(exc).__name__}); "
+                                                "the answer above is incomplete"))
+            finally:
+                if not finished:  # the client went away: stop the generation upstream
+                    status = "client_closed"
+                    rest.cancel()
+                self.metrics.count_request(endpoint, status, version)
+                outcome.update(ok=status != "stream_error", first_token_s=ttft)
+            yield SSE_DONE
+
+    async def collect(self, version: str, first: AnswerStart, rest: AnswerStream,
+                      started: float, endpoint: str) -> list[AnswerEvent]:
+        with self.in_flight.track(), self._counted(version) as outcome:
+            events: list[AnswerEvent] = [first]
+            ttft = None
+            async for batch in rest.batches():
+                for event in batch:
+                    ttft = ttft or self._first_token(event, started, version)
+                    events.append(event)
+            outcome.update(ok=True, first_token_s=ttft)
+        self.metrics.count_request(endpoint, 200, version)
+        return events
+
+    @contextmanager
+    def _counted(self, version: str) -> Iterator[dict[str, Any]]:
+        """Per-version in-flight and outcome for the rollout's comparison; failed unless marked ok."""
+        outcome: dict[str, Any] = {"ok": False, "first_token_s": None}
+        self.stats.started(version)
+        try:
+            yield outcome
+        finally:
+            self.stats.finished(version, outcome["ok"], outcome["first_token_s"])
+
+    def _first_token(self, event: AnswerEvent, started: float, version: str) -> float | None:
+        """Record time to first token at the first answer text and return it."""
+        if not isinstance(event, AnswerDelta):
+            return None
+        seconds = time.perf_counter() - started
+        self.metrics.first_token.observe(seconds, tags={"version": version})
+        return seconds
+
+    async def search(self, question: Question, key: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+        self.refuse_if_draining()
+        version = self.choose_version(key)
+        with self.in_flight.track():
+            passages = await (await self.handles.get(version)).search.remote(question)
+        self.metrics.count_request("search_docs", 200, version)
+        return version, [document_json(p) for p in passages]
+
+    async def models(self) -> list[dict[str, Any]]:
+        """One model per knowledge base, with how each live version retrieves from it and why."""
+        found: dict[str, dict[str, Any]] = {}
+        for version in self.split.live:
+            for name, info in (await (await self.handles.get(version)).retrieval_modes.remote()).items():
+                found.setdefault(name, {})[version] = info
+        return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve", "retrieval": found[n]}
+                for n in sorted(found)]
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ServiceUnavailableError("the service is draining for a stop; send new requests elsewhere")
+
+    def prime(self, version: str) -> None:
+        """Open the route to `version` before it gets a user's request (blocking: the readiness thread)."""
+        self.handles.prime(version, self.config.first_event_timeout_s)
+
+
+class AnswerStream:
+    """A version's answer as it arrives: batches of events over a Serve streaming response."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self._held: list[AnswerEvent] = []
+
+    async def start(self, timeout_s: float) -> AnswerStart:
+        """Wait for the first batch; its first event must be the sources."""
+        first, *self._held = await asyncio.wait_for(self._response.__anext__(), timeout_s)
+        if not isinstance(first, AnswerStart):
+            raise TypeError(f"an answer began with {type(first).__name__}, not AnswerStart")
+        return first
+
+    async def batches(self) -> AsyncIterator[list[AnswerEvent]]:
+        if self._held:
+            yield self._held
+        async for batch in self._response:
+            yield batch
+
+    def cancel(self) -> None:
+        _cancel_quietly(self._response)
+
+
+def _cancel_quietly(stream: Any) -> None:
+    # cancel() can re-raise the routing error of a request that never reached a replica.
+    try:
+        stream.cancel()
+    except Exception as exc:
+        logger.debug("cancel raised %r", exc)

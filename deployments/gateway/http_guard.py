@@ -1,0 +1,128 @@
+"""The gateway's door: a request id on every request, the API key, and the body size, all checked before
+FastAPI parses anything, so an unauthenticated or oversized body costs no parsing at all.
+
+A plain ASGI middleware (not a FastAPI dependency): FastAPI reads and parses the body before any
+dependency runs, and the body-size limit must come first.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rag.auth import ApiKeys
+from rag.errors import AuthenticationError, InvalidRequestError, RagError, RequestTooLargeError
+
+REQUEST_ID_HEADER = "x-request-id"
+# Probes carry only a status word, and the console's page and assets are public files (the page asks for
+# the key and sends it on every API call); everything else, /docs and /openapi.json included, needs a key.
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+OPEN_PREFIXES = ("/console/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+# A caller's own request id is kept (it ties its logs to ours) when it is short and plain.
+_CALLER_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    keys: ApiKeys | None  # None: this gateway was explicitly configured to run without keys
+    max_body_bytes: int
+    errors_shown: int  # problems a 422 names before it only counts them
+    # Routes that take documents (multipart uploads) may carry more than a question does.
+    body_bytes_by_path: Mapping[str, int] = field(default_factory=dict)
+
+    def body_limit(self, path: str) -> int:
+        return self.body_bytes_by_path.get(path, self.max_body_bytes)
+
+
+class HttpGuard:
+    """`settings` are the replica's (its key file, its limits); `refuse(error, request_id, path)` renders
+    a refusal (the gateway's one mapping of errors to statuses)."""
+
+    def __init__(self, app: ASGIApp, settings: GuardSettings,
+                 refuse: Callable[[RagError, str, str], Response]) -> None:
+        self.app = app
+        self.settings = settings
+        self.refuse = refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Serve's proxy gives every request an id (the caller's x-request-id when sent) and returns it in
+        # the x-request-id response header; outside Serve, this middleware makes and returns one.
+        given = _header(scope, REQUEST_ID_HEADER.encode())
+        request_id = given if given and _CALLER_ID.match(given) else f"req-{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        if not given:
+            send = _with_request_id(send, request_id)
+        settings = self.settings
+        if not is_open(scope["path"]) and settings.keys is not None \
+                and not settings.keys.accepts(_header(scope, b"authorization")):
+            await self.refuse(AuthenticationError("a valid API key is required: send 'Authorization: Bearer "
+                                                  "<key>'"), request_id, scope["path"])(scope, receive, send)
+            return
+        body, refusal = await _read_body(scope, receive, settings.body_limit(scope["path"]))
+        if refusal:
+            await self.refuse(refusal, request_id, scope["path"])(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _with_request_id(send: Send, request_id: str) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message.setdefault("headers", [])
+            message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), request_id.encode())]
+        await send(message)
+    return sending
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> tuple[bytes, RagError | None]:
+    """The whole body, or a refusal once it is known to exceed `limit`: from Content-Length before a
+    byte is read, else by counting what streams in (a chunked body has no length)."""
+    too_large = RequestTooLargeError(f"the request body is larger than the limit of {limit} bytes")
+    declared = _header(scope, b"content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return b"", too_large if declared.isdigit() else InvalidRequestError("invalid Content-Length header")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks), None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return b"", too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body as one message, then whatever the connection says next (a disconnect, for streams)."""
+    sent = False
+
+    async def receiving() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return receiving

@@ -1,0 +1,87 @@
+"""The knowledge-base manager: one replica in the gateway's application that runs every change to the
+knowledge bases (one writer per KB, jobs kept in one place whichever gateway replica is asked)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deployments.gateway.kb_manager_service import KnowledgeBaseService
+from deployments.gateway.serve_handles import ServeHandles
+from deployments.stages.replica_lifecycle import ReplicaLifecycle
+from rag.config import GatewayConfig, PipelineConfig
+from rag.kb_build import Changes, Embed
+from rag.leases import prune_versions
+
+logger = logging.getLogger("rag.knowledge_bases")
+EMBED_TIMEOUT_S = 300.0  # one batch of a few hundred chunks on a busy CPU; a wedged Embedder fails the job
+
+
+class ServeStages:
+    """Each version's config (asked once from its Pipeline) and its Embedder, through Serve handles."""
+
+    def __init__(self, handles: ServeHandles) -> None:
+        self._handles = handles
+        self._configs: dict[str, PipelineConfig] = {}
+
+    async def config(self, version: str) -> PipelineConfig:
+        if version not in self._configs:
+            handle = await self._handles.get(version)
+            self._configs[version] = PipelineConfig.model_validate(await handle.describe.remote())
+        return self._configs[version]
+
+    def embedder(self, version: str) -> Embed:
+        handle = self._handles.embedder_blocking(version)
+
+        def embed(texts: list[str]) -> np.ndarray:
+            # Called from the build's worker thread, where a blocking result() is allowed.
+            return handle.embed_many.remote(texts).result(timeout_s=EMBED_TIMEOUT_S)
+        return embed
+
+
+def _prune(root: Path, kb: str, keep: int, lease_ttl_s: float) -> None:
+    pruned = prune_versions(root, kb, keep, lease_ttl_s)
+    if pruned:
+        logger.info("event=INDEX_PRUNED kb=%s versions=%s", kb, pruned)
+
+
+@serve.deployment(name="KnowledgeBases")
+class KnowledgeBaseManager:
+    async def __init__(self, config: GatewayConfig) -> None:  # type: ignore[misc]
+        self._life = ReplicaLifecycle("gateway")
+        # Old index versions go once no Retriever holds a lease on them, the newest `keep_versions` stay.
+        self.service = KnowledgeBaseService(config.knowledge_base, ServeStages(ServeHandles()), _prune)
+        await self._life.start("knowledge-base jobs", lambda: None, lambda: None)
+
+    async def list_knowledge_bases(self, versions: list[str]) -> list[dict[str, Any]]:
+        return await self.service.list_knowledge_bases(versions)
+
+    async def create(self, kb: str, kb_info: str, embed_model: str | None, versions: list[str]) -> dict[str, Any]:
+        return await self.service.create(kb, kb_info, embed_model, versions)
+
+    async def delete(self, kb: str, versions: list[str]) -> None:
+        await self.service.delete(kb, versions)
+
+    async def list_files(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
+        return await self.service.list_files(kb, versions)
+
+    async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
+        return await self.service.download(kb, name, versions)
+
+    async def submit(self, kind: str, kb: str, changes: Changes, splitter: dict[str, int] | None,
+                     versions: list[str]) -> str:
+        with self._life.in_flight.track():
+            return await self.service.submit(kind, kb, changes, splitter, versions)
+
+    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
+        return await self.service.wait(job_id, timeout_s)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.service.job(job_id)
+
+    def __del__(self) -> None:
+        self._life.stop(lambda: None)

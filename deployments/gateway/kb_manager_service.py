@@ -1,0 +1,229 @@
+"""Knowledge-base management behind the HTTP API, free of Ray: which version's settings and Embedder an
+update uses, one writer per KB, and jobs a client can wait for or poll.
+
+The Serve deployment (`kb_manager.py`) gives it `Stages`: each pipeline version's config and a way to
+embed through that version's Embedder, so an ingest runs the model, batching and device queries use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from deployments.gateway.statuses import status_for
+from rag import kb_store
+from rag.config import KnowledgeBaseSettings, PipelineConfig, SplitterConfig, check_kb_name
+from rag.errors import (
+    ConflictError,
+    InvalidRequestError,
+    KnowledgeBaseNotFoundError,
+    RagError,
+    ServiceUnavailableError,
+)
+from rag.index import Manifest, list_versions, version_directory
+from rag.kb_build import Changes, Embed, update_knowledge_base
+from rag.kb_jobs import Job, JobBoard
+from rag.language import choose_mode
+
+logger = logging.getLogger("rag.knowledge_bases")
+
+
+class Stages(Protocol):
+    async def config(self, version: str) -> PipelineConfig: ...
+
+    def embedder(self, version: str) -> Embed:
+        """A blocking embed function for the build's worker thread."""
+
+
+class KnowledgeBaseService:
+    def __init__(self, settings: KnowledgeBaseSettings, stages: Stages,
+                 after_publish: Callable[[Path, str, int, float], None] | None = None) -> None:
+        self.settings = settings
+        self.jobs = JobBoard()
+        self._stages = stages
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._after_publish = after_publish
+
+    async def _choose(self, versions: list[str], kb: str | None = None) -> tuple[str, PipelineConfig]:
+        """The first serving version (heaviest first) that embeds with the KB's model."""
+        if not versions:
+            raise ServiceUnavailableError("no pipeline version is serving yet; retry shortly")
+        configs = [(v, await self._stages.config(v)) for v in versions]
+        root = configs[0][1].retrieval.kb_root_path
+        wanted = _embed_model(root, kb) if kb else None
+        for version, config in configs:
+            if wanted is None or config.embedding.model == wanted:
+                return version, config
+        raise ConflictError(f"knowledge base {kb!r} embeds with {wanted!r}, which no serving version runs")
+
+    async def kb_root(self, versions: list[str]) -> Path:
+        return (await self._choose(versions))[1].retrieval.kb_root_path
+
+    async def list_knowledge_bases(self, versions: list[str]) -> list[dict[str, Any]]:
+        """Every KB with its description, index version, language, and the retrieval its questions get
+        from the heaviest serving version (and why)."""
+        config = (await self._choose(versions))[1]
+        return await asyncio.to_thread(_describe_all, config)
+
+    async def create(self, kb: str, kb_info: str, embed_model: str | None, versions: list[str]) -> dict[str, Any]:
+        check_kb_name(kb)
+        configs = [await self._stages.config(v) for v in versions] if versions else []
+        models = sorted({c.embedding.model for c in configs})
+        if not configs:
+            raise ServiceUnavailableError("no pipeline version is serving yet; retry shortly")
+        model = embed_model or configs[0].embedding.model
+        if model not in models:
+            raise InvalidRequestError(f"embed_model {model!r} is not run by any serving version; use one of {models}")
+        async with self._lock(kb):
+            meta = await asyncio.to_thread(kb_store.create, configs[0].retrieval.kb_root_path, kb, kb_info, model)
+        return {"knowledge_base_name": meta.name, "kb_info": meta.kb_info, "embed_model": meta.embed_model}
+
+    async def delete(self, kb: str, versions: list[str]) -> None:
+        check_kb_name(kb)
+        root = await self.kb_root(versions)
+        async with self._lock(kb):
+            await asyncio.to_thread(kb_store.delete, root, kb)
+
+    async def list_files(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
+        check_kb_name(kb)
+        root = await self.kb_root(versions)
+        kb_store.require(root, kb)
+        return await asyncio.to_thread(_files, root, kb)
+
+    async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
+        check_kb_name(kb)
+        root = await self.kb_root(versions)
+        kb_store.require(root, kb)
+        listed = {f["file_name"] for f in await asyncio.to_thread(_files, root, kb)}
+        if kb_store.check_file_name(name, nested=True) not in listed:
+            raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} has no file {name[:80]!r}")
+        return await asyncio.to_thread(kb_store.read_original, root, kb, name)
+
+    async def submit(self, kind: str, kb: str, changes: Changes, splitter: dict[str, int] | None,
+                     versions: list[str]) -> str:
+        """Check what can be checked now (the KB, the splitter), then run the change as a job."""
+        check_kb_name(kb)
+        version, config = await self._choose(versions, kb)
+        root = config.retrieval.kb_root_path
+        if not kb_store.exists(root, kb):
+            raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}; create it first")
+        chosen = _splitter(config.splitter, splitter)
+        job = self.jobs.create(kb, kind)
+        job.files_total = len(changes.add) + len(changes.reindex)
+        task = asyncio.create_task(self._run(job, root, kb, config, changes, chosen, self._stages.embedder(version)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job.id
+
+    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
+        """The job's view once it finished or `timeout_s` passed; a failed job raises its error."""
+        job = self._job(job_id)
+        deadline = time.monotonic() + timeout_s
+        while not job.finished and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        if job.state == "failed" and job.exception is not None:
+            raise job.exception
+        return job.view()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._job(job_id).view()
+
+    def _job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise KnowledgeBaseNotFoundError(f"no job {job_id[:40]!r} (jobs are kept for a while after they end)")
+        return job
+
+    def _lock(self, kb: str) -> asyncio.Lock:
+        return self._locks.setdefault(kb, asyncio.Lock())
+
+    async def _run(self, job: Job, root: Path, kb: str, config: PipelineConfig, changes: Changes,
+                   splitter: SplitterConfig, embed: Embed) -> None:
+        async with self._lock(kb):
+            job.state, job.started_at = "running", time.time()
+            try:
+                result = await asyncio.to_thread(
+                    update_knowledge_base, root, kb, config, changes, embed=embed, splitter=splitter,
+                    progress=job.progress, max_file_bytes=self.settings.max_file_bytes,
+                    batch_size=self.settings.embed_batch)
+                if result.created and self._after_publish:
+                    await asyncio.to_thread(self._after_publish, root, kb, self.settings.keep_versions,
+                                            config.retrieval.lease_ttl_s)
+            except Exception as exc:
+                job.state, job.error, job.exception = "failed", str(exc), exc
+                job.status = status_for(exc) if isinstance(exc, RagError) else 500
+                logger.warning("event=KB_JOB_FAILED job=%s kb=%s kind=%s error=%r", job.id, kb, job.kind, exc)
+            else:
+                job.state, job.status = "done", 200
+                job.result = {"index_version": result.manifest.version, "published": result.created,
+                              "chunks": result.manifest.count, "embedded": result.embedded,
+                              "reused": result.reused, "changed_files": list(result.changed),
+                              "deleted_files": list(result.deleted)}
+                logger.info("event=KB_JOB_DONE job=%s kb=%s kind=%s version=%d embedded=%d reused=%d", job.id, kb,
+                            job.kind, result.manifest.version, result.embedded, result.reused)
+            finally:
+                job.finished_at = time.time()
+
+
+def _describe_all(config: PipelineConfig) -> list[dict[str, Any]]:
+    root, rows = config.retrieval.kb_root_path, []
+    for name in kb_store.list_names(root):
+        meta, latest = kb_store.read_meta(root, name), _latest(root, name)
+        language = latest.main_language if latest else None
+        choice = choose_mode(config.retrieval.mode, config.embedding.languages, language)
+        rows.append({"knowledge_base_name": name, "kb_info": meta.kb_info if meta else "",
+                     "embed_model": meta.embed_model if meta else latest.embedding_model if latest else None,
+                     "index_version": latest.version if latest else None,
+                     "files": len(latest.files or latest.sources) if latest else 0, "language": language,
+                     "retrieval_mode": choice.mode, "why": choice.why})
+    return rows
+
+
+def _splitter(default: SplitterConfig, asked: dict[str, int] | None) -> SplitterConfig:
+    if not asked:
+        return default
+    try:
+        return SplitterConfig(**{**default.model_dump(), **asked})
+    except ValidationError as exc:
+        raise InvalidRequestError(f"chunk_size/chunk_overlap: {exc.errors()[0]['msg']}") from None
+
+
+def _embed_model(root: Path, kb: str) -> str | None:
+    meta = kb_store.read_meta(root, kb)
+    if meta is not None:
+        return meta.embed_model
+    latest = _latest(root, kb)
+    return latest.embedding_model if latest else None
+
+
+def _latest(root: Path, kb: str) -> Manifest | None:
+    versions = list_versions(root, kb)
+    return Manifest.read(version_directory(root, kb, versions[-1])) if versions else None
+
+
+def _files(root: Path, kb: str) -> list[dict[str, Any]]:
+    """The indexed files (from the latest version) and originals not indexed (delete_content=false)."""
+    latest = _latest(root, kb)
+    indexed = latest.files if latest else {}
+    rows = [{"file_name": name, "file_ext": Path(name).suffix.lower(), "file_size": info.get("size"),
+             "docs_count": info.get("chunks"), "update_time": info.get("updated_at"), "sha256": info.get("sha256"),
+             "in_db": True, "in_folder": kb_store.original_path(root, kb, name).is_file()}
+            for name, info in indexed.items()]
+    if latest and not indexed:  # a version built before per-file records: names only
+        rows = [{"file_name": name, "file_ext": Path(name).suffix.lower(), "in_db": True} for name in latest.sources]
+    content = kb_store.content_directory(root, kb)
+    listed = {r["file_name"] for r in rows}
+    if content.is_dir():
+        for path in sorted(content.rglob("*")):
+            name = path.relative_to(content).as_posix()
+            if path.is_file() and name not in listed and not any(p.startswith(".") for p in name.split("/")):
+                rows.append({"file_name": name, "file_ext": path.suffix.lower(), "file_size": path.stat().st_size,
+                             "docs_count": 0, "update_time": path.stat().st_mtime, "in_db": False, "in_folder": True})
+    return sorted(rows, key=lambda r: r["file_name"])

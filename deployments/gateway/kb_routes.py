@@ -1,0 +1,161 @@
+"""Langchain-Chatchat 0.3's knowledge-base routes: parse, check what is cheap to check here, hand the work
+to the KnowledgeBases manager through `KnowledgeBaseRequests` (one writer, jobs, bounded waits), and
+answer `{code, msg, data}` with the real status.
+
+No `from __future__ import annotations` here: FastAPI must see real annotation objects.
+"""
+
+import json
+import mimetypes
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
+
+from deployments.gateway.kb_requests import KnowledgeBaseRequests
+from deployments.gateway.services import KbRequests
+from deployments.gateway.statuses import documented
+from rag import kb_store
+from rag.config import KnowledgeBaseSettings, check_kb_name
+from rag.errors import InvalidRequestError, RequestTooLargeError
+from rag.kb_api import UPLOAD_BODY, CreateKnowledgeBase, DeleteDocs, KnowledgeBaseRef, UpdateDocs, UploadForm, kb_body
+from rag.kb_build import Changes, Source
+
+router = APIRouter(prefix="/knowledge_base", tags=["knowledge bases"])
+_ERRORS = [400, 401, 404, 409, 413, 422, 500, 503, 504]
+_JOB: dict[int | str, Any] = {
+    202: {"description": "still running after `wait_s` (or `wait=false`): poll `/knowledge_base/jobs/{id}`"}}
+
+
+def _finished(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+def _documented(*extra: dict[Any, Any]) -> dict[int | str, Any]:
+    merged: dict[int | str, Any] = dict(documented(*_ERRORS))
+    for more in extra:
+        merged.update(more)
+    return merged
+
+
+@router.get("/list_knowledge_bases", responses=_documented())
+async def list_knowledge_bases(kbs: KbRequests) -> dict[str, Any]:
+    """`data`: the names, as Chatchat gives them; `knowledge_bases`: each one's details, including the
+    retrieval mode its questions get and why."""
+    details = await kbs.call("list_knowledge_bases")
+    return {**kb_body([d["knowledge_base_name"] for d in details]), "knowledge_bases": details}
+
+
+@router.post("/create_knowledge_base", responses=_documented())
+async def create_knowledge_base(body: CreateKnowledgeBase, kbs: KbRequests) -> dict[str, Any]:
+    created = await kbs.call("create", body.knowledge_base_name, body.kb_info, body.embed_model)
+    return kb_body(created, f"created knowledge base {body.knowledge_base_name}")
+
+
+@router.post("/delete_knowledge_base", responses=_documented())
+async def delete_knowledge_base(body: KnowledgeBaseRef, kbs: KbRequests) -> dict[str, Any]:
+    await kbs.call("delete", body.knowledge_base_name)
+    return kb_body(None, f"deleted knowledge base {body.knowledge_base_name}")
+
+
+@router.get("/list_files", responses=_documented())
+async def list_files(knowledge_base_name: Annotated[str, Query(min_length=1, max_length=128)],
+                     kbs: KbRequests) -> dict[str, Any]:
+    return kb_body(await kbs.call("list_files", knowledge_base_name))
+
+
+@router.get("/download_doc", response_model=None, responses=_documented(
+    {200: {"description": "the original bytes", "content": {"application/octet-stream": {}}}}))
+async def download_doc(knowledge_base_name: Annotated[str, Query(min_length=1, max_length=128)],
+                       file_name: Annotated[str, Query(min_length=1, max_length=1024)],
+                       kbs: KbRequests) -> Response:
+    data = await kbs.call("download", knowledge_base_name, file_name)
+    media = mimetypes.guess_type(file_name)[0] or "application/octet-stream"
+    disposition = f"attachment; filename*=UTF-8''{quote(file_name.rsplit('/', 1)[-1])}"
+    return Response(data, media_type=media, headers={"content-disposition": disposition})
+
+
+@router.post("/upload_docs", responses=_documented(_JOB), openapi_extra=UPLOAD_BODY)
+async def upload_docs(request: Request, kbs: KbRequests) -> JSONResponse:
+    """Multipart: `files` (many), `knowledge_base_name`, `override`, `chunk_size`, `chunk_overlap`, `wait`.
+    Parsed by hand so that a part without a file name is a 400 naming the problem, not a schema error."""
+    limits = kbs.settings
+    async with request.form(max_files=limits.max_files + 1, max_fields=50) as form:
+        fields = {k: v for k, v in form.multi_items() if k != "files" and isinstance(v, str)}
+        try:
+            body = UploadForm.model_validate(fields)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        check_kb_name(body.knowledge_base_name)
+        received = await _read_files(form.getlist("files"), limits)
+    changes = Changes(add=received, override=body.override)
+    job_id = await kbs.call("submit", "upload_docs", body.knowledge_base_name, changes, body.splitter())
+    return _finished(*await kbs.finish(job_id, body.wait, f"upload of {len(received)} file(s)"))
+
+
+async def _read_files(files: list[Any], limits: KnowledgeBaseSettings) -> dict[str, Source]:
+    if not files:
+        raise InvalidRequestError("no files to upload: send them as multipart parts named 'files'")
+    if len(files) > limits.max_files:
+        raise InvalidRequestError(f"{len(files)} files in one upload; the limit is {limits.max_files}")
+    received: dict[str, Source] = {}
+    for upload in files:
+        if not isinstance(upload, StarletteUpload):
+            raise InvalidRequestError("each 'files' part must be a file with a file name")
+        name = kb_store.check_file_name(upload.filename or "")
+        if name in received:
+            raise InvalidRequestError(f"file {name!r} is sent twice in one upload")
+        data = await upload.read(limits.max_file_bytes + 1)
+        if len(data) > limits.max_file_bytes:
+            raise RequestTooLargeError(f"file {name!r} is larger than the {limits.max_file_bytes}-byte limit")
+        received[name] = data
+    return received
+
+
+@router.post("/delete_docs", responses=_documented(_JOB))
+async def delete_docs(body: DeleteDocs, kbs: KbRequests) -> JSONResponse:
+    names = tuple(dict.fromkeys(body.file_names))
+    changes = Changes(delete=names, keep_originals=not body.delete_content)
+    job_id = await kbs.call("submit", "delete_docs", body.knowledge_base_name, changes, None)
+    return _finished(*await kbs.finish(job_id, body.wait, f"deletion of {len(names)} file(s)"))
+
+
+@router.post("/update_docs", responses=_documented(_JOB))
+async def update_docs(body: UpdateDocs, kbs: KbRequests) -> JSONResponse:
+    names = tuple(dict.fromkeys(body.file_names))
+    splitter = {k: v for k, v in (("chunk_size", body.chunk_size), ("chunk_overlap", body.chunk_overlap))
+                if v is not None}
+    job_id = await kbs.call("submit", "update_docs", body.knowledge_base_name, Changes(reindex=names),
+                           splitter or None)
+    return _finished(*await kbs.finish(job_id, body.wait, f"re-indexing of {len(names)} file(s)"))
+
+
+@router.get("/jobs/{job_id}", responses=_documented())
+async def job(job_id: Annotated[str, Path(min_length=1, max_length=64)], kbs: KbRequests) -> dict[str, Any]:
+    view = await kbs.job(job_id)
+    return kb_body(view, view["state"])
+
+
+@router.post("/recreate_vector_store", response_model=None, responses=_documented(
+    {200: {"description": "SSE progress events `{code, msg, total, finished, job}`, then `data: [DONE]`",
+           "content": {"text/event-stream": {"schema": {"type": "string"}}}}}))
+async def recreate_vector_store(body: KnowledgeBaseRef, kbs: KbRequests) -> StreamingResponse:
+    job_id = await kbs.call("submit", "recreate_vector_store", body.knowledge_base_name,
+                           Changes(rescan=True, full=True), None)
+    return StreamingResponse(_progress_events(kbs, job_id), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _progress_events(requests: KnowledgeBaseRequests, job_id: str) -> AsyncIterator[str]:
+    async for event in requests.progress(job_id):
+        yield _event(event)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,156 @@
+"""Readiness of the versions that carry traffic, polled in the background from `serve.status()`.
+
+`serve.status()` is a blocking controller call that costs 60-290 ms inside a replica, so `/ready`
+answers from the last snapshot instead of asking per probe. Most of that cost is not the call: it is
+parsing the controller's answer into pydantic models (which cloudpickles every deployment's request
+router on the way), 30-60 ms of CPU with the GIL held for seven deployments and more with every
+version. The poll reads the controller's plain answer instead, and falls back to `serve.status()`
+where that is unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+
+logger = logging.getLogger("rag.gateway")
+
+# app name -> (application status, {deployment name: replicas RUNNING})
+AppStates = dict[str, tuple[str, dict[str, int]]]
+_NOT_SERVING = ("NOT_STARTED", "DEPLOY_FAILED", "DELETING")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    waiting_for: list[str] = field(default_factory=list)
+    checked_at: float = 0.0
+    serving: set[str] = field(default_factory=set)  # versions whose every stage has a running replica
+
+
+def assess(live_versions: list[str], apps: AppStates, previously_serving: set[str] | frozenset[str] = frozenset()
+           ) -> Readiness:
+    """Ready when every deployment of every live version has a running (so warmed-up) replica.
+
+    Counting running replicas rather than requiring status HEALTHY keeps the service ready during a
+    rolling update, when a deployment is UPDATING but its old replicas still answer.
+    """
+    waiting: list[str] = []
+    serving = {name for name, (status, deployments) in apps.items()
+               if deployments and status not in _NOT_SERVING and all(n >= 1 for n in deployments.values())}
+    # While Serve rebuilds an application after an args change, it lists no deployments at all, yet
+    # the old replicas keep answering until their replacements are up: still serving.
+    serving |= {name for name, (status, deployments) in apps.items()
+                if not deployments and status == "DEPLOYING" and name in previously_serving}
+    for version in live_versions:
+        status, deployments = apps.get(version, ("NOT_STARTED", {}))
+        if version in serving:
+            continue
+        if not deployments or status in _NOT_SERVING:
+            waiting.append(f"{version} ({status.lower()})")
+            continue
+        waiting += [f"{version}/{name}" for name, running in sorted(deployments.items()) if running < 1]
+    return Readiness(not waiting, waiting, time.time(), serving)
+
+
+def read_app_states() -> AppStates:
+    details = _serve_details()
+    if details is not None:
+        return app_states_from_details(details)
+    status = serve.status()
+    return {name: (_word(app.status), {d: _running(s.replica_states) for d, s in app.deployments.items()})
+            for name, app in status.applications.items()}
+
+
+def app_states_from_details(details: dict[str, Any]) -> AppStates:
+    """The states in the controller's plain answer (what `serve.status()` parses): per application its
+    status and per deployment its replicas, each with a `state`."""
+    return {name: (_word(app["status"]),
+                   {d: sum(1 for r in dep.get("replicas", []) if _word(r.get("state")) == "RUNNING")
+                    for d, dep in app.get("deployments", {}).items()})
+            for name, app in details.get("applications", {}).items()}
+
+
+def _serve_details() -> dict[str, Any] | None:
+    """The controller's plain answer; None where this Ray has no such client (then `serve.status()`)."""
+    try:
+        from ray.serve._private.api import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return {} if client is None else dict(client.get_serve_details())
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def _word(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _running(replica_states: dict) -> int:
+    return sum(n for state, n in replica_states.items() if _word(state) == "RUNNING")
+
+
+class RoutePrimer:
+    """Counts a version as serving only once `prime(version)` has succeeded: the gateway opens its
+    route to the version (handle, router, replica list) before sending it a user's request."""
+
+    def __init__(self, prime: Callable[[str], None]) -> None:
+        self._prime = prime
+        self.primed: set[str] = set()
+
+    def apply(self, named: list[str], live: list[str], state: Readiness) -> Readiness:
+        """`state` less the serving versions, of those the traffic config names, whose route could not
+        be primed yet."""
+        self.primed &= state.serving  # a version that comes back after removal is primed again
+        for version in sorted(state.serving.intersection(named) - self.primed):
+            began = time.monotonic()
+            try:
+                self._prime(version)
+            except Exception as exc:  # not routable yet: leave it out, try again at the next poll
+                logger.warning("event=ROUTE_PRIME_FAILED version=%s error=%r", version, exc)
+                continue
+            self.primed.add(version)
+            logger.info("event=ROUTE_READY version=%s seconds=%.3f", version, time.monotonic() - began)
+        unprimed = state.serving.intersection(named) - self.primed
+        waiting = state.waiting_for + [f"{v} (gateway route)" for v in sorted(unprimed) if v in live]
+        return Readiness(not waiting, waiting, state.checked_at, state.serving - unprimed)
+
+
+class ReadinessMonitor:
+    """A daemon thread keeping a fresh `Readiness` for the versions `live()` returns (weight > 0);
+    `named()` (all versions in the weights, 0 included) are primed as soon as they serve."""
+
+    def __init__(self, live: Callable[[], list[str]], interval_s: float, read_states: Callable[[], AppStates],
+                 prime: Callable[[str], None] = lambda version: None,
+                 named: Callable[[], list[str]] | None = None) -> None:
+        self._live = live
+        self._read_states = read_states
+        self._named = named or live
+        self._interval_s = interval_s
+        self._routes = RoutePrimer(prime)
+        self.current = Readiness(False, ["first status check"])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="readiness", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                live = self._live()
+                state = assess(live, self._read_states(), self.current.serving)
+                self.current = self._routes.apply(self._named(), live, state)
+            except Exception as exc:  # the controller may be briefly unreachable; report, keep polling
+                # Keep routing to what was serving: a controller hiccup should not refuse traffic.
+                self.current = Readiness(False, [f"serve status unavailable: {exc}"], time.time(),
+                                         self.current.serving)
+                logger.warning("event=READINESS_POLL_FAILED error=%r", exc)
+            self._stop.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()

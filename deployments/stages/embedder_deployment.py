@@ -1,0 +1,59 @@
+"""Embedder stage: batches concurrent queries into one forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from ray import serve
+
+from deployments.stages.replica_lifecycle import ReplicaLifecycle
+from rag.config import PipelineConfig
+from rag.embedding import TextEmbedder, check_text
+
+
+@serve.deployment(name="Embedder")
+class EmbedderDeployment:
+    async def __init__(self, config: PipelineConfig) -> None:  # type: ignore[misc]
+        self._embedder = TextEmbedder(config.embedding)
+        self._life = ReplicaLifecycle(config.version)
+        # @serve.batch adds these setters at run time; Ray types the method as the plain coroutine.
+        self._embed_batch.set_max_batch_size(config.embedding.max_batch_size)  # type: ignore[attr-defined]
+        self._embed_batch.set_batch_wait_timeout_s(config.embedding.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        await self._life.start(f"embedding model {config.embedding.model} on {self._embedder.device}",
+                               self._embedder.load, self._embedder.warmup, config.lifecycle.warmup_delay_s)
+
+    async def embed(self, text: str, query: bool = True) -> np.ndarray:
+        """One request's text, checked alone before it joins a batch with other requests' texts; a
+        question (`query`) gets the model's query instruction first."""
+        check_text(text)
+        result = await self._embed_batch(self._embedder.query_text(text) if query else text)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def embed_many(self, texts: list[str]) -> np.ndarray:
+        """Many texts at once, for ingest: already a batch, so it skips the query batcher; the forward
+        pass runs in a thread, so queries keep being served between ingest batches."""
+        self._life.log.first_traffic()
+        with self._life.in_flight.track():
+            return await asyncio.to_thread(self._embedder.embed, texts)
+
+    async def count_tokens(self, texts: list[str]) -> int:
+        return await asyncio.to_thread(self._embedder.count_tokens, texts)
+
+    def describe(self) -> dict[str, object]:
+        return {"model": self._embedder.model_name, "dimension": self._embedder.dimension}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray | Exception]:
+        # A failure is returned per item, not raised: a raise here would fail every request in the batch.
+        self._life.log.first_traffic()
+        with self._life.in_flight.track():
+            return await asyncio.to_thread(self._embedder.embed_each, texts)
+
+    def check_health(self) -> None:
+        self._embedder.check_health()
+
+    def __del__(self) -> None:
+        self._life.stop(self._embedder.close)

@@ -1,0 +1,49 @@
+"""Generator stage: streams answer pieces from the configured backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from deployments.stages.replica_lifecycle import ReplicaLifecycle
+from rag.config import PipelineConfig
+from rag.generation import build_generator
+from rag.records import GenerationChunk, GenerationRequest
+from rag.streams import batched
+
+
+@serve.deployment(name="Generator")
+class GeneratorDeployment:
+    async def __init__(self, config: PipelineConfig) -> None:  # type: ignore[misc]
+        self._generator = build_generator(config.generation)
+        self._window_s = config.generation.stream_batch_window_s
+        self._life = ReplicaLifecycle(config.version)
+        what = f"{config.generation.backend} generator {config.generation.model or ''}".strip()
+        await self._life.start(what, self._generator.load, self._generator.warmup, config.lifecycle.warmup_delay_s)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """Chunks in batches: the first alone (time to first token), then what arrives within the
+        configured window, so a fast stream does not pay one inter-process message per piece."""
+        self._life.log.first_traffic()
+        sent, began = 0, time.monotonic()
+        with self._life.in_flight.track():
+            try:
+                async for batch in batched(self._generator.stream(request), self._window_s):
+                    if pieces := sum(1 for chunk in batch if chunk.text):
+                        self._life.metrics.tokens.inc(pieces)
+                        sent += pieces
+                    yield batch
+            except (asyncio.CancelledError, GeneratorExit):
+                # The client went away (or a caller upstream gave up): closing `batched` has closed
+                # the backend's stream, so the model stops; say how far it got.
+                self._life.log.event("CANCELLED", pieces_sent=sent, after_s=time.monotonic() - began)
+                raise
+
+    def check_health(self) -> None:
+        self._generator.check_health()
+
+    def __del__(self) -> None:
+        self._life.stop(self._generator.close)

@@ -1,0 +1,46 @@
+"""Ray metric objects for the specs in `rag.metrics`; `ray.serve.metrics` adds deployment, replica
+and application labels by itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import metrics
+
+from rag import metrics as spec
+
+
+def _make(kind: type, s: spec.MetricSpec) -> Any:
+    if kind is metrics.Histogram:
+        # Ray annotates tag_keys as tuple[str] (one element) where it takes any tuple of names.
+        return metrics.Histogram(s.name, description=s.description, boundaries=list(s.buckets),
+                                 tag_keys=s.tags)  # type: ignore[arg-type]
+    return kind(s.name, description=s.description, tag_keys=s.tags)
+
+
+class StageMetrics:
+    """The metrics one replica records, created inside the replica (Ray must be initialised)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.in_flight = _make(metrics.Gauge, spec.REQUESTS_IN_FLIGHT)
+        self.model_load = _make(metrics.Gauge, spec.MODEL_LOAD_SECONDS)
+        self.vector_search = _make(metrics.Histogram, spec.VECTOR_SEARCH_MS)
+        self.grace_used = _make(metrics.Gauge, spec.SHUTDOWN_GRACE_USED_SECONDS)
+        self.first_token = _make(metrics.Histogram, spec.TIME_TO_FIRST_TOKEN_SECONDS)
+        self.tokens = _make(metrics.Counter, spec.GENERATED_TOKENS)
+        self.requests = _make(metrics.Counter, spec.REQUESTS)
+        self.lifecycle_events = _make(metrics.Counter, spec.LIFECYCLE_EVENTS)
+        for metric in (self.in_flight, self.model_load, self.vector_search, self.grace_used, self.first_token,
+                       self.tokens, self.requests, self.lifecycle_events):
+            metric.set_default_tags({"version": version})
+        self.in_flight.set(0)
+
+    def set_in_flight(self, count: int) -> None:
+        self.in_flight.set(count)
+
+    def count_event(self, event: str) -> None:
+        self.lifecycle_events.inc(tags={"event": event})
+
+    def count_request(self, endpoint: str, status: int | str, version: str | None = None) -> None:
+        self.requests.inc(tags={"version": version or self.version, "endpoint": endpoint, "status": str(status)})

@@ -1,0 +1,110 @@
+"""A fake cluster and clock for the rollout driver's tests, and the helpers they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from control.document import ServeDocument
+from control.rollout import Rollout
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = {"steps": [50, 100], "interval_s": 5, "min_requests": 5, "max_wait_intervals": 2,
+        "drain_timeout_s": 10, "start_timeout_s": 60}
+
+
+def healthy(_: dict[str, float]) -> dict[str, Any]:
+    numbers = {"requests": 40, "errors": 0, "error_rate": 0.0, "ttft_samples": 40, "ttft_p50_s": 0.1,
+               "ttft_p90_s": 0.1, "ttft_p99_s": 0.1, "in_flight": 0}
+    return {"v1": dict(numbers), "v2": dict(numbers)}
+
+
+class FakeCluster:
+    """Applies configs, starts new applications after `start_polls` serving checks, and reports stats that
+    a test controls; `serving_stops_at` makes v2 stop serving after that many checks."""
+
+    def __init__(self, free_cpu: float = 2.0, start_polls: int | None = 1,
+                 stats: Callable[[dict[str, float]], dict[str, Any]] = healthy) -> None:
+        self.free = {"node-a": {"CPU": free_cpu, "memory": 8e9}}
+        self.applied: list[dict[str, Any]] = []
+        self.apps: dict[str, dict[str, Any]] = {}
+        self.polls: dict[str, int] = {}
+        self.start_polls, self.stats_fn = start_polls, stats
+        self.weights: dict[str, float] = {}
+        self.fail_apply = False
+        self.serving_checks = 0
+        self.serving_stops_at: int | None = None
+        self.on_serving: Callable[[], None] | None = None
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        self.apply(config)
+        self.polls = {name: 10**6 for name in self.apps}
+
+    def apply(self, config: dict[str, Any]) -> None:
+        if self.fail_apply:
+            raise RuntimeError("applying the Serve config failed (500)")
+        self.applied.append(config)
+        self.apps = {a["name"]: {"status": "RUNNING", "deployments": {
+            d["name"]: {"status": "HEALTHY", "message": ""} for d in a.get("deployments") or []}}
+            for a in config["applications"]}
+        gateway = next(a for a in config["applications"] if a["name"] == "gateway")
+        self.weights = gateway["deployments"][0]["user_config"]["weights"]
+
+    def applications(self) -> dict[str, Any]:
+        return self.apps
+
+    def free_resources(self) -> dict[str, dict[str, float]]:
+        return self.free
+
+    def serving(self) -> set[str]:
+        self.serving_checks += 1
+        if self.on_serving:
+            self.on_serving()
+        serving = set()
+        for name in self.apps:
+            if name == "gateway":
+                continue
+            self.polls[name] = self.polls.get(name, 0) + 1
+            started = self.start_polls is not None and self.polls[name] > self.start_polls
+            stopped = name == "v2" and self.serving_stops_at is not None and \
+                self.serving_checks >= self.serving_stops_at
+            if started and not stopped:
+                serving.add(name)
+        return serving
+
+    def stats(self, window_s: float | None) -> dict[str, Any]:
+        return self.stats_fn(self.weights)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the driver may catch it."""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+
+
+
+def make(config: Path, cluster: FakeCluster, log: list[str] | None = None) -> Rollout:
+    clock = Clock()
+    cluster.deploy(ServeDocument.load(config).plain())
+    return Rollout(config, cluster, say=(log if log is not None else []).append, sleep=clock.sleep, clock=clock)
+
+
+def start_v2(rollout: Rollout) -> str:
+    return rollout.start("v2", "v1", {"generation.max_new_tokens": 128})
+
+
+def assert_as_before(config: Path, before: str, cluster: FakeCluster) -> None:
+    assert config.read_text() == before
+    assert cluster.applied[-1] == ServeDocument.load(config).plain()
+    assert sorted(cluster.apps) == ["gateway", "v1"] and cluster.weights == {"v1": 100}

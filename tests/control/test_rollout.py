@@ -1,0 +1,168 @@
+"""The rollout driver against a fake cluster and a fake clock: preflight, the start deadline, fail-closed
+judging, automatic rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.document import ServeDocument
+from rag.errors import InvalidRequestError
+from tests.control.rollout_fakes import (
+    FAST,
+    FakeCluster,
+    assert_as_before,
+    healthy,
+    make,
+    start_v2,
+)
+
+
+def test_a_healthy_canary_is_promoted_step_by_step(config: Path) -> None:
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    assert start_v2(rollout) == "promoted"
+    weights = [c["applications"][0]["deployments"][0]["user_config"]["weights"] for c in cluster.applied[1:]]
+    assert weights == [{"v1": 100, "v2": 0}, {"v1": 50, "v2": 50}, {"v1": 0, "v2": 100},
+                       {"v1": 0, "v2": 100}, {"v2": 100}]
+    doc = ServeDocument.load(config)
+    assert list(doc.versions) == ["v2"] and doc.weights == {"v2": 100.0}
+    assert "# The one place where versions" in config.read_text()
+    state = rollout.load_state()
+    assert state and state.status == "promoted" and [h["action"] for h in state.history] == ["continue"] * 2
+
+
+def test_a_version_that_does_not_fit_is_refused_before_anything_changes(config: Path) -> None:
+    cluster = FakeCluster(free_cpu=1.0)  # v1 and the gateway hold the rest of the 2 CPUs
+    rollout = make(config, cluster)
+    before, applied = config.read_text(), len(cluster.applied)
+    big = {"ray_actor_options": {"num_cpus": 0.8}}
+    doc = ServeDocument.load(config).variant(deployment_options={"Embedder": big, "Generator": big})
+    doc.save(config)
+    before = config.read_text()
+    with pytest.raises(InvalidRequestError, match="does not fit") as refused:
+        start_v2(rollout)
+    message = str(refused.value)
+    assert "Embedder" in message and "num_cpus=" in message and "nothing was changed" in message
+    assert len(cluster.applied) == applied and config.read_text() == before
+    assert rollout.load_state() is None
+
+
+def test_preflight_keeps_room_for_a_replacement_surge(config: Path) -> None:
+    doc = ServeDocument.load(config)
+    per_version = sum(d["ray_actor_options"]["num_cpus"] for d in doc.plain()["applications"][1]["deployments"])
+    largest = max(d["ray_actor_options"]["num_cpus"] for d in doc.plain()["applications"][1]["deployments"])
+    before = config.read_text()
+    assert start_v2(make(config, FakeCluster(free_cpu=per_version + largest))) == "promoted"
+    config.write_text(before)
+    Path(str(config) + ".rollout.json").unlink()
+    with pytest.raises(InvalidRequestError, match="no room remains for replacing"):
+        start_v2(make(config, FakeCluster(free_cpu=per_version + largest / 2)))
+
+
+def test_dry_run_plans_and_preflights_without_changing_anything(config: Path) -> None:
+    cluster, log = FakeCluster(), []
+    rollout = make(config, cluster, log)
+    rollout.dry_run = True
+    before = config.read_text()
+    assert start_v2(rollout) == "dry_run"
+    assert len(cluster.applied) == 1 and config.read_text() == before and rollout.load_state() is None
+    assert any("fits=true" in line for line in log) and any("name: v2" in line for line in log)
+
+
+def test_a_version_that_never_starts_is_rolled_back_at_its_deadline_with_serves_message(config: Path) -> None:
+    cluster = FakeCluster(start_polls=None)
+    before = config.read_text()
+    rollout = make(config, cluster)
+
+    def stuck() -> None:
+        if "v2" in cluster.apps:
+            cluster.apps["v2"]["status"] = "DEPLOYING"
+            cluster.apps["v2"]["deployments"]["Generator"] = {
+                "status": "UPDATING", "message": "Deployment 'Generator' has 1 replicas that have taken more than "
+                                                 "30s to be scheduled: resources {CPU: 0.5}"}
+    cluster.on_serving = stuck
+    assert start_v2(rollout) == "rolled_back"
+    state = rollout.load_state()
+    assert state and "not serving after 60s" in state.reason and "taken more than 30s to be scheduled" in state.reason
+    assert_as_before(config, before, cluster)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_unreadable_stats_never_promote(config: Path, hold: bool) -> None:
+    def unreadable(_: dict[str, float]) -> dict[str, Any]:
+        raise RuntimeError("/stats answered 503")
+
+    if hold:
+        doc = ServeDocument.load(config).variant(gateway_args={"rollout": {**FAST, "on_inconclusive": "hold"}})
+        doc.save(config)
+    before = config.read_text()
+    cluster = FakeCluster(stats=unreadable)
+    rollout = make(config, cluster)
+    status = start_v2(rollout)
+    state = rollout.load_state()
+    assert state and "stats unreadable" in state.reason
+    if not hold:
+        assert status == "rolled_back"
+        assert_as_before(config, before, cluster)
+        return
+    assert status == "held" and cluster.weights == {"v1": 50, "v2": 50}
+    assert ServeDocument.load(config).weights == {"v1": 50.0, "v2": 50.0}
+    with pytest.raises(InvalidRequestError, match="held"):
+        start_v2(rollout)  # a held rollout must be resumed or aborted, not started over
+    assert rollout.abort() == "aborted"
+    assert_as_before(config, before, cluster)
+
+
+@pytest.mark.parametrize(("canary", "reason"), [
+    ({"requests": 2, "ttft_samples": 2}, "only 2 canary requests"),  # too few to judge: not promoted
+    ({"errors": 10, "error_rate": 0.25}, "error rate"),
+])
+def test_a_canary_too_quiet_or_failing_is_rolled_back(config: Path, canary: dict[str, Any], reason: str) -> None:
+    def stats(weights: dict[str, float]) -> dict[str, Any]:
+        numbers = healthy(weights)
+        numbers["v2"].update(canary)
+        return numbers
+
+    before = config.read_text()
+    cluster = FakeCluster(stats=stats)
+    rollout = make(config, cluster)
+    assert start_v2(rollout) == "rolled_back"
+    state = rollout.load_state()
+    assert state and reason in state.reason and "promoted" not in state.reason
+    assert_as_before(config, before, cluster)
+
+
+# Serving checks: 1 (not yet) and 2 (serving) while it starts, 3 and 4 at the two steps, 5 at promotion.
+@pytest.mark.parametrize(("gone_at", "reason"), [(4, "stopped serving"), (5, "not serving at promotion")])
+def test_a_canary_that_stops_serving_is_rolled_back_not_promoted(config: Path, gone_at: int, reason: str) -> None:
+    before = config.read_text()
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    cluster.serving_stops_at = gone_at
+    assert start_v2(rollout) == "rolled_back"
+    state = rollout.load_state()
+    assert state and reason in state.reason
+    assert_as_before(config, before, cluster)
+
+
+def test_a_cluster_that_refuses_a_step_rolls_back_and_the_file_never_shows_the_refused_step(config: Path) -> None:
+    before = config.read_text()
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    original_apply = cluster.apply
+    calls = {"n": 0}
+
+    def flaky(cfg: dict[str, Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first traffic step
+            raise RuntimeError("applying the Serve config failed (500)")
+        original_apply(cfg)
+
+    cluster.apply = flaky  # type: ignore[method-assign]
+    assert start_v2(rollout) == "rolled_back"
+    state = rollout.load_state()
+    assert state and "failed (500)" in state.reason
+    assert_as_before(config, before, cluster)

@@ -1,0 +1,278 @@
+"""The gateway's whole FastAPI app (`build_http_app`) around real services over fakes, in-process (no Ray):
+the probes without a key and /ready's three states, the key on everything else, Chatchat's `{code, msg,
+data}` on the knowledge-base routes (errors in both shapes), a 422 that names only the first problems,
+/stats from the merged view (503 when it fails), /rollout from its state file, and the OpenAPI security."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.gateway.answer_service import GatewayService
+from deployments.gateway.embeddings_service import EmbeddingsService
+from deployments.gateway.http_app import build_http_app
+from deployments.gateway.http_guard import GuardSettings
+from deployments.gateway.kb_requests import KnowledgeBaseRequests
+from deployments.gateway.readiness import Readiness
+from deployments.gateway.services import GatewayServices
+from rag.auth import ApiKeys, create_key_file, read_client_key
+from rag.config import GatewayConfig, KnowledgeBaseSettings, TrafficConfig
+from rag.errors import KnowledgeBaseNotFoundError
+from rag.lifecycle import InFlight
+from tests.gateway.test_answer_service import FakeMetrics
+
+
+class FakeRemote:
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    async def remote(self, *_: Any) -> Any:
+        return self.result
+
+
+class FakeVersion:
+    """A pipeline version's handle: what /v1/models, search_docs and /v1/embeddings ask it."""
+
+    def __init__(self) -> None:
+        self.retrieval_modes = FakeRemote({"samples": {"version": 3, "mode": "hybrid", "why": "default"}})
+        self.knowledge_bases = FakeRemote({"samples": 3})
+        self.search = FakeRemote([])
+
+
+class FakeEmbedder:
+    def __init__(self) -> None:
+        self.describe = FakeRemote({"model": "bge-m3", "dimension": 2})
+        self.embed = FakeRemote([0.5, 0.25])
+        self.count_tokens = FakeRemote(7)
+
+
+class FakeHandles:
+    def __init__(self) -> None:
+        self.version = FakeVersion()
+
+    async def get(self, version: str) -> FakeVersion:
+        return self.version
+
+    async def embedder(self, version: str) -> FakeEmbedder:
+        return FakeEmbedder()
+
+    def prime(self, version: str, timeout_s: float) -> None:
+        pass
+
+    def is_overload(self, exc: BaseException) -> bool:
+        return False
+
+
+class FakeManager:
+    """The KnowledgeBases manager: `list_knowledge_bases` answers two KBs, `list_files` knows no KB."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def call(self, method: str, *args: Any) -> Any:
+        self.calls.append((method, args))
+        return getattr(self, method)(*args)
+
+    async def list_knowledge_bases(self, versions: list[str]) -> list[dict[str, Any]]:
+        return [{"knowledge_base_name": "samples", "kb_info": "demo"}, {"knowledge_base_name": "docs", "kb_info": ""}]
+
+    async def list_files(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
+        raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}")
+
+
+@dataclass
+class Gateway:
+    client: TestClient
+    auth: dict[str, str]
+    answers: GatewayService
+    manager: FakeManager
+    readiness: list[Readiness]
+    stats: dict[str, Any]
+    stats_windows: list[float | None] = field(default_factory=list)
+    first_traffic: list[int] = field(default_factory=lambda: [0])
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Gateway:
+    create_key_file(tmp_path / "key")
+    handles = FakeHandles()
+    answers = GatewayService(GatewayConfig(), FakeMetrics(), InFlight(), handles)
+    answers.set_traffic(TrafficConfig(weights={"v1": 100}))
+    manager = FakeManager()
+    readiness = [Readiness(False, ["v1/Generator"])]
+    stats: dict[str, Any] = {"versions": {"v1": {"requests": 12, "errors": 1}}, "replicas": 2}
+
+    async def merged_stats(window_s: float | None) -> dict[str, Any]:
+        gw.stats_windows.append(window_s)
+        if "fail" in stats:
+            raise RuntimeError("a gateway replica did not answer")
+        return stats
+
+    def first_traffic() -> None:
+        gw.first_traffic[0] += 1
+
+    services = GatewayServices(
+        answers=answers,
+        embeddings=EmbeddingsService(handles, answers.serving_versions),
+        knowledge_bases=KnowledgeBaseRequests(manager, handles, answers.serving_versions,
+                                              KnowledgeBaseSettings(), request_timeout_s=1.0),
+        guard=GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=64 * 1024, errors_shown=2),
+        readiness=lambda: readiness[-1],
+        merged_stats=merged_stats,
+        first_traffic=first_traffic,
+        rollout_state_file=tmp_path / "rollout.json",
+    )
+    gw = Gateway(TestClient(build_http_app(services)), {"authorization": f"Bearer {read_client_key(tmp_path / 'key')}"},
+                 answers, manager, readiness, stats)
+    return gw
+
+
+# --- probes -------------------------------------------------------------------------------------------------
+
+
+def test_health_needs_no_key(gateway: Gateway) -> None:
+    response = gateway.client.get("/health")
+    assert response.status_code == 200 and response.json()["status"] == "alive"
+
+
+def test_ready_needs_no_key_and_is_503_starting_with_what_it_waits_for(gateway: Gateway) -> None:
+    response = gateway.client.get("/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "starting" and body["waiting_for"] == ["v1/Generator"]
+    assert body["versions"] == ["v1"] and body["weights"] == {"v1": 100.0} and body["in_flight"] == 0
+
+
+def test_ready_is_200_once_the_readiness_says_ready(gateway: Gateway) -> None:
+    gateway.readiness.append(Readiness(True, [], serving={"v1"}))
+    response = gateway.client.get("/ready")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ready" and response.json()["serving"] == ["v1"]
+
+
+def test_ready_is_503_draining_once_the_traffic_config_drains(gateway: Gateway) -> None:
+    gateway.readiness.append(Readiness(True, [], serving={"v1"}))
+    gateway.answers.set_traffic(TrafficConfig(weights={"v1": 100}, draining=True))
+    response = gateway.client.get("/ready")
+    assert response.status_code == 503 and response.json()["status"] == "draining"
+
+
+# --- the key ------------------------------------------------------------------------------------------------
+
+
+def test_models_need_the_key(gateway: Gateway) -> None:
+    refused = gateway.client.get("/v1/models")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert refused.json()["error"]["code"] == 401
+    response = gateway.client.get("/v1/models", headers=gateway.auth)
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == ["samples"]
+    assert response.json()["data"][0]["retrieval"] == {"v1": {"version": 3, "mode": "hybrid", "why": "default"}}
+
+
+def test_search_docs_counts_first_traffic_and_names_the_version(gateway: Gateway) -> None:
+    response = gateway.client.post("/knowledge_base/search_docs", headers=gateway.auth,
+                                   json={"query": "how?", "knowledge_base_name": "samples"})
+    assert response.status_code == 200 and response.json() == []
+    assert response.headers["x-rag-version"] == "v1" and gateway.first_traffic == [1]
+
+
+def test_embeddings_through_the_app(gateway: Gateway) -> None:
+    response = gateway.client.post("/v1/embeddings", headers=gateway.auth,
+                                   json={"input": ["a", "b"], "model": "samples"})
+    assert response.status_code == 200
+    body = response.json()
+    assert [d["embedding"] for d in body["data"]] == [[0.5, 0.25], [0.5, 0.25]]
+    assert body["usage"]["prompt_tokens"] == 7 and body["model"] == "samples"
+
+
+# --- knowledge-base routes ----------------------------------------------------------------------------------
+
+
+def test_list_knowledge_bases_answers_chatchats_shape_from_the_manager(gateway: Gateway) -> None:
+    response = gateway.client.get("/knowledge_base/list_knowledge_bases", headers=gateway.auth)
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["code"], body["msg"], body["data"]) == (200, "success", ["samples", "docs"])
+    assert body["knowledge_bases"][0] == {"knowledge_base_name": "samples", "kb_info": "demo"}
+    assert gateway.manager.calls == [("list_knowledge_bases", (["v1"],))]
+
+
+def test_a_knowledge_base_the_manager_does_not_know_is_404_in_both_shapes(gateway: Gateway) -> None:
+    response = gateway.client.get("/knowledge_base/list_files", params={"knowledge_base_name": "nope"},
+                                  headers=gateway.auth)
+    assert response.status_code == 404
+    body = response.json()
+    assert body["code"] == 404 and body["msg"] == "no knowledge base 'nope'" and body["data"] is None
+    assert body["error"] == {"message": "no knowledge base 'nope'", "type": "invalid_request_error", "param": None,
+                             "code": 404}
+
+
+def test_a_body_with_many_invalid_fields_names_only_the_first_problems(gateway: Gateway) -> None:
+    response = gateway.client.post("/knowledge_base/update_docs", headers=gateway.auth, json={
+        "knowledge_base_name": "", "file_names": [], "chunk_size": 1, "chunk_overlap": -1, "wait": "maybe"})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message.startswith("invalid request body: body.knowledge_base_name: ")
+    assert "body.file_names" in message and "chunk_size" not in message and "wait" not in message
+    assert message.endswith("(and 3 more problems)") and message.count("; ") == 1
+    assert response.json()["code"] == 422 and gateway.manager.calls == []
+
+
+# --- /stats -------------------------------------------------------------------------------------------------
+
+
+def test_stats_merges_what_the_replicas_report(gateway: Gateway) -> None:
+    response = gateway.client.get("/stats", params={"window_s": 60}, headers=gateway.auth)
+    assert response.status_code == 200
+    assert response.json() == {"weights": {"v1": 100.0}, "draining": False, "window_s": 60.0, "scope": "cluster",
+                               "versions": {"v1": {"requests": 12, "errors": 1}}, "replicas": 2}
+    assert gateway.stats_windows == [60.0]
+
+
+def test_stats_are_503_when_the_merged_view_fails(gateway: Gateway) -> None:
+    gateway.stats["fail"] = True
+    response = gateway.client.get("/stats", headers=gateway.auth)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == 503
+
+
+def test_replica_stats_do_not_ask_the_other_replicas(gateway: Gateway) -> None:
+    gateway.stats["fail"] = True
+    response = gateway.client.get("/stats", params={"scope": "replica"}, headers=gateway.auth)
+    assert response.status_code == 200 and response.json()["versions"] == {}
+    assert gateway.stats_windows == []
+
+
+# --- /rollout -----------------------------------------------------------------------------------------------
+
+
+def test_rollout_without_a_state_file_is_none(gateway: Gateway) -> None:
+    response = gateway.client.get("/rollout", headers=gateway.auth)
+    assert response.status_code == 200 and response.json() == {"status": "none"}
+
+
+def test_rollout_shows_the_state_file_without_the_config_texts(gateway: Gateway, tmp_path: Path) -> None:
+    state = {"status": "running", "step": 2, "canary": "v2", "before": "weights: ...", "target": "weights: ..."}
+    (tmp_path / "rollout.json").write_text(json.dumps(state), encoding="utf-8")
+    assert gateway.client.get("/rollout").status_code == 401
+    response = gateway.client.get("/rollout", headers=gateway.auth)
+    assert response.json() == {"status": "running", "step": 2, "canary": "v2"}
+
+
+# --- OpenAPI ------------------------------------------------------------------------------------------------
+
+
+def test_openapi_needs_the_key_and_lists_the_bearer_scheme_with_open_probes(gateway: Gateway) -> None:
+    assert gateway.client.get("/openapi.json").status_code == 401
+    schema = gateway.client.get("/openapi.json", headers=gateway.auth).json()
+    assert schema["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
+    assert schema["security"] == [{"apiKey": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert schema["paths"]["/ready"]["get"]["security"] == []
+    assert "security" not in schema["paths"]["/v1/models"]["get"]  # the global bearer requirement applies

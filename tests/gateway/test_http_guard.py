@@ -1,0 +1,85 @@
+"""The gateway's door and error mapping, in-process (no cluster): key, body size, request ids, 5xx wording,
+and a full queue or a slow hop turned into 503/504 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from ray.serve.exceptions import BackPressureError
+
+from deployments.gateway.answer_routes import bounded
+from deployments.gateway.http_app import error_response
+from deployments.gateway.http_guard import GuardSettings, HttpGuard
+from rag.auth import ApiKeys, create_key_file, read_client_key
+from rag.errors import IndexMismatchError, OverloadedError, UpstreamTimeoutError
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> tuple[TestClient, str]:
+    create_key_file(tmp_path / "key")
+    settings = GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=1024, errors_shown=3)
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    app.add_middleware(HttpGuard, settings=settings, refuse=error_response)
+    return TestClient(app), read_client_key(tmp_path / "key")
+
+
+def test_key_required_except_on_probes(guarded: tuple[TestClient, str]) -> None:
+    client, key = guarded
+    refused = client.post("/echo", content=b"{}")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert refused.json()["error"]["code"] == 401 and refused.headers["x-request-id"].startswith("req-")
+    assert client.post("/echo", content=b"{}", headers={"authorization": "Bearer nope"}).status_code == 401
+    assert client.post("/echo", content=b"{}", headers={"authorization": f"Bearer {key}"}).json() == {"bytes": 2}
+    assert client.get("/health").status_code == 200
+
+
+def test_body_limit_by_length_and_by_counting(guarded: tuple[TestClient, str]) -> None:
+    client, key = guarded
+    auth = {"authorization": f"Bearer {key}"}
+    assert client.post("/echo", content=b"x" * 1024, headers=auth).json() == {"bytes": 1024}
+    declared = client.post("/echo", content=b"x" * 1025, headers=auth)
+    assert declared.status_code == 413 and "1024 bytes" in declared.json()["error"]["message"]
+    streamed = client.post("/echo", content=iter([b"x" * 600, b"x" * 600]), headers=auth)
+    assert streamed.status_code == 413
+    assert client.post("/echo", headers={**auth, "content-length": "abc"}).status_code == 400
+
+
+def test_a_caller_request_id_is_kept(guarded: tuple[TestClient, str]) -> None:
+    client, key = guarded
+    response = client.post("/echo", content=b"{}", headers={"authorization": f"Bearer {key}", "x-request-id": "t-1"})
+    assert response.status_code == 200 and "x-request-id" not in response.headers  # Serve's proxy returns it
+
+
+def test_5xx_bodies_name_the_failure_not_the_details() -> None:
+    response = error_response(IndexMismatchError("index /srv/secret/path built with another model"), "req-1")
+    assert response.status_code == 500
+    assert b"/srv/secret" not in response.body and b"req-1" in response.body
+
+
+def test_full_queue_and_slow_hop_become_503_and_504_with_retry_after() -> None:
+    async def full() -> None:
+        raise BackPressureError(num_queued_requests=5, max_queued_requests=5)
+
+    async def slow() -> None:
+        await asyncio.sleep(5)
+
+    with pytest.raises(OverloadedError):
+        asyncio.run(bounded(full(), 1.0, "the search"))
+    with pytest.raises(UpstreamTimeoutError):
+        asyncio.run(bounded(slow(), 0.05, "the search"))
+    for error, status in ((OverloadedError("x"), 503), (UpstreamTimeoutError("x"), 504)):
+        response = error_response(error, "req-2")
+        assert response.status_code == status and response.headers["retry-after"] == "1"

