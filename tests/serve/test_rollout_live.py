@@ -193,9 +193,10 @@ def test_losing_a_gateway_replica_costs_only_the_streams_it_carried(live: LocalS
     cut = [a for a in result.answers if a.status == 200 and not a.complete]
     refused = [a for a in result.failed if a.started_at + a.total_s >= killed_at]
     # Only the streams the killed replica carried (at most one per client) are lost. Serve's proxy ends
-    # such a response as if it were complete, so the client sees it only by the missing [DONE] and
-    # finish reason; a request it had already routed to the dying replica may be refused once.
+    # such a response as if it were complete, so the client sees it only by the missing [DONE] (the finish
+    # reason may have come just before the cut); a request it had already routed to the dying replica may
+    # be refused once.
     assert len(cut) + len(refused) + len(result.errors) <= 6, ([a.error for a in cut], refused, result.errors)
-    assert all(not a.done and a.finish_reason is None for a in cut)
+    assert all(not a.done for a in cut), [(a.done, a.finish_reason, a.error) for a in cut]
     assert not [a for a in result.failed if a.started_at >= killed_at + 2]  # then every request goes elsewhere
     assert sum(a.complete for a in result.answers if a.started_at >= killed_at) >= 12
