@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 
 from control.document import ServeDocument, load_serve_config
-from control.preflight import free_by_node
 from control.serve_config import check_serve_config
 
 DASHBOARD = "http://127.0.0.1:8265"
@@ -174,19 +173,23 @@ class ClusterClient:
     def applications(self) -> dict[str, Any]:
         return applications(self.dashboard)
 
-    def free_resources(self) -> dict[str, dict[str, float]]:
-        """What each node has free now, from the usage Ray's monitor reports every few seconds."""
+    def resource_usage(self) -> dict[str, dict[str, list[float]]]:
+        """Per node and resource [used, total], as Ray's monitor reports it every few seconds."""
         response = httpx.get(f"{self.dashboard}/api/cluster_status", headers=ray_auth_headers(), timeout=10)
         response.raise_for_status()
         status = (response.json().get("data") or {}).get("clusterStatus") or {}
         usage = (status.get("loadMetricsReport") or {}).get("usageByNode")
         if not usage:
             raise RuntimeError("the cluster does not report its resource usage yet; try again in a few seconds")
-        return free_by_node(usage)
+        return dict(usage)
 
     def serving(self) -> set[str]:
         """Versions the gateway routes to now; empty when it cannot be asked."""
         return set(readiness(self.gateway)[1].get("serving") or [])
+
+    def scaled_to_zero(self) -> dict[str, list[str]]:
+        """Per version, its stages at zero replicas by design (routable: a request wakes them)."""
+        return dict(readiness(self.gateway)[1].get("scaled_to_zero") or {})
 
     def stats(self, window_s: float | None) -> dict[str, Any]:
         """Per-version outcomes over every gateway replica; raises StatsUnavailableError otherwise."""

@@ -70,7 +70,9 @@ class ServeDocument:
                 deployment_options: dict[str, dict[str, Any]] | None = None,
                 gateway_args: dict[str, Any] | None = None) -> ServeDocument:
         """A copy with another HTTP port, KB root, pipeline settings (merged per section), gateway args
-        or traffic settings, or per-deployment options (`{"Generator": {"ray_actor_options": ...}}`)."""
+        or traffic settings, or per-deployment options (`{"Generator": {"ray_actor_options": ...}}`; a
+        `num_replicas` there fixes the count, dropping the deployment's autoscaling; an `autoscaling_config`
+        drops a fixed count)."""
         doc = self.copy()
         if http_port is not None:
             doc.data.setdefault("http_options", {})["port"] = http_port
@@ -80,7 +82,12 @@ class ServeDocument:
             if is_app(app, GATEWAY_BUILDER) and gateway_args:
                 app["args"] = {**(app.get("args") or {}), **gateway_args}
             for deployment in app.get("deployments") or []:
-                deployment.update((deployment_options or {}).get(deployment["name"], {}))
+                options = (deployment_options or {}).get(deployment["name"], {})
+                if "num_replicas" in options:  # a fixed count replaces the autoscaling bounds, and back
+                    deployment.pop("autoscaling_config", None)
+                if "autoscaling_config" in options:
+                    deployment.pop("num_replicas", None)
+                deployment.update(options)
                 if deployment["name"] == GATEWAY_DEPLOYMENT and traffic:
                     deployment["user_config"] = {**(deployment.get("user_config") or {}), **traffic}
         return doc

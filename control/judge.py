@@ -34,7 +34,14 @@ def judge(canary: dict[str, Any], stable: dict[str, Any] | None, cfg: RolloutCon
         return Verdict("rollback", f"canary {name} time to first token {c_tail:.3f}s is over {cfg.max_ttft_ratio}x "
                                    f"stable {s_tail:.3f}s", numbers)
     return Verdict("continue", f"canary error rate {canary['error_rate']:.3f} (stable {baseline:.3f}), {name} TTFT "
-                               f"{_seconds(c_tail)} (stable {_seconds(s_tail)})", numbers)
+                               f"{_seconds(c_tail)} (stable {_seconds(s_tail)}){_cold_note(canary, stable)}", numbers)
+
+
+def _cold_note(canary: dict[str, Any], stable: dict[str, Any] | None) -> str:
+    """Answers that waited for a cold start are judged for errors but left out of the latency."""
+    cold = {"canary": canary.get("cold_starts", 0), "stable": (stable or {}).get("cold_starts", 0)}
+    waited = ", ".join(f"{who} {n}" for who, n in cold.items() if n)
+    return f"; answers that waited for a cold start, not counted as latency: {waited}" if waited else ""
 
 
 def tail_quantile(samples: int) -> float:

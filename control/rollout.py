@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from control.document import ServeDocument, write_atomically
 from control.judge import Verdict, judge
-from control.preflight import check_fit, deployment_replicas
+from control.preflight import check_usage, deployment_replicas
 from rag.config import RolloutConfig
 from rag.errors import InvalidRequestError
 
@@ -39,8 +39,9 @@ ACTIVE = ("running", "held")
 class Cluster(Protocol):
     def apply(self, config: dict[str, Any]) -> None: ...
     def applications(self) -> dict[str, Any]: ...
-    def free_resources(self) -> dict[str, dict[str, float]]: ...
+    def resource_usage(self) -> dict[str, dict[str, list[float]]]: ...
     def serving(self) -> set[str]: ...
+    def scaled_to_zero(self) -> dict[str, list[str]]: ...
     def stats(self, window_s: float | None) -> dict[str, Any]: ...
 
 
@@ -161,7 +162,7 @@ class Rollout:
             self._log("ROLLOUT_PREFLIGHT", version=new, result="already deployed")
             return
         every = [r for app in doc.plain()["applications"] for r in deployment_replicas(app)]
-        fit = check_fit([r for r in every if r.app == new], every, self.cluster.free_resources())
+        fit = check_usage([r for r in every if r.app == new], every, self.cluster.resource_usage())
         self._log("ROLLOUT_PREFLIGHT", version=new, fits=fit.fits)
         for line in fit.report().splitlines():
             self.say(f"    {line}")
@@ -274,7 +275,10 @@ class Rollout:
     def _wait_serving(self, version: str, cfg: RolloutConfig) -> None:
         deadline = self.clock() + cfg.start_timeout_s
         while self.clock() < deadline:
-            if version in self.cluster.serving():
+            # A version whose stages may scale to zero is routable while cold; it is judged only once the
+            # gateway has woken it (it wakes every version it is told about), so a cold start is never
+            # taken for the canary's latency.
+            if version in self.cluster.serving() and not self.cluster.scaled_to_zero().get(version):
                 self._log("ROLLOUT_SERVING", version=version)
                 return
             app = self.cluster.applications().get(version, {})

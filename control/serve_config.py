@@ -85,11 +85,43 @@ def _gateway_drain_problems(app: dict[str, Any], longest_stream: float) -> list[
     return problems
 
 
+# Deployments that must keep exactly one replica, and those that must keep at least one, whatever the
+# autoscaler sees: the KnowledgeBases manager is the one writer of every knowledge base and holds its
+# jobs; the Gateway answers /health and /ready and holds the requests that wait for a cold start.
+SINGLE_REPLICA = (KB_MANAGER_DEPLOYMENT,)
+ALWAYS_WARM = (GATEWAY_DEPLOYMENT,)
+
+
+def autoscaling_problems(serve_config: dict[str, Any]) -> list[str]:
+    """Autoscaling settings that Serve would refuse or that would break a promise of this service."""
+    problems: list[str] = []
+    for app in serve_config["applications"]:
+        for d in app.get("deployments") or []:
+            auto, where = d.get("autoscaling_config"), f"application {app.get('name')!r}: {d.get('name')}"
+            if not auto:
+                continue
+            if d.get("num_replicas") not in (None, "auto"):
+                problems.append(f"{where} sets both num_replicas ({d['num_replicas']}) and autoscaling_config; "
+                                "keep one (min_replicas/max_replicas bound an autoscaled deployment)")
+            low, high = int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
+            if high < max(low, 1):
+                problems.append(f"{where}.autoscaling_config.max_replicas ({high}) must be at least 1 and at "
+                                f"least min_replicas ({low})")
+            if d.get("name") in SINGLE_REPLICA and (low, high) != (1, 1):
+                problems.append(f"{where} must run exactly one replica (it is the one writer of every knowledge "
+                                "base); use num_replicas: 1, not autoscaling")
+            if d.get("name") in ALWAYS_WARM and low < 1:
+                problems.append(f"{where}.autoscaling_config.min_replicas must be at least 1: the gateway "
+                                "answers /health and /ready and holds requests while a stage cold-starts")
+    return problems
+
+
 def check_serve_config(serve_config: dict[str, Any]) -> None:
     """Validate a whole Serve config before it is deployed: every application's args, the gateway's
-    traffic weights, and that no stream can outlive a drain. Raises `ConfigError` listing every problem."""
+    traffic weights, that no stream can outlive a drain, and autoscaling bounds that keep the service's
+    promises. Raises `ConfigError` listing every problem."""
     versions = pipeline_configs(serve_config)
-    problems = stream_drain_problems(serve_config)
+    problems = stream_drain_problems(serve_config) + autoscaling_problems(serve_config)
     for app in serve_config["applications"]:
         if is_app(app, GATEWAY_BUILDER):
             gateway = validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")

@@ -31,6 +31,19 @@ REQUESTS = MetricSpec("rag_requests_total", "Requests answered, by endpoint, sta
 LIFECYCLE_EVENTS = MetricSpec("rag_lifecycle_events_total",
                               "Replica lifecycle events (STARTUP, READY, SHUTDOWN, DRAINING, CLEANUP, ...).",
                               ("version", "event"))
+_START_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120, 300)
+REPLICA_START_SECONDS = MetricSpec("rag_replica_start_seconds",
+                                   "Seconds a replica's start took, by part: load (model, index) and warmup.",
+                                   ("version", "part"), _START_BUCKETS)
+# `stage`, not `deployment`: Serve reserves that label for the replica that records a metric.
+REPLICAS = MetricSpec("rag_replicas", "Running replicas per version and stage (deployment), as the gateway sees them.",
+                      ("version", "stage"))
+COLD_START_WAITS = MetricSpec("rag_cold_start_waits_total",
+                              "Requests that arrived while a stage of their version was at zero replicas.")
+COLD_START_WAIT_SECONDS = MetricSpec("rag_cold_start_wait_seconds",
+                                     "Seconds such a request waited for its answer to start.", ("version",),
+                                     _START_BUCKETS)
 
 ALL = (REQUESTS_IN_FLIGHT, MODEL_LOAD_SECONDS, VECTOR_SEARCH_MS, SHUTDOWN_GRACE_USED_SECONDS,
-       TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS, LIFECYCLE_EVENTS)
+       TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS, LIFECYCLE_EVENTS, REPLICA_START_SECONDS,
+       REPLICAS, COLD_START_WAITS, COLD_START_WAIT_SECONDS)

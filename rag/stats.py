@@ -18,6 +18,7 @@ class Outcome:
     at: float
     ok: bool
     first_token_s: float | None
+    cold: bool = False  # it waited for a stage to start from zero replicas: its latency is the cold start's
 
 
 class VersionStats:
@@ -34,10 +35,10 @@ class VersionStats:
         with self._lock:
             self._in_flight[version] = self._in_flight.get(version, 0) + 1
 
-    def finished(self, version: str, ok: bool, first_token_s: float | None) -> None:
+    def finished(self, version: str, ok: bool, first_token_s: float | None, cold: bool = False) -> None:
         with self._lock:
             self._in_flight[version] = self._in_flight.get(version, 1) - 1
-            self._record(version, Outcome(time.time(), ok, first_token_s))
+            self._record(version, Outcome(time.time(), ok, first_token_s, cold))
 
     def failed_to_start(self, version: str) -> None:
         """An attempt that failed before its first event (and may have been retried elsewhere)."""
@@ -81,8 +82,10 @@ class VersionStats:
     def _summarise(self, version: str, since: float, in_flight: int) -> dict[str, Any]:
         recent = [r for r in self._records.get(version, ()) if r.at >= since]
         errors = sum(1 for r in recent if not r.ok)
-        ttfts = sorted(r.first_token_s for r in recent if r.first_token_s is not None)
-        return {"requests": len(recent), "errors": errors,
+        # An answer that waited for a cold start counts for errors, not for latency: its time to first
+        # token measures the start of a replica, which `cold_starts` reports apart.
+        ttfts = sorted(r.first_token_s for r in recent if r.first_token_s is not None and not r.cold)
+        return {"requests": len(recent), "errors": errors, "cold_starts": sum(1 for r in recent if r.cold),
                 "error_rate": errors / len(recent) if recent else 0.0, "ttft_samples": len(ttfts),
                 **{ttft_key(q): quantile(ttfts, q) for q in TTFT_QUANTILES}, "in_flight": in_flight}
 

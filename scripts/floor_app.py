@@ -30,7 +30,7 @@ from rag.auth import ApiKeys
 DIMENSION = 384  # the bundled embedding model's
 PASSAGE_CHARS = 750  # serve_config.yaml's chunk_size
 # The deployment options copied from the project's deployment of the same role.
-MIRRORED = ("num_replicas", "max_ongoing_requests", "max_queued_requests", "ray_actor_options")
+MIRRORED = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests", "ray_actor_options")
 Passage = dict[str, Any]
 
 app = FastAPI(title="rag-serve floor")

@@ -144,5 +144,10 @@ async def ready(services: Services) -> JSONResponse:
     state, service = services.readiness(), services.answers
     status = "draining" if service.draining else "ready" if state.ready else "starting"
     body = {"status": status, "versions": service.split.live, "weights": service.split.weights,
-            "waiting_for": state.waiting_for, "serving": sorted(state.serving), "in_flight": service.in_flight.count}
+            "waiting_for": state.waiting_for, "serving": sorted(state.serving), "in_flight": service.in_flight.count,
+            # Stages at zero replicas by design (autoscaling min_replicas 0): ready, a request wakes them.
+            "scaled_to_zero": state.scaled_to_zero, "replicas": state.replicas}
+    if state.scaled_to_zero:
+        body["note"] = "scaled to zero, cold start on demand: " + ", ".join(
+            f"{v}/{stage}" for v, stages in sorted(state.scaled_to_zero.items()) for stage in stages)
     return JSONResponse(body, status_code=200 if status == "ready" else 503)

@@ -36,6 +36,9 @@ DEFAULT_MODEL_ALIAS = "rag"
 # hammered, all within `first_event_timeout_s`.
 RETRY_PAUSES_S = (0.2, 0.5, 1.0, 2.0)
 SERVING_POLL_S = 0.25
+# A version's cold stages are woken at most this often: the requests that arrive meanwhile wait in
+# Serve's queue for the replicas already starting.
+WAKE_INTERVAL_S = 5.0
 # The request's own fault: any version would refuse it alike, so it says nothing about the version.
 REQUEST_FAULTS = (InvalidRequestError, KnowledgeBaseNotFoundError)
 
@@ -50,6 +53,10 @@ class VersionHandles(Protocol):
 
     def prime(self, version: str, timeout_s: float) -> None: ...
 
+    def wake(self, version: str, stages: list[str]) -> None:
+        """Send each named stage of `version` a no-op without waiting for it (blocking lookup)."""
+        ...
+
     def is_overload(self, exc: BaseException) -> bool:
         """Whether `exc` is a full queue downstream (refused at once, never waited on)."""
         ...
@@ -60,13 +67,16 @@ class Metrics(Protocol):
 
     def count_request(self, endpoint: str, status: int | str, version: str | None = None) -> None: ...
 
+    def cold_start_waited(self, version: str, seconds: float | None) -> None: ...
+
 
 class GatewayService:
     """Picks a version for each request and relays its answer events in the requested shape."""
 
     def __init__(self, config: GatewayConfig, metrics: Metrics, in_flight: InFlight, handles: VersionHandles,
                  ready_versions: Callable[[], set[str]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cold_stages: Callable[[], dict[str, list[str]]] = dict) -> None:
         self.config = config
         self.metrics = metrics
         self.traffic = TrafficConfig()
@@ -77,6 +87,8 @@ class GatewayService:
         self.stats = VersionStats(config.stats_window_records)
         self.handles = handles
         self.clock = clock
+        self.cold_stages = cold_stages  # per version, its stages at zero replicas now (readiness)
+        self._woken: dict[str, float] = {}
 
     def set_traffic(self, traffic: TrafficConfig) -> None:
         self.traffic = traffic
@@ -118,10 +130,17 @@ class GatewayService:
         failed: list[str] = []
         for attempt in itertools.count(1):
             version = await self._serving_version(key, failed, deadline)
+            cold = await self._wake_if_cold(version)
             try:
-                # Half the budget at most for one attempt, so a version that hangs leaves time to try another.
-                attempt_s = min(deadline - self.clock(), self.config.first_event_timeout_s / 2)
+                # Half the budget at most for one attempt, so a version that hangs leaves time to try another;
+                # a cold start gets the whole budget: its replicas are starting, retrying would start nothing.
+                attempt_s = deadline - self.clock() if cold else \
+                    min(deadline - self.clock(), self.config.first_event_timeout_s / 2)
+                began = self.clock()
                 first, stream = await self._first_event(version, question, attempt_s)
+                if cold:
+                    stream.cold = True
+                    self.metrics.cold_start_waited(version, self.clock() - began)
                 return version, first, stream
             except RagError as exc:
                 # Raised by a stage: not retried (it is an answer, not a lost replica), but counted against
@@ -131,6 +150,8 @@ class GatewayService:
                 raise
             except Exception as exc:
                 self.stats.failed_to_start(version)
+                if cold:
+                    self.metrics.cold_start_waited(version, None)
                 if self.handles.is_overload(exc):
                     raise OverloadedError("the service is at capacity; retry shortly") from None
                 failed.append(version)
@@ -141,6 +162,22 @@ class GatewayService:
                 await asyncio.sleep(pause)
         raise ServiceUnavailableError(f"no version could start the answer within {self.config.first_event_timeout_s:g}"
                                       f"s (tried {failed}); retry shortly")
+
+    async def _wake_if_cold(self, version: str) -> bool:
+        """Whether a stage of `version` is at zero replicas; if so, wake all such stages at once (Serve
+        would start them one after another, as the request reaches each), at most every WAKE_INTERVAL_S."""
+        stages = self.cold_stages().get(version)
+        if not stages:
+            return False
+        now = self.clock()
+        if now - self._woken.get(version, -WAKE_INTERVAL_S) >= WAKE_INTERVAL_S:
+            self._woken[version] = now
+            logger.info("event=COLD_START version=%s stages=%s", version, ",".join(stages))
+            try:
+                await asyncio.to_thread(self.handles.wake, version, stages)
+            except Exception as exc:  # the request itself still wakes the stages it reaches
+                logger.warning("event=WAKE_FAILED version=%s error=%r", version, exc)
+        return True
 
     async def _serving_version(self, key: str | None, failed: list[str], deadline: float) -> str:
         """A version to try: at once when one serves; while none does (the only replica of a stage is being
@@ -167,7 +204,7 @@ class GatewayService:
                     rest: AnswerStream, started: float, endpoint: str) -> AsyncIterator[str]:
         """SSE lines for one answer; a broken upstream ends in an error event and [DONE], never a cut."""
         status, finished, ttft = "200", False, None
-        with self.in_flight.track(), self._counted(version) as outcome:
+        with self.in_flight.track(), self._counted(version, rest.cold) as outcome:
             try:
                 yield sse(formatter.chunk(first))
                 async for batch in rest.batches():
@@ -190,7 +227,7 @@ class GatewayService:
 
     async def collect(self, version: str, first: AnswerStart, rest: AnswerStream,
                       started: float, endpoint: str) -> list[AnswerEvent]:
-        with self.in_flight.track(), self._counted(version) as outcome:
+        with self.in_flight.track(), self._counted(version, rest.cold) as outcome:
             events: list[AnswerEvent] = [first]
             ttft = None
             async for batch in rest.batches():
@@ -202,14 +239,14 @@ class GatewayService:
         return events
 
     @contextmanager
-    def _counted(self, version: str) -> Iterator[dict[str, Any]]:
+    def _counted(self, version: str, cold: bool = False) -> Iterator[dict[str, Any]]:
         """Per-version in-flight and outcome for the rollout's comparison; failed unless marked ok."""
         outcome: dict[str, Any] = {"ok": False, "first_token_s": None}
         self.stats.started(version)
         try:
             yield outcome
         finally:
-            self.stats.finished(version, outcome["ok"], outcome["first_token_s"])
+            self.stats.finished(version, outcome["ok"], outcome["first_token_s"], cold)
 
     def _first_token(self, event: AnswerEvent, started: float, version: str) -> float | None:
         """Record time to first token at the first answer text and return it."""
@@ -240,8 +277,15 @@ class GatewayService:
         if self.draining:
             raise ServiceUnavailableError("the service is draining for a stop; send new requests elsewhere")
 
-    def prime(self, version: str) -> None:
-        """Open the route to `version` before it gets a user's request (blocking: the readiness thread)."""
+    def prime(self, version: str, cold_stages: list[str] | None = None) -> None:
+        """Open the route to `version` before it gets a user's request (blocking: the readiness thread).
+        A version with stages at zero replicas is woken instead (a rollout's canary, say): waiting for
+        its cold start here would hold up every other version's readiness."""
+        if cold_stages:
+            self._woken[version] = self.clock()
+            logger.info("event=COLD_START version=%s stages=%s reason=route", version, ",".join(cold_stages))
+            self.handles.wake(version, cold_stages)
+            return
         self.handles.prime(version, self.config.first_event_timeout_s)
 
 
@@ -251,6 +295,7 @@ class AnswerStream:
     def __init__(self, response: Any) -> None:
         self._response = response
         self._held: list[AnswerEvent] = []
+        self.cold = False  # it waited for a stage to start from zero replicas
 
     async def start(self, timeout_s: float) -> AnswerStart:
         """Wait for the first batch; its first event must be the sources."""

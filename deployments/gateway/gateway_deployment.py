@@ -51,10 +51,13 @@ class GatewayDeployment:
         guard = _guard_settings(config)  # first: a missing key file fails the replica before it serves
         handles = ServeHandles()
         self.service = GatewayService(config, self._life.metrics, self._life.in_flight, handles,
-                                      lambda: self.readiness.current.serving)
+                                      lambda: self.readiness.current.serving,
+                                      cold_stages=lambda: self.readiness.current.scaled_to_zero)
         self.readiness = ReadinessMonitor(lambda: self.service.split.live, config.ready_poll_interval_s,
                                           read_app_states, self.service.prime,
-                                          lambda: list(self.service.traffic.weights))
+                                          lambda: list(self.service.traffic.weights),
+                                          lambda states: self._life.metrics.set_replicas(
+                                              {name: app.running for name, app in states.items()}))
         self._board = stats_board(config.stats_window_records)
         self._stop_reporting = asyncio.Event()
         replica = serve.get_replica_context().replica_id.unique_id

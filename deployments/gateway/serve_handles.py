@@ -19,6 +19,8 @@ class ServeHandles:
     def __init__(self) -> None:
         self._apps: dict[str, DeploymentHandle] = {}
         self._embedders: dict[str, DeploymentHandle] = {}
+        self._stages: dict[tuple[str, str], DeploymentHandle] = {}
+        self._wakes: dict[tuple[str, str], Any] = {}  # the last wake-up call per stage, held until replaced
 
     async def get(self, version: str) -> Any:
         if version not in self._apps:
@@ -43,6 +45,16 @@ class ServeHandles:
         handle = serve.get_app_handle(version)
         handle.knowledge_bases.remote().result(timeout_s=timeout_s)
         self._apps[version] = handle
+
+    def wake(self, version: str, stages: list[str]) -> None:
+        """A no-op call to each stage at once, so stages at zero replicas cold-start side by side instead
+        of one after another as a request reaches each. Blocking (a handle's first lookup asks the
+        controller); the calls are not waited for: Serve holds them until a replica is up."""
+        for stage in stages:
+            key = (version, stage)
+            if key not in self._stages:
+                self._stages[key] = serve.get_deployment_handle(stage, app_name=version)
+            self._wakes[key] = self._stages[key].ping.remote()
 
     def is_overload(self, exc: BaseException) -> bool:
         """A full queue at some stage, however deep in Ray's error wrappers it arrives."""

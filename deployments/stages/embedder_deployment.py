@@ -55,5 +55,8 @@ class EmbedderDeployment:
     def check_health(self) -> None:
         self._embedder.check_health()
 
+    def ping(self) -> None:
+        """Nothing: the gateway sends it to wake this stage from zero replicas, beside the others."""
+
     def __del__(self) -> None:
         self._life.stop(self._embedder.close)

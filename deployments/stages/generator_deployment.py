@@ -45,5 +45,8 @@ class GeneratorDeployment:
     def check_health(self) -> None:
         self._generator.check_health()
 
+    def ping(self) -> None:
+        """Nothing: the gateway sends it to wake this stage from zero replicas, beside the others."""
+
     def __del__(self) -> None:
         self._life.stop(self._generator.close)

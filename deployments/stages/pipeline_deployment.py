@@ -57,6 +57,9 @@ class PipelineDeployment:
     def in_flight(self) -> int:
         return self._life.in_flight.count
 
+    def ping(self) -> None:
+        """Nothing: the gateway sends it to wake this stage from zero replicas, beside the others."""
+
     def __del__(self) -> None:
         self._life.stop(lambda: None)
 

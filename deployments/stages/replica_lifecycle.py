@@ -62,6 +62,7 @@ class ReplicaLifecycle:
             await asyncio.sleep(extra_delay_s)
         total = time.monotonic() - began
         self.metrics.model_load.set(total)
+        self.metrics.started(load=loaded - began, warmup=time.monotonic() - loaded)
         self.log.event("READY", load_s=loaded - began, warmup_s=time.monotonic() - loaded, total_s=total,
                        **(timings or {}))
 

@@ -31,10 +31,30 @@ class StageMetrics:
         self.tokens = _make(metrics.Counter, spec.GENERATED_TOKENS)
         self.requests = _make(metrics.Counter, spec.REQUESTS)
         self.lifecycle_events = _make(metrics.Counter, spec.LIFECYCLE_EVENTS)
+        self.start_parts = _make(metrics.Histogram, spec.REPLICA_START_SECONDS)
+        self.replicas = _make(metrics.Gauge, spec.REPLICAS)
+        self.cold_waits = _make(metrics.Counter, spec.COLD_START_WAITS)
+        self.cold_wait_seconds = _make(metrics.Histogram, spec.COLD_START_WAIT_SECONDS)
         for metric in (self.in_flight, self.model_load, self.vector_search, self.grace_used, self.first_token,
-                       self.tokens, self.requests, self.lifecycle_events):
+                       self.tokens, self.requests, self.lifecycle_events, self.start_parts, self.cold_waits,
+                       self.cold_wait_seconds):
             metric.set_default_tags({"version": version})
         self.in_flight.set(0)
+
+    def started(self, **parts: float) -> None:
+        for part, seconds in parts.items():
+            self.start_parts.observe(seconds, tags={"part": part})
+
+    def set_replicas(self, running: dict[str, dict[str, int]]) -> None:
+        """Running replicas per version and deployment (the gateway's readiness poll)."""
+        for version, deployments in running.items():
+            for deployment, count in deployments.items():
+                self.replicas.set(count, tags={"version": version, "stage": deployment})
+
+    def cold_start_waited(self, version: str, seconds: float | None) -> None:
+        self.cold_waits.inc(tags={"version": version})
+        if seconds is not None:
+            self.cold_wait_seconds.observe(seconds, tags={"version": version})
 
     def set_in_flight(self, count: int) -> None:
         self.in_flight.set(count)

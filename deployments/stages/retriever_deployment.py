@@ -56,6 +56,9 @@ class RetrieverDeployment:
         knowledge_base, old, new = change
         self._life.log.event("INDEX_SWITCH", knowledge_base=knowledge_base, old=old, new=new)
 
+    def ping(self) -> None:
+        """Nothing: the gateway sends it to wake this stage from zero replicas, beside the others."""
+
     def __del__(self) -> None:
         # A constructor that failed (an index that would not load) started no follower.
         follower = getattr(self, "_follower", None)

@@ -26,7 +26,9 @@ class FakeCluster:
 
     def __init__(self, free_cpu: float = 2.0, start_polls: int | None = 1,
                  stats: Callable[[dict[str, float]], dict[str, Any]] = healthy) -> None:
-        self.free = {"node-a": {"CPU": free_cpu, "memory": 8e9}}
+        self.cold_polls = 0
+        total = max(2.0, free_cpu)
+        self.usage = {"node-a": {"CPU": [total - free_cpu, total], "memory": [0.0, 8e9]}}
         self.applied: list[dict[str, Any]] = []
         self.apps: dict[str, dict[str, Any]] = {}
         self.polls: dict[str, int] = {}
@@ -54,8 +56,8 @@ class FakeCluster:
     def applications(self) -> dict[str, Any]:
         return self.apps
 
-    def free_resources(self) -> dict[str, dict[str, float]]:
-        return self.free
+    def resource_usage(self) -> dict[str, dict[str, list[float]]]:
+        return self.usage
 
     def serving(self) -> set[str]:
         self.serving_checks += 1
@@ -72,6 +74,12 @@ class FakeCluster:
             if started and not stopped:
                 serving.add(name)
         return serving
+
+    def scaled_to_zero(self) -> dict[str, list[str]]:
+        if self.cold_polls:  # the version's stages are at zero for this many more checks, then woken
+            self.cold_polls -= 1
+            return {"v2": ["Generator"]}
+        return {}
 
     def stats(self, window_s: float | None) -> dict[str, Any]:
         return self.stats_fn(self.weights)

@@ -103,7 +103,13 @@ def test_variant_changes_port_kb_root_and_deployments_and_keeps_comments(tmp_pat
     assert plain["http_options"]["port"] == 8123
     assert v1["args"]["retrieval"]["kb_root"] == str(tmp_path)
     assert v1["args"]["generation"]["max_new_tokens"] == 7 and v1["args"]["generation"]["backend"] == "extractive"
-    assert next(d for d in v1["deployments"] if d["name"] == "Generator")["num_replicas"] == 2
+    generator = next(d for d in v1["deployments"] if d["name"] == "Generator")
+    assert generator["num_replicas"] == 2 and "autoscaling_config" not in generator  # fixed replaces autoscaled
+    doc.check()
+    back = doc.variant(deployment_options={"Generator": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}})
+    generator = next(d for d in back.plain()["applications"][1]["deployments"] if d["name"] == "Generator")
+    assert "num_replicas" not in generator and generator["autoscaling_config"]["min_replicas"] == 0
+    back.check()
     assert doc.weights == {"v1": 100.0}
     assert "# The one place where versions" in doc.dump()
     assert ServeDocument.load(REPO / "serve_config.yaml").plain()["http_options"]["port"] == 8000  # a copy

@@ -64,3 +64,11 @@ def test_too_few_canary_requests_waits() -> None:
 def test_canary_alone_is_judged_on_absolute_error_rate() -> None:
     assert judge(_stats(50, 0), None, CFG).action == "continue"
     assert judge(_stats(50, 5), {"requests": 0, "error_rate": 0.0}, CFG).action == "rollback"
+
+
+def test_cold_starts_are_reported_apart_from_the_canarys_latency() -> None:
+    canary = {**_stats(50, 0, 0.12), "cold_starts": 3}
+    verdict = judge(canary, _stats(500, 1, 0.1), CFG)
+    assert verdict.action == "continue"
+    assert "answers that waited for a cold start, not counted as latency: canary 3" in verdict.reason
+    assert "cold start" not in judge(_stats(50, 0, 0.12), _stats(500, 1, 0.1), CFG).reason

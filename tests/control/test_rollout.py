@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from control.document import ServeDocument
+from control.preflight import deployment_replicas
 from rag.errors import InvalidRequestError
 from tests.control.rollout_fakes import (
     FAST,
@@ -51,9 +52,9 @@ def test_a_version_that_does_not_fit_is_refused_before_anything_changes(config: 
 
 
 def test_preflight_keeps_room_for_a_replacement_surge(config: Path) -> None:
-    doc = ServeDocument.load(config)
-    per_version = sum(d["ray_actor_options"]["num_cpus"] for d in doc.plain()["applications"][1]["deployments"])
-    largest = max(d["ray_actor_options"]["num_cpus"] for d in doc.plain()["applications"][1]["deployments"])
+    v1 = deployment_replicas(ServeDocument.load(config).plain()["applications"][1])
+    per_version = sum(r.count * r.each["CPU"] for r in v1)
+    largest = max(r.surge * r.each["CPU"] for r in v1)  # the largest replacement's surge
     before = config.read_text()
     assert start_v2(make(config, FakeCluster(free_cpu=per_version + largest))) == "promoted"
     config.write_text(before)
@@ -166,3 +167,13 @@ def test_a_cluster_that_refuses_a_step_rolls_back_and_the_file_never_shows_the_r
     state = rollout.load_state()
     assert state and "failed (500)" in state.reason
     assert_as_before(config, before, cluster)
+
+
+def test_a_canary_at_zero_replicas_is_judged_only_after_it_was_woken(config: Path) -> None:
+    cluster, log = FakeCluster(), []
+    cluster.cold_polls = 3  # routable but cold: a stage at zero replicas until the gateway's wake-up lands
+    rollout = make(config, cluster, log)
+    assert start_v2(rollout) == "promoted"
+    assert cluster.cold_polls == 0
+    serving = next(i for i, line in enumerate(log) if "ROLLOUT_SERVING" in line)
+    assert not any("ROLLOUT_CHECK" in line for line in log[:serving])

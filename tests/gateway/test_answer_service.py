@@ -47,6 +47,8 @@ class FakeStream:
             raise KnowledgeBaseNotFoundError("unknown knowledge base")
         if self.behaviour == "hang":
             await asyncio.sleep(3600)
+        if self.behaviour == "cold_start":  # its replicas start from zero: longer than half the budget
+            await asyncio.sleep(0.7)
         yield [AnswerStart("samples", [], self.version)]
         yield [AnswerDelta("Roll it out ")]
         if self.behaviour == "break_mid":
@@ -92,12 +94,18 @@ class FakeHandle:
 class FakeHandles:
     def __init__(self, **behaviours: str) -> None:
         self.handles = {v: FakeHandle(v, b) for v, b in behaviours.items()}
+        self.woken: list[tuple[str, list[str]]] = []
 
     async def get(self, version: str) -> FakeHandle:
         return self.handles[version]
 
+        self.woken: list[tuple[str, list[str]]] = []
+
     def prime(self, version: str, timeout_s: float) -> None:
         pass
+
+    def wake(self, version: str, stages: list[str]) -> None:
+        self.woken.append((version, stages))
 
     def is_overload(self, exc: BaseException) -> bool:
         return isinstance(exc, FakeBackPressure)
@@ -107,6 +115,10 @@ class FakeMetrics:
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, str | None]] = []
         self.first_token = self
+        self.cold_waits: list[tuple[str, float | None]] = []
+
+    def cold_start_waited(self, version: str, seconds: float | None) -> None:
+        self.cold_waits.append((version, seconds))
 
     def observe(self, *_: Any, **__: Any) -> None:
         pass
@@ -116,9 +128,10 @@ class FakeMetrics:
 
 
 def service(weights: dict[str, float], first_event_timeout_s: float = 5.0,
-            serving: Callable[[], set[str]] | None = None, **behaviours: str) -> GatewayService:
+            serving: Callable[[], set[str]] | None = None, cold: dict[str, list[str]] | None = None,
+            **behaviours: str) -> GatewayService:
     svc = GatewayService(GatewayConfig(first_event_timeout_s=first_event_timeout_s), FakeMetrics(), InFlight(),
-                         FakeHandles(**behaviours), serving)
+                         FakeHandles(**behaviours), serving, cold_stages=lambda: cold or {})
     svc.set_traffic(TrafficConfig(weights=weights))
     return svc
 
@@ -272,3 +285,34 @@ def test_draining_refuses_new_requests() -> None:
 def _key_for(svc: GatewayService, version: str) -> str:
     """A sticky key that the weighted split sends to `version` first."""
     return next(k for k in (f"user-{i}" for i in range(1000)) if svc.split.choose(k) == version)
+
+
+def test_a_cold_version_is_woken_once_and_its_answer_waits_out_the_cold_start() -> None:
+    cold = {"v1": ["Embedder", "Generator"]}
+    svc = service({"v1": 100}, first_event_timeout_s=1.0, cold=cold, v1="cold_start")
+
+    async def two_answers() -> list[tuple[str, list[str]]]:
+        return await asyncio.gather(relay_all(svc), relay_all(svc))
+
+    answers = asyncio.run(two_answers())
+    # Half the budget (0.5 s) would have cut the 0.7 s start and retried; a cold start gets all of it.
+    assert all(lines[-1] == "data: [DONE]\n\n" and "step by step" in "".join(lines) for _, lines in answers)
+    assert svc.handles.woken == [("v1", ["Embedder", "Generator"])]  # once, not per request
+    assert svc.handles.handles["v1"].calls == 2
+    summary = svc.stats.summary()["v1"]
+    assert summary["cold_starts"] == 2 and summary["ttft_samples"] == 0 and summary["errors"] == 0
+    assert [v for v, _ in svc.metrics.cold_waits] == ["v1", "v1"]
+    assert all(seconds is not None and seconds >= 0.7 for _, seconds in svc.metrics.cold_waits)
+
+
+def test_a_warm_version_is_neither_woken_nor_given_the_whole_budget() -> None:
+    svc = service({"v1": 100}, first_event_timeout_s=1.0, v1="cold_start")
+    with pytest.raises(ServiceUnavailableError):
+        asyncio.run(relay_all(svc))
+    assert svc.handles.woken == [] and svc.metrics.cold_waits == []
+
+
+def test_priming_a_cold_version_wakes_it_without_waiting() -> None:
+    svc = service({"v1": 100, "v2": 0}, v1="ok", v2="ok")
+    svc.prime("v2", ["Generator"])
+    assert svc.handles.woken == [("v2", ["Generator"])]

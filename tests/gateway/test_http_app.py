@@ -155,6 +155,16 @@ def test_ready_is_200_once_the_readiness_says_ready(gateway: Gateway) -> None:
     assert response.json()["status"] == "ready" and response.json()["serving"] == ["v1"]
 
 
+def test_ready_is_200_with_stages_scaled_to_zero_and_says_so(gateway: Gateway) -> None:
+    gateway.readiness.append(Readiness(True, [], serving={"v1"}, scaled_to_zero={"v1": ["Generator"]},
+                                       replicas={"v1": {"Pipeline": 1, "Generator": 0}}))
+    response = gateway.client.get("/ready")
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "ready"
+    assert body["scaled_to_zero"] == {"v1": ["Generator"]} and body["replicas"]["v1"]["Generator"] == 0
+    assert body["note"] == "scaled to zero, cold start on demand: v1/Generator"
+
+
 def test_ready_is_503_draining_once_the_traffic_config_drains(gateway: Gateway) -> None:
     gateway.readiness.append(Readiness(True, [], serving={"v1"}))
     gateway.answers.set_traffic(TrafficConfig(weights={"v1": 100}, draining=True))

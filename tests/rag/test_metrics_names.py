@@ -21,3 +21,9 @@ def test_metric_names_are_prometheus_safe_and_unique() -> None:
     assert len(names) == len(set(names))
     assert all(n.replace("_", "").isalnum() and n.startswith("rag_") for n in names)
     assert all(list(m.buckets) == sorted(m.buckets) for m in metrics.ALL)
+
+
+def test_no_metric_uses_a_label_ray_serve_reserves() -> None:
+    # ray.serve.metrics adds these itself and refuses a metric that declares one (the replica then fails).
+    reserved = {"deployment", "replica", "application", "route"}
+    assert not [(m.name, set(m.tags) & reserved) for m in metrics.ALL if set(m.tags) & reserved]

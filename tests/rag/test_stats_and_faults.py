@@ -67,3 +67,17 @@ def test_fault_latency_is_added() -> None:
     began = time.perf_counter()
     asyncio.run(FaultInjector(FaultConfig(extra_latency_s=0.2)).before_answer())
     assert time.perf_counter() - began >= 0.2
+
+
+def test_answers_that_waited_for_a_cold_start_count_for_errors_not_latency() -> None:
+    stats = VersionStats()
+    for _ in range(10):
+        stats.started("v2")
+        stats.finished("v2", ok=True, first_token_s=0.1)
+    stats.started("v2")
+    stats.finished("v2", ok=False, first_token_s=None, cold=True)
+    stats.started("v2")
+    stats.finished("v2", ok=True, first_token_s=12.0, cold=True)  # the replica's start, not the version's speed
+    summary = stats.summary()["v2"]
+    assert (summary["requests"], summary["errors"], summary["cold_starts"]) == (12, 1, 2)
+    assert summary["ttft_samples"] == 10 and summary["ttft_p90_s"] == pytest.approx(0.1)

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.cluster
 
 # Paced streams (~50 pieces x 40 ms) stay open long enough to be in flight while a replica stops.
 PACED = {"generation": {"extractive_piece_delay_s": 0.04}}
+STAGES = ("Pipeline", "Embedder", "Retriever", "Generator")
 # Every replica of this cluster holds back READY this long after its real warm-up, so the window in
 # which /ready must say "starting" is wide enough to watch.
 WARMUP_DELAY_S = 4
@@ -43,8 +44,11 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalSer
     """The paced service, watched from its deploy until it answers (what `/ready` said, when chats were
     answered), whichever test asks for it first."""
     pipeline_args = {**PACED, "lifecycle": {"warmup_delay_s": WARMUP_DELAY_S}}
+    # One fixed replica per stage, so each test knows which replica it replaces, kills or watches; the
+    # autoscaling test turns the Generator's autoscaling on for itself.
+    fixed = {stage: {"num_replicas": 1} for stage in STAGES}
     with running_service(tmp_path_factory.mktemp("lifecycle"), wait=False, with_metrics=True,
-                         pipeline_args=pipeline_args) as local:
+                         pipeline_args=pipeline_args, deployment_options=fixed) as local:
         start_up = watch_start_up(local)
         cluster.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
         yield local, start_up
@@ -66,92 +70,96 @@ def _non_stream_loop(service: LocalService, stop: threading.Event, statuses: lis
             statuses.append(client.post("/v1/chat/completions", json=body).status_code)
 
 
-def _replace_under_load(service: LocalService, deployment: str, num_cpus: float) -> tuple[str, list[str]]:
-    before = replicas(service.dashboard, "v1", deployment)
-    assert len(before) == 1
-    statuses: list[int] = []
-    stop = threading.Event()
-    plain = threading.Thread(target=_non_stream_loop, args=(service, stop, statuses))
-    with LoadGenerator(service.gateway, api_key=service.api_key, concurrency=6, max_seconds=120) as load:
-        plain.start()
-        wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
-        config = service.config(f"{deployment}-{num_cpus}.yaml", pipeline_args=PACED,
-                                deployment_options={deployment: {"ray_actor_options": {"num_cpus": num_cpus}}})
-        cluster.deploy(config, dashboard=service.dashboard)
-        wait_for(lambda: (now := replicas(service.dashboard, "v1", deployment)) and not (now & before)
-                 and not replicas(service.dashboard, "v1", deployment, "STOPPING"), 120, "the replacement")
-        sent_at_switch = load.result.sent
-        wait_for(lambda: load.result.sent >= sent_at_switch + 6, 30, "requests on the new replica")
-        stop.set()
-    plain.join()
-    result = load.result
-    assert_clean(result, min_sent=12)
-    assert statuses and set(statuses) == {200}, statuses
-    return next(iter(before)), [e for e, _ in lifecycle_events(service, next(iter(before)))]
+def test_autoscaler_drains_the_replica_it_removes_then_wakes_the_stage_from_zero(paced: LocalService) -> None:
+    """The Generator autoscales (min 0, max 2): the replica removed when load falls finishes its streams;
+    idle, the stage goes to zero and /ready still says ready; the next question is answered after a cold
+    start, counted as one."""
+    def autoscaled(target: int) -> Path:
+        return paced.config(f"autoscaled-{target}.yaml", deployment_options={"Generator": {
+            "autoscaling_config": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": target,
+                                   "upscale_delay_s": 0, "downscale_delay_s": 3, "downscale_to_zero_delay_s": 6,
+                                   "look_back_period_s": 2},
+            "graceful_shutdown_wait_loop_s": 0.2}})
 
-
-def test_generator_replacement_lets_every_stream_finish(paced: LocalService) -> None:
-    old, events = _replace_under_load(paced, "Generator", 0.45)
-    # The old replica drained with streams in flight and cleaned up after them.
-    assert events[:2] == ["STARTUP", "READY"]
-    assert events.index("SHUTDOWN") < events.index("DRAINING") < events.index("CLEANUP")
-    drains = [fields for e, fields in lifecycle_events(paced, old) if e == "DRAINING"]
-    assert drains[-1]["in_flight"] == 0
-
-
-def test_embedder_replacement_lets_every_stream_finish(paced: LocalService) -> None:
-    _, events = _replace_under_load(paced, "Embedder", 0.45)
-    assert events[0] == "STARTUP" and events[-1] == "CLEANUP"
-
-
-def test_scale_down_lets_the_removed_replicas_streams_finish(paced: LocalService) -> None:
-    # Answers of 6 s or more, and Serve counting a stopping replica's requests after 0.5 s instead of
-    # 2 s: the removed replica is caught with streams in flight (a DRAINING count above 0).
-    slow = {"generation": {"extractive_piece_delay_s": 0.12}}
-
-    def generators(count: int) -> Path:
-        return paced.config(f"generators-{count}.yaml", pipeline_args=slow, deployment_options={
-            "Generator": {"num_replicas": count, "graceful_shutdown_wait_loop_s": 0.5}})
-
-    old = replicas(paced.dashboard, "v1", "Generator")
-    cluster.deploy(generators(2), dashboard=paced.dashboard)  # new args: the app is rebuilt, old replicas go
-    wait_for(lambda: len(now := replicas(paced.dashboard, "v1", "Generator")) == 2 and not now & old
-             and not replicas(paced.dashboard, "v1", "Generator", "STOPPING")
-             and cluster.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 120, "two new Generator replicas")
-    both = replicas(paced.dashboard, "v1", "Generator")
-    with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=6, max_seconds=120) as load:
-        wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
-        cluster.deploy(generators(1), dashboard=paced.dashboard)  # only num_replicas differs: no replacement
+    # Options only: the running replica stays. 12 steady clients at a target of 1 want two replicas; the
+    # same clients at a target of 12 want one, so Serve removes the newer replica while the router keeps
+    # about half the streams on it. (A paced answer streams for about a second, and each client also
+    # spends time in retrieval: with fewer clients the replica removed is often caught between streams.)
+    cluster.deploy(autoscaled(1), dashboard=paced.dashboard)
+    with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=12, max_seconds=180) as load:
+        both = wait_for(lambda: len(now := replicas(paced.dashboard, "v1", "Generator")) == 2 and now, 90,
+                        "a second Generator for 12 streams")
+        sent = load.result.sent
+        wait_for(lambda: load.result.sent >= sent + 12, 30, "streams on both replicas")
+        cluster.deploy(autoscaled(12), dashboard=paced.dashboard)
         wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 1
-                 and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 120, "the scale-down")
-        sent_at_switch = load.result.sent
-        wait_for(lambda: load.result.sent >= sent_at_switch + 6, 30, "requests on the remaining replica")
-    assert_clean(load.result, min_sent=12)
-    kept = replicas(paced.dashboard, "v1", "Generator")
-    assert kept < both  # the survivor is one of the two: scaled down, not replaced
-    (removed,) = both - kept
+                 and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 90, "the scale-down to one")
+        sent = load.result.sent
+        wait_for(lambda: load.result.sent >= sent + 12, 30, "answers on the remaining replica")
+    assert_clean(load.result, min_sent=24)
+    (removed,) = both - replicas(paced.dashboard, "v1", "Generator")
     events = lifecycle_events(paced, removed)
     names = [e for e, _ in events]
     assert names.index("SHUTDOWN") < names.index("DRAINING") < names.index("CLEANUP"), events
-    shutdown = next(fields for e, fields in events if e == "SHUTDOWN")
-    assert shutdown["in_flight"] > 0, events  # it held streams when told to stop ...
+    assert next(fields for e, fields in events if e == "SHUTDOWN")["in_flight"] > 0, events  # held streams ...
     assert [fields for e, fields in events if e == "DRAINING"][-1]["in_flight"] == 0  # ... and let them finish
 
+    wait_for(lambda: not replicas(paced.dashboard, "v1", "Generator", "RUNNING")
+             and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 60, "the Generator at zero")
+    scaled = wait_for(lambda: (r := cluster.readiness(paced.gateway))[0] == 200 and r[1].get("scaled_to_zero") and r,
+                      10, "/ready to say the Generator is scaled to zero")
+    assert scaled[1]["scaled_to_zero"] == {"v1": ["Generator"]} and "cold start on demand" in scaled[1]["note"]
+    with paced.client(timeout=60) as client:
+        def cold_starts() -> int:  # one gateway replica: its own counts are the whole service's
+            return int(client.get("/stats", params={"scope": "replica"}).json()["versions"]["v1"].get("cold_starts", 0))
 
-def test_revision_bump_replaces_every_stage_without_a_failure(paced: LocalService) -> None:
-    """An args change makes Serve rebuild the application and replace all four stages at once."""
-    before = {d: replicas(paced.dashboard, "v1", d) for d in ("Pipeline", "Embedder", "Retriever", "Generator")}
+        before = cold_starts()
+        answer = stream_chat(client, "Where is the Ray dashboard?")
+        assert answer.complete, answer
+        assert cold_starts() == before + 1
+    woken = replicas(paced.dashboard, "v1", "Generator")
+    assert len(woken) == 1 and not woken & both
+    names = [e for e, _ in lifecycle_events(paced, next(iter(woken)))]
+    assert names[:2] == ["STARTUP", "READY"], names
+    cluster.deploy(paced.config_path, dashboard=paced.dashboard)  # back to one fixed Generator
+    wait_for(lambda: cluster.applications(paced.dashboard)["v1"]["status"] == "RUNNING"
+             and all(len(replicas(paced.dashboard, "v1", stage)) == 1 for stage in STAGES), 120,
+             "one replica per stage")
+
+
+def test_revision_bump_replaces_every_stage_and_every_answer_finishes(paced: LocalService) -> None:
+    """An args change makes Serve rebuild the application and replace all four stages at once: streamed
+    and plain answers in flight all finish, and each old replica drains before it cleans up."""
+    before = {d: replicas(paced.dashboard, "v1", d) for d in STAGES}
+    assert all(len(ids) == 1 for ids in before.values()), before
+    statuses: list[int] = []
+    stop = threading.Event()
+    plain = threading.Thread(target=_non_stream_loop, args=(paced, stop, statuses))
     with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=6, max_seconds=180) as load:
+        plain.start()
         wait_for(lambda: len(load.result.answers) >= 6, 30, "the load to get going")
         config = paced.config("revision.yaml", pipeline_args={**PACED, "revision": "bumped"})
         cluster.deploy(config, dashboard=paced.dashboard)
         wait_for(lambda: all(replicas(paced.dashboard, "v1", d) - ids and not replicas(paced.dashboard, "v1", d) & ids
-                             for d, ids in before.items())
+                             and not replicas(paced.dashboard, "v1", d, "STOPPING") for d, ids in before.items())
                  and cluster.applications(paced.dashboard)["v1"]["status"] == "RUNNING", 180, "every stage replaced")
         sent_at_switch = load.result.sent
         wait_for(lambda: load.result.sent >= sent_at_switch + 6, 30, "requests on the new replicas")
-    result = load.result
-    assert_clean(result, min_sent=12)
+        stop.set()
+    plain.join()
+    assert_clean(load.result, min_sent=12)
+    assert statuses and set(statuses) == {200}, statuses
+    (old_generator,) = before["Generator"]
+    events = lifecycle_events(paced, old_generator)
+    names = [e for e, _ in events]
+    # The old Generator drained with streams in flight and cleaned up after them.
+    assert names[:2] == ["STARTUP", "READY"], names
+    assert names.index("SHUTDOWN") < names.index("DRAINING") < names.index("CLEANUP"), names
+    assert [fields for e, fields in events if e == "DRAINING"][-1]["in_flight"] == 0
+    for stage in ("Pipeline", "Embedder", "Retriever"):
+        (old,) = before[stage]
+        names = [e for e, _ in lifecycle_events(paced, old)]
+        assert names[0] == "STARTUP" and names[-1] == "CLEANUP", (stage, names)
 
 
 def test_killed_generator_mid_stream_ends_with_error_event_and_done(paced: LocalService) -> None:

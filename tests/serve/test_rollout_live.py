@@ -108,7 +108,8 @@ def test_failing_canary_is_rolled_back_automatically(live: LocalService) -> None
     assert list(doc.versions) == [stable] and doc.weights == {stable: 100.0}
     # Injected failures happen before the first byte, so the gateway retried them on the stable version.
     assert_clean(load.result, min_sent=20)
-    assert {d: replicas(live.dashboard, stable, d) for d in stable_replicas} == stable_replicas
+    # The rollback touched no stable replica (the autoscaler may have added some beside them under load).
+    assert all(ids <= replicas(live.dashboard, stable, d) for d, ids in stable_replicas.items()), stable_replicas
     wait_for(lambda: canary not in cluster.applications(live.dashboard), 120, "the canary to be removed")
 
 

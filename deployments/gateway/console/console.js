@@ -543,13 +543,20 @@ async function refreshVersions() {
     + (stats.draining ? " · draining" : "") + (problems.length ? ` · unavailable: ${problems.join("; ")}` : "");
   $("version-rows").replaceChildren(...names.map((name) => {
     const s = perVersion[name] || {};
-    const state = serving.has(name) ? "ready" : waiting.has(name) ? "starting" : "not serving";
+    const cold = (ready.scaled_to_zero || {})[name] || [];
+    const state = !serving.has(name) ? (waiting.has(name) ? "starting" : "not serving")
+      : cold.length ? "scaled to zero" : "ready";
     const errorRate = typeof s.error_rate === "number" ? `${(100 * s.error_rate).toFixed(1)}%` : "—";
+    // Running replicas per stage, as the autoscaler has them now (0 = scaled to zero, cold start on demand).
+    const stages = (ready.replicas || {})[name] || {};
+    const replicas = Object.keys(stages).sort().map((stage) => `${stage} ${stages[stage]}`).join(", ") || "—";
     return el("tr", { "data-testid": "version-row", "data-version": name },
       el("td", {}, name), el("td", {}, weights[name] ?? "—"),
-      el("td", { class: `state-${state.replace(" ", "-")}` }, state),
+      el("td", { class: `state-${state.replaceAll(" ", "-")}`, title: cold.length ? `cold: ${cold.join(", ")}` : "" }, state),
+      el("td", { "data-testid": "version-replicas" }, replicas),
       el("td", {}, s.requests ?? "—"), el("td", {}, errorRate), el("td", {}, ms(s.ttft_p50_s)),
-      el("td", {}, ms(s.ttft_p90_s)), el("td", {}, ms(s.ttft_p99_s)), el("td", {}, s.in_flight ?? "—"));
+      el("td", {}, ms(s.ttft_p90_s)), el("td", {}, ms(s.ttft_p99_s)), el("td", {}, s.cold_starts ?? "—"),
+      el("td", {}, s.in_flight ?? "—"));
   }));
   showRollout(rollout);
 }

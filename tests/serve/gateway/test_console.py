@@ -127,6 +127,9 @@ def test_the_versions_tab_follows_a_weight_change_live(page: Any, service: Local
     _testid(page, "tab-versions")[0].click()
     row = _wait(page, lambda: [r for r in _testid(page, "version-row") if "v1" in r.text])[0]
     assert "100" in row.text
+    # Running replicas per stage, as the autoscaler has them (one each on an idle demo).
+    replicas = _wait(page, lambda: [c.text for c in _testid(page, "version-replicas") if "Generator" in c.text])[0]
+    assert all(f"{stage} " in replicas for stage in ("Embedder", "Generator", "Pipeline", "Retriever")), replicas
     half = service.config("half.yaml", traffic={"weights": {"v1": 50}})
     try:
         cluster.deploy(half, dashboard=service.dashboard)  # weights only: reconfigure, no restart
