@@ -2,7 +2,8 @@
 from zero, and the same ramp on fixed replicas of the same CPU budget, side by side in one run.
 
     .venv/bin/python -m scripts.bench_autoscale [--ramp 1:30,4:30,16:60,4:30,1:30] [--idle-s 60]
-        [--piece-delay 0.01] [--scenarios autoscaled fixed] [--json var/bench_autoscale.json]
+        [--piece-delay 0.01] [--scenarios autoscaled fixed rollout] [--rollout-clients 16]
+        [--json var/bench_autoscale.json]
 
 Each scenario gets a fresh private Ray cluster of the demo's shape (2 CPUs) with the sample knowledge base:
   autoscaled  serve_config.yaml as shipped (every stage autoscales), except that the version's stages may go
@@ -10,6 +11,10 @@ Each scenario gets a fresh private Ray cluster of the demo's shape (2 CPUs) with
               cold start from zero.
   fixed       the same config with one fixed replica per stage, each reserving what the autoscaled stage
               reserves at max_replicas (the same CPU budget); no scaling, no idle phase.
+  rollout     serve_config.yaml as shipped under --rollout-clients streaming clients: once v1 has scaled
+              up, `rollout start v2` (a new revision, so every stage is new) runs to its end under the
+              load; then the rollout's status and reason, the answers lost, and replicas per stage of
+              both versions while it ran.
 The ramp is phases of CLIENTS:SECONDS of streaming clients, back to back; then (autoscaled) --idle-s of
 no traffic, then one question, whose time to first token is the cold start, split into its parts from
 the replicas' lifecycle events and Serve's replica records: autoscaler (the question arrived -> Serve
@@ -42,7 +47,10 @@ from rag.loadgen import LoadGenerator, LoadResult
 from tests.support.service import LocalService, running_service
 
 STAGES = ("Pipeline", "Embedder", "Retriever", "Generator")
-SCENARIOS = ("autoscaled", "fixed")
+SCENARIOS = ("autoscaled", "fixed", "rollout")
+# The rollout scenario's rollout: short steps, so it runs while the ramp's peak lasts.
+ROLLOUT = {"steps": [25, 50, 100], "interval_s": 10, "min_requests": 10, "max_wait_intervals": 4,
+           "drain_timeout_s": 90, "start_timeout_s": 240}
 
 
 def parse_ramp(text: str) -> list[tuple[int, float]]:
@@ -173,11 +181,34 @@ def cold_start(service: LocalService, sampler: ReplicaSampler, idle_s: float, ze
     return report
 
 
+def run_rollout(clients: int, piece_delay: float, work: Path) -> dict[str, Any]:
+    from control.rollout import Rollout
+
+    pipeline_args = {"generation": {"extractive_piece_delay_s": piece_delay}}
+    log: list[str] = []
+    with running_service(work, pipeline_args=pipeline_args, gateway_args={"rollout": ROLLOUT}) as service, \
+            ReplicaSampler(service, "v1") as stable, ReplicaSampler(service, "v2") as canary, \
+            LoadGenerator(service.gateway, api_key=service.api_key, concurrency=clients, max_seconds=900) as load:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (stable.samples and max(stable.samples[-1][1].values()) > 1):
+            time.sleep(1)  # until some stage of v1 has scaled up
+        began = time.time()
+        client = cluster.ClusterClient(service.dashboard, service.gateway, service.api_key)
+        status = Rollout(service.config_path, client, say=log.append).start("v2", "v1", {"revision": "rollout-bench"})
+        ended = time.time()
+        time.sleep(5)
+    result = load.result
+    return {"status": status, "reason": next((line for line in reversed(log) if "ROLLOUT_DONE" in line), ""),
+            "checks": [line for line in log if "ROLLOUT_CHECK" in line],
+            "seconds": round(ended - began, 1), **phase_row(result, ended - began),
+            "v1_replicas": stable.between(began, ended), "v2_replicas": canary.between(began, ended)}
+
+
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     columns = ("phase", "sent", "failed", "truncated", "transport_errors", "answers_per_s", "ttft_p50_s", "ttft_p99_s")
     print("\n" + " | ".join(["scenario", *columns, "replicas (P/E/R/G)"]))
     for scenario, report in results.items():
-        for row in report["phases"]:
+        for row in report.get("phases", []):
             counts = "/".join(row["replicas"].get(s, "?") for s in STAGES)
             print(" | ".join([scenario, *(str(row[c]) for c in columns), counts]))
     if {"autoscaled", "fixed"} <= set(results):
@@ -187,6 +218,15 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         p99 = (auto[peak]["ttft_p99_s"], fixed[peak]["ttft_p99_s"])
         print(f"\npeak phase ({auto[peak]['phase']}): autoscaled / fixed answers per second = "
               f"{ratio:.2f}x; ttft p99 {p99[0]} s vs {p99[1]} s" if ratio else "\npeak phase: no fixed answers")
+    rollout = results.get("rollout")
+    if rollout:
+        print(f"\nrollout of v2 under load while the stages scale: {rollout['status']} after {rollout['seconds']} s; "
+              f"sent {rollout['sent']}, failed {rollout['failed']}, truncated {rollout['truncated']}, transport errors "
+              f"{rollout['transport_errors']}; replicas (P/E/R/G) v1 "
+              + "/".join(rollout["v1_replicas"].get(s, "?") for s in STAGES) + ", v2 "
+              + "/".join(rollout["v2_replicas"].get(s, "?") for s in STAGES) + f"\n  {rollout['reason']}")
+        for line in rollout["checks"]:
+            print(f"  {line}")
     cold = results.get("autoscaled", {}).get("cold_start")
     if cold:
         print(f"\ncold start from zero ({', '.join(cold['stages_at_zero']) or 'no stage'} at zero): status "
@@ -203,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--zero", nargs="+", choices=STAGES, default=list(STAGES),
                         help="stages that may scale to zero in the autoscaled scenario")
+    parser.add_argument("--rollout-clients", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     ramp = parse_ramp(args.ramp)
@@ -210,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     for scenario in args.scenarios:
         with tempfile.TemporaryDirectory(prefix=f"bench-autoscale-{scenario}-") as work:
             print(f"scenario {scenario}: ramp {args.ramp}", flush=True)
-            results[scenario] = run_scenario(scenario, ramp, args.idle_s, args.piece_delay, args.zero, Path(work))
+            if scenario == "rollout":
+                results[scenario] = run_rollout(args.rollout_clients, args.piece_delay, Path(work))
+            else:
+                results[scenario] = run_scenario(scenario, ramp, args.idle_s, args.piece_delay, args.zero, Path(work))
     print_table(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
