@@ -33,6 +33,7 @@ class StageMetrics:
         self.lifecycle_events = _make(metrics.Counter, spec.LIFECYCLE_EVENTS)
         self.start_parts = _make(metrics.Histogram, spec.REPLICA_START_SECONDS)
         self.replicas = _make(metrics.Gauge, spec.REPLICAS)
+        self._replicas_seen: set[tuple[str, str]] = set()
         self.cold_waits = _make(metrics.Counter, spec.COLD_START_WAITS)
         self.cold_wait_seconds = _make(metrics.Histogram, spec.COLD_START_WAIT_SECONDS)
         for metric in (self.in_flight, self.model_load, self.vector_search, self.grace_used, self.first_token,
@@ -46,10 +47,14 @@ class StageMetrics:
             self.start_parts.observe(seconds, tags={"part": part})
 
     def set_replicas(self, running: dict[str, dict[str, int]]) -> None:
-        """Running replicas per version and deployment (the gateway's readiness poll)."""
-        for version, deployments in running.items():
-            for deployment, count in deployments.items():
-                self.replicas.set(count, tags={"version": version, "stage": deployment})
+        """Running replicas per version and deployment (the gateway's readiness poll); a version or stage
+        that is gone reads 0 rather than its last count."""
+        now = {(version, stage): count for version, stages in running.items() for stage, count in stages.items()}
+        for version, stage in self._replicas_seen - now.keys():
+            self.replicas.set(0, tags={"version": version, "stage": stage})
+        for (version, stage), count in now.items():
+            self.replicas.set(count, tags={"version": version, "stage": stage})
+        self._replicas_seen = set(now)
 
     def cold_start_waited(self, version: str, seconds: float | None) -> None:
         self.cold_waits.inc(tags={"version": version})

@@ -244,7 +244,7 @@ def test_lifecycle_events_come_in_order(paced: LocalService) -> None:
 
 METRICS = ["rag_requests_in_flight", "rag_model_load_seconds", "rag_vector_search_ms",
            "rag_time_to_first_token_seconds", "rag_generated_tokens_total", "rag_requests_total",
-           "rag_lifecycle_events_total"]
+           "rag_lifecycle_events_total", "rag_replicas", "rag_replica_start_seconds"]
 
 
 def test_metrics_are_exported(paced: LocalService) -> None:
