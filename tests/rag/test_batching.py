@@ -249,5 +249,7 @@ def test_the_generation_benchmark_runs_and_writes_its_json(tmp_path: Path, monke
     assert results["startup"]["in_process"]["ready_s"] > 0
     for streams in ("1", "3"):
         cell = results["in_process"][streams]
-        assert cell["tokens"] == int(streams) * 6 * 2  # every answer runs to its limit, --rounds 2 each
+        # Every answer ran to its limit (the benchmark raises on any other finish, --rounds 2 each); it counts
+        # the pieces that carry text, and a random model's token can decode to none (seen once: 9 of 12).
+        assert 0 < cell["tokens"] <= int(streams) * 6 * 2
         assert cell["tokens_per_s"] > 0 and cell["ttft_p50_s"] <= cell["ttft_p99_s"]

@@ -81,14 +81,16 @@ def test_autoscaler_drains_the_replica_it_removes_then_wakes_the_stage_from_zero
                                    "look_back_period_s": 2},
             "graceful_shutdown_wait_loop_s": 0.2}})
 
-    # Options only: the running replica stays. 12 steady clients at a target of 1 want two replicas; the
-    # same clients at a target of 12 want one, so Serve removes the newer replica while the router keeps
-    # about half the streams on it. (A paced answer streams for about a second, and each client also
-    # spends time in retrieval: with fewer clients the replica removed is often caught between streams.)
+    # 12 steady clients at a target of 1 want two replicas; the same clients at a target of 12 want one,
+    # so Serve removes one while the router keeps about half the streams on it. Turning autoscaling on
+    # may also replace the running replica (Serve restarts it for the new options), so the two replicas
+    # are taken once no replica is starting or stopping.
     cluster.deploy(autoscaled(1), dashboard=paced.dashboard)
     with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=12, max_seconds=180) as load:
-        both = wait_for(lambda: len(now := replicas(paced.dashboard, "v1", "Generator")) == 2 and now, 90,
-                        "a second Generator for 12 streams")
+        both = wait_for(lambda: len(now := replicas(paced.dashboard, "v1", "Generator")) == 2
+                        and not replicas(paced.dashboard, "v1", "Generator", "STARTING")
+                        and not replicas(paced.dashboard, "v1", "Generator", "STOPPING") and now, 120,
+                        "two settled Generators for 12 streams")
         sent = load.result.sent
         wait_for(lambda: load.result.sent >= sent + 12, 30, "streams on both replicas")
         cluster.deploy(autoscaled(12), dashboard=paced.dashboard)
