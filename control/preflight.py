@@ -121,8 +121,7 @@ def check_fit(new: list[Replicas], every: list[Replicas], free: dict[str, dict[s
 def _fit_at_full_scale(every: list[Replicas], capacity: dict[str, dict[str, float]], fit: Fit) -> None:
     left = {node: dict(res) for node, res in capacity.items()}
     needed = _total([(r.each, r.most) for r in every])
-    surges = [r for r in every if r.surge]
-    largest = max(surges, key=lambda r: r.surge * r.each.get("CPU", 0)) if surges else None
+    largest = _largest_surge(every)
     surge = f", plus {_describe(_total([(largest.each, largest.surge)]))} for {largest.name}'s surge" if largest else ""
     fit.lines.append(f"at full scale (every deployment at max_replicas) the versions reserve {_describe(needed)}"
                      f"{surge}, of {_describe(_total([(res, 1) for res in capacity.values()]))}")
@@ -139,11 +138,16 @@ def _fit_at_full_scale(every: list[Replicas], capacity: dict[str, dict[str, floa
                          f"{_describe_nodes(left)}")
 
 
-def _surge_fits(every: list[Replicas], left: dict[str, dict[str, float]]) -> bool:
+def _largest_surge(every: list[Replicas]) -> Replicas | None:
+    """The deployment whose replacement would start the most (CPU) in surge replicas."""
     surges = [r for r in every if r.surge]
-    if not surges:
+    return max(surges, key=lambda r: r.surge * r.each.get("CPU", 0)) if surges else None
+
+
+def _surge_fits(every: list[Replicas], left: dict[str, dict[str, float]]) -> bool:
+    largest = _largest_surge(every)
+    if largest is None:
         return True
-    largest = max(surges, key=lambda r: r.surge * r.each.get("CPU", 0))
     trial = {node: dict(res) for node, res in left.items()}
     return all(_place(largest.each, trial) for _ in range(largest.surge))
 
@@ -158,9 +162,8 @@ def _fit_now(new: list[Replicas], every: list[Replicas], free: dict[str, dict[st
             if not _place(replicas.each, left):
                 fit.fits = False
                 fit.lines.append(f"no node has room for a {replicas.name} replica ({_describe(replicas.each)})")
-    surges = [r for r in every if r.surge]
-    if fit.fits and not _surge_fits(every, left):
-        largest = max(surges, key=lambda r: r.surge * r.each.get("CPU", 0))
+    largest = _largest_surge(every)
+    if fit.fits and largest and not _surge_fits(every, left):
         fit.fits = False
         fit.lines.append(f"after it, no room remains for replacing {largest.name} ({largest.surge} surge "
                          f"replica(s) of {_describe(largest.each)}); free then: {_describe_nodes(left)}")

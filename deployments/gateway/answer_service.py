@@ -169,15 +169,17 @@ class GatewayService:
         stages = self.cold_stages().get(version)
         if not stages:
             return False
-        now = self.clock()
-        if now - self._woken.get(version, -WAKE_INTERVAL_S) >= WAKE_INTERVAL_S:
-            self._woken[version] = now
-            logger.info("event=COLD_START version=%s stages=%s", version, ",".join(stages))
+        if self.clock() - self._woken.get(version, -WAKE_INTERVAL_S) >= WAKE_INTERVAL_S:
             try:
-                await asyncio.to_thread(self.handles.wake, version, stages)
+                await asyncio.to_thread(self._wake, version, stages, "request")
             except Exception as exc:  # the request itself still wakes the stages it reaches
                 logger.warning("event=WAKE_FAILED version=%s error=%r", version, exc)
         return True
+
+    def _wake(self, version: str, stages: list[str], reason: str) -> None:
+        self._woken[version] = self.clock()
+        logger.info("event=COLD_START version=%s stages=%s reason=%s", version, ",".join(stages), reason)
+        self.handles.wake(version, stages)
 
     async def _serving_version(self, key: str | None, failed: list[str], deadline: float) -> str:
         """A version to try: at once when one serves; while none does (the only replica of a stage is being
@@ -282,9 +284,7 @@ class GatewayService:
         A version with stages at zero replicas is woken instead (a rollout's canary, say): waiting for
         its cold start here would hold up every other version's readiness."""
         if cold_stages:
-            self._woken[version] = self.clock()
-            logger.info("event=COLD_START version=%s stages=%s reason=route", version, ",".join(cold_stages))
-            self.handles.wake(version, cold_stages)
+            self._wake(version, cold_stages, "route")
             return
         self.handles.prime(version, self.config.first_event_timeout_s)
 

@@ -18,8 +18,7 @@ class ServeHandles:
 
     def __init__(self) -> None:
         self._apps: dict[str, DeploymentHandle] = {}
-        self._embedders: dict[str, DeploymentHandle] = {}
-        self._stages: dict[tuple[str, str], DeploymentHandle] = {}
+        self._stages: dict[tuple[str, str], DeploymentHandle] = {}  # (version, stage): the Embedders, woken stages
         self._wakes: dict[tuple[str, str], Any] = {}  # the last wake-up call per stage, held until replaced
 
     async def get(self, version: str) -> Any:
@@ -29,15 +28,19 @@ class ServeHandles:
         return self._apps[version]
 
     async def embedder(self, version: str) -> Any:
-        if version not in self._embedders:
-            self._embedders[version] = await asyncio.to_thread(self.embedder_blocking, version)
-        return self._embedders[version]
+        if (version, EMBEDDER) not in self._stages:
+            await asyncio.to_thread(self.embedder_blocking, version)
+        return self._stages[(version, EMBEDDER)]
 
     def embedder_blocking(self, version: str) -> Any:
         """The Embedder's handle from a worker thread (a build's), where blocking calls are allowed."""
-        if version not in self._embedders:
-            self._embedders[version] = serve.get_deployment_handle(EMBEDDER, app_name=version)
-        return self._embedders[version]
+        return self._stage(version, EMBEDDER)
+
+    def _stage(self, version: str, stage: str) -> DeploymentHandle:
+        """A stage's handle, looked up once (a blocking controller call)."""
+        if (version, stage) not in self._stages:
+            self._stages[(version, stage)] = serve.get_deployment_handle(stage, app_name=version)
+        return self._stages[(version, stage)]
 
     def prime(self, version: str, timeout_s: float) -> None:
         """One cheap call through a new handle, before a user's request: its first call waits for the
@@ -51,10 +54,7 @@ class ServeHandles:
         of one after another as a request reaches each. Blocking (a handle's first lookup asks the
         controller); the calls are not waited for: Serve holds them until a replica is up."""
         for stage in stages:
-            key = (version, stage)
-            if key not in self._stages:
-                self._stages[key] = serve.get_deployment_handle(stage, app_name=version)
-            self._wakes[key] = self._stages[key].ping.remote()
+            self._wakes[(version, stage)] = self._stage(version, stage).ping.remote()
 
     def is_overload(self, exc: BaseException) -> bool:
         """A full queue at some stage, however deep in Ray's error wrappers it arrives."""
