@@ -57,7 +57,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: lint browser
-	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --durations=10
 
 bench: install
 	$(PY) -m scripts.bench_pipeline

@@ -37,7 +37,16 @@ PACED = {"generation": {"extractive_piece_delay_s": 0.04}}
 STAGES = ("Pipeline", "Embedder", "Retriever", "Generator")
 # Every replica of this cluster holds back READY this long after its real warm-up, so the window in
 # which /ready must say "starting" is wide enough to watch.
-WARMUP_DELAY_S = 4
+WARMUP_DELAY_S = 2
+
+
+def generator_options(*, min_replicas: int, max_replicas: int, target: int) -> dict[str, Any]:
+    """Quick to react (a 2 s look-back, 3 s to scale down, 6 s to zero), so one test sees all of it."""
+    return {"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
+                                   "target_ongoing_requests": target, "upscale_delay_s": 0,
+                                   "downscale_delay_s": 3, "downscale_to_zero_delay_s": 6,
+                                   "look_back_period_s": 2},
+            "graceful_shutdown_wait_loop_s": 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +54,13 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalSer
     """The paced service, watched from its deploy until it answers (what `/ready` said, when chats were
     answered), whichever test asks for it first."""
     pipeline_args = {**PACED, "lifecycle": {"warmup_delay_s": WARMUP_DELAY_S}}
-    # One fixed replica per stage, so each test knows which replica it replaces, kills or watches; the
-    # autoscaling test turns the Generator's autoscaling on for itself.
-    fixed = {stage: {"num_replicas": 1} for stage in STAGES}
+    # One replica per stage, so each test knows which replica it replaces, kills or watches. The Generator
+    # autoscales between 1 and 1: the autoscaling test widens its bounds, an update Serve makes in place
+    # (switching between num_replicas and autoscaling may restart the replica).
+    options: dict[str, Any] = {stage: {"num_replicas": 1} for stage in STAGES}
+    options["Generator"] = generator_options(min_replicas=1, max_replicas=1, target=8)
     with running_service(tmp_path_factory.mktemp("lifecycle"), wait=False, with_metrics=True,
-                         pipeline_args=pipeline_args, deployment_options=fixed) as local:
+                         pipeline_args=pipeline_args, deployment_options=options) as local:
         start_up = watch_start_up(local)
         cluster.wait_ready(local.gateway, timeout_s=300, dashboard=local.dashboard)
         yield local, start_up
@@ -58,6 +69,8 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalSer
 @pytest.fixture
 def paced(started: tuple[LocalService, StartUp]) -> LocalService:
     service, _ = started
+    if not cluster.applications(service.dashboard):  # the graceful-stop test removed them
+        cluster.deploy(service.config_path, dashboard=service.dashboard)
     cluster.wait_ready(service.gateway, timeout_s=300, dashboard=service.dashboard)
     return service
 
@@ -76,19 +89,14 @@ def test_autoscaler_drains_the_replica_it_removes_then_wakes_the_stage_from_zero
     idle, the stage goes to zero and /ready still says ready; the next question is answered after a cold
     start, counted as one."""
     def autoscaled(target: int) -> Path:
-        return paced.config(f"autoscaled-{target}.yaml", deployment_options={"Generator": {
-            "autoscaling_config": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": target,
-                                   "upscale_delay_s": 0, "downscale_delay_s": 3, "downscale_to_zero_delay_s": 6,
-                                   "look_back_period_s": 2},
-            "graceful_shutdown_wait_loop_s": 0.2}})
+        return paced.config(f"autoscaled-{target}.yaml", deployment_options={
+            "Generator": generator_options(min_replicas=0, max_replicas=2, target=target)})
 
     # 12 steady clients at a target of 1 want two replicas; the same clients at a target of 12 want one,
-    # so Serve removes one while the router keeps about half the streams on it. Turning autoscaling on
-    # may also replace the running replica (Serve restarts it for the new options), so the two replicas
-    # are taken once no replica is starting or stopping.
-    cluster.deploy(autoscaled(1), dashboard=paced.dashboard)
+    # so Serve removes one while the router keeps about half the streams on it.
     began = time.time()
     with LoadGenerator(paced.gateway, api_key=paced.api_key, concurrency=12, max_seconds=180) as load:
+        cluster.deploy(autoscaled(1), dashboard=paced.dashboard)
         wait_for(lambda: len(replicas(paced.dashboard, "v1", "Generator")) == 2
                  and not replicas(paced.dashboard, "v1", "Generator", "STARTING")
                  and not replicas(paced.dashboard, "v1", "Generator", "STOPPING"), 120,
@@ -133,10 +141,11 @@ def test_autoscaler_drains_the_replica_it_removes_then_wakes_the_stage_from_zero
     assert len(woken) == 1 and not woken & seen
     names = [e for e, _ in lifecycle_events(paced, next(iter(woken)))]
     assert names[:2] == ["STARTUP", "READY"], names
-    cluster.deploy(paced.config_path, dashboard=paced.dashboard)  # back to one fixed Generator
+    cluster.deploy(paced.config_path, dashboard=paced.dashboard)  # back to one Generator, the woken one
     wait_for(lambda: cluster.applications(paced.dashboard)["v1"]["status"] == "RUNNING"
              and all(len(replicas(paced.dashboard, "v1", stage)) == 1 for stage in STAGES), 120,
              "one replica per stage")
+    assert replicas(paced.dashboard, "v1", "Generator") == woken
 
 
 def test_revision_bump_replaces_every_stage_and_every_answer_finishes(paced: LocalService) -> None:
@@ -291,7 +300,7 @@ def test_ready_turns_200_only_after_real_warm_up(started: tuple[LocalService, St
 
 def test_graceful_stop_finishes_every_stream(paced: LocalService) -> None:
     """`make stop`'s path: /ready turns to draining, streams in flight all finish, new requests are
-    refused cleanly, the applications go; then the service is deployed again for whatever runs next."""
+    refused cleanly, the applications go (a test that runs after it gets them back from `paced`)."""
     seen: list[str] = []
     stop = threading.Event()
     watcher = threading.Thread(target=watch_ready, args=(paced.gateway, stop, seen))
@@ -305,8 +314,6 @@ def test_graceful_stop_finishes_every_stream(paced: LocalService) -> None:
     finally:
         stop.set()
         watcher.join()
-        cluster.deploy(paced.config_path, dashboard=paced.dashboard)
-        cluster.wait_ready(paced.gateway, timeout_s=300, dashboard=paced.dashboard)
 
     result = load.result
     assert apps_left == {}

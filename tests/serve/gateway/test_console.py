@@ -53,10 +53,17 @@ def _testid(driver: Any, name: str) -> list[Any]:
     return driver.find_elements(By.CSS_SELECTOR, f'[data-testid="{name}"]')
 
 
+def _texts(driver: Any, name: str) -> list[str]:
+    return [e.text for e in _testid(driver, name)]
+
+
 def _wait(driver: Any, condition: Callable[[], Any], timeout_s: float = 30) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(lambda _: condition())
+    # The console re-renders its tables on every poll, so an element found a moment ago may be gone: look again.
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(lambda _: condition())
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +110,12 @@ def test_two_uploaded_files_appear_in_the_table_and_in_search(page: Any, service
     for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
     _testid(page, "tab-knowledge")[0].click()
-    row = _wait(page, lambda: [r for r in _testid(page, "kb-row") if "console" in r.text])[0]
-    row.click()
+    _wait(page, lambda: [r.click() or True for r in _testid(page, "kb-row") if "console" in r.text][:1])
     _wait(page, lambda: _testid(page, "upload-input"))
     _testid(page, "upload-input")[0].send_keys("\n".join(str(tmp_path / name) for name in files))
     if _testid(page, "upload-button"):
         _testid(page, "upload-button")[0].click()
-    _wait(page, lambda: {n for n in files if any(n in r.text for r in _testid(page, "file-row"))} == set(files), 90)
+    _wait(page, lambda: {n for n in files if any(n in r for r in _texts(page, "file-row"))} == set(files), 90)
     _testid(page, "search-input")[0].send_keys("who trims the wick")
     # The table shows the job done; the Retrievers pick the new KB up within refresh_interval_s (1 s).
     results = _wait(page, lambda: _search_results(page), 30)
@@ -125,16 +131,16 @@ def _search_results(page: Any) -> list[Any]:
 
 def test_the_versions_tab_follows_a_weight_change_live(page: Any, service: LocalService) -> None:
     _testid(page, "tab-versions")[0].click()
-    row = _wait(page, lambda: [r for r in _testid(page, "version-row") if "v1" in r.text])[0]
-    assert "100" in row.text
+    row = _wait(page, lambda: [r for r in _texts(page, "version-row") if "v1" in r])[0]
+    assert "100" in row
     # Running replicas per stage, as the autoscaler has them (one each on an idle demo).
-    replicas = _wait(page, lambda: [c.text for c in _testid(page, "version-replicas") if "Generator" in c.text])[0]
+    replicas = _wait(page, lambda: [c for c in _texts(page, "version-replicas") if "Generator" in c])[0]
     assert all(f"{stage} " in replicas for stage in ("Embedder", "Generator", "Pipeline", "Retriever")), replicas
     half = service.config("half.yaml", traffic={"weights": {"v1": 50}})
     try:
         cluster.deploy(half, dashboard=service.dashboard)  # weights only: reconfigure, no restart
-        _wait(page, lambda: any("v1" in r.text and "50" in r.text for r in _testid(page, "version-row")), 30)
+        _wait(page, lambda: any("v1" in r and "50" in r for r in _texts(page, "version-row")), 30)
         page.save_screenshot(str(ARTIFACTS / "console-versions.png"))
     finally:
         cluster.deploy(service.config_path, dashboard=service.dashboard)
-    _wait(page, lambda: any("v1" in r.text and "100" in r.text for r in _testid(page, "version-row")), 30)
+    _wait(page, lambda: any("v1" in r and "100" in r for r in _texts(page, "version-row")), 30)
