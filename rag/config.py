@@ -310,7 +310,7 @@ class GatewayConfig(_Strict):
     default_knowledge_base: KnowledgeBaseName = "samples"
     max_history_turns: int = Field(20, ge=0, le=500, description="older turns are dropped, not refused")
     first_event_timeout_s: float = Field(30.0, gt=0, description="wait for a version's first event")
-    request_timeout_s: float = Field(30.0, gt=0, le=600, description="search_docs and /v1/models, each hop")
+    request_timeout_s: float = Field(30.0, gt=0, le=600, description="search_docs, /v1/models and each Embedder call of /v1/embeddings: each hop")
     ready_poll_interval_s: float = Field(1.0, gt=0, le=60)
     stats_window_records: int = Field(20_000, ge=100, le=1_000_000, description="per-version request records kept")
     # Keys live in a file (a Kubernetes secret mounts as one), never in this config; one key per line so

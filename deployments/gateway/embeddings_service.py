@@ -1,35 +1,73 @@
-"""`POST /v1/embeddings`: which serving version's Embedder answers, and the call itself.
+"""`POST /v1/embeddings`: which serving version's Embedder answers, and the calls to it.
 
-Each text is its own request to the Embedder, so texts from concurrent clients share its batches
-(`@serve.batch`), as questions do; documents get no query instruction. Plain code: the handles and the
-serving versions come in as parameters, so a fake stands in for Serve in unit tests.
+A few texts go one by one through the Embedder's query batcher (`@serve.batch`), so texts from concurrent
+clients share a forward pass, as questions do. A long list (langchain sends 1,000 texts per request) goes
+in slices of `SLICE` texts, one `embed_many` call at a time: the request holds one of the Embedder's
+slots whatever its size, never fills its queue, and chats keep being answered between (and beside) its
+slices. Each call is one hop with its own deadline. Documents get no query instruction. Plain code: the
+handles and the serving versions come in as parameters, so a fake stands in for Serve in unit tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from deployments.gateway.answer_service import VersionHandles
 from rag.api import EmbeddingRequest, embedding_response
-from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, ServiceUnavailableError
+from rag.errors import (
+    InvalidRequestError,
+    KnowledgeBaseNotFoundError,
+    OverloadedError,
+    ServiceUnavailableError,
+    UpstreamTimeoutError,
+)
+
+T = TypeVar("T")
+# Up to this many texts ride the query batcher, one request each; more go in slices through embed_many.
+FEW = 8
+# Texts per embed_many call: a fraction of a second of one CPU core for short texts with MiniLM.
+SLICE = 64
 
 
 class EmbeddingsService:
-    def __init__(self, handles: VersionHandles, serving_versions: Callable[[], list[str]]) -> None:
+    def __init__(self, handles: VersionHandles, serving_versions: Callable[[], list[str]],
+                 hop_timeout_s: float = 30.0) -> None:
         self._handles = handles
         self._serving_versions = serving_versions
+        self._hop_timeout_s = hop_timeout_s
         self._described: dict[str, dict[str, Any]] = {}
 
     async def create(self, body: EmbeddingRequest) -> dict[str, Any]:
         handle, info = await self._choose(body.model)
         if body.dimensions is not None and body.dimensions != info["dimension"]:
             raise InvalidRequestError(f"{info['model']} gives {info['dimension']} dimensions, not {body.dimensions}")
-        texts = body.texts
-        vectors, tokens = await asyncio.gather(asyncio.gather(*(handle.embed.remote(t, False) for t in texts)),
-                                               handle.count_tokens.remote(texts))
+        texts = body.texts  # each checked by the schema already (not blank, valid Unicode, length)
+        vectors, tokens = await asyncio.gather(
+            self._one_by_one(handle, texts) if len(texts) <= FEW else self._sliced(handle, texts),
+            self._hop(handle.count_tokens.remote(texts)))
         return embedding_response(vectors, body.model, tokens, body.encoding_format)
+
+    async def _one_by_one(self, handle: Any, texts: list[str]) -> list[Any]:
+        return list(await self._hop(asyncio.gather(*(handle.embed.remote(t, False) for t in texts))))
+
+    async def _sliced(self, handle: Any, texts: list[str]) -> list[Any]:
+        vectors: list[Any] = []
+        for start in range(0, len(texts), SLICE):
+            vectors.extend(await self._hop(handle.embed_many.remote(texts[start:start + SLICE])))
+        return vectors
+
+    async def _hop(self, call: Awaitable[T]) -> T:
+        """One call to a stage, with its deadline; a full queue there is a 503 to retry, not a 500."""
+        try:
+            return await asyncio.wait_for(call, self._hop_timeout_s)
+        except TimeoutError:
+            raise UpstreamTimeoutError(f"the Embedder took longer than {self._hop_timeout_s:g}s") from None
+        except Exception as exc:
+            if self._handles.is_overload(exc):
+                raise OverloadedError("the embedding: the service is at capacity; retry shortly") from None
+            raise
 
     async def _choose(self, model: str) -> tuple[Any, dict[str, Any]]:
         """The heaviest serving version whose Embedder runs `model`, or whose Retriever serves KB `model`."""
@@ -41,7 +79,7 @@ class EmbeddingsService:
             if model == info["model"]:
                 return handle, info
         for version in versions:
-            if model in await (await self._handles.get(version)).knowledge_bases.remote():
+            if model in await self._hop((await self._handles.get(version)).knowledge_bases.remote()):
                 return await self._embedder(version)
         raise KnowledgeBaseNotFoundError(f"unknown model {model[:64]!r}: name a knowledge base from GET /v1/models "
                                          "or the embedding model")
@@ -49,5 +87,5 @@ class EmbeddingsService:
     async def _embedder(self, version: str) -> tuple[Any, dict[str, Any]]:
         handle = await self._handles.embedder(version)
         if version not in self._described:
-            self._described[version] = await handle.describe.remote()
+            self._described[version] = await self._hop(handle.describe.remote())
         return handle, self._described[version]

@@ -66,7 +66,7 @@ class GatewayDeployment:
         versions = self.service.serving_versions
         self._app = build_http_app(GatewayServices(
             answers=self.service,
-            embeddings=EmbeddingsService(handles, versions),
+            embeddings=EmbeddingsService(handles, versions, config.request_timeout_s),
             knowledge_bases=KnowledgeBaseRequests(ServeManager(kb_manager), handles, versions, config.knowledge_base,
                                                   config.request_timeout_s),
             guard=guard,

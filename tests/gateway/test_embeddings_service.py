@@ -1,7 +1,8 @@
 """EmbeddingsService against fake Embedder and Retriever handles (no Ray): which serving version answers
 (its Embedder's model first, else the Retriever serving a KB of that name), the refusals (unknown model,
-nothing serving, wrong dimensions), one `embed(text, False)` per text with tokens counted once, the
-response shape in both encodings, and `describe` asked once per version."""
+nothing serving, wrong dimensions), one `embed(text, False)` per text for a few texts and
+one slice at a time through `embed_many` for many, tokens counted once, each hop's deadline, the response
+shape in both encodings, and `describe` asked once per version."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deployments.gateway.embeddings_service import EmbeddingsService
-from rag.api import EmbeddingRequest
-from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, ServiceUnavailableError
+from deployments.gateway.embeddings_service import FEW, SLICE, EmbeddingsService
+from rag.api import EMBEDDING_INPUTS, EmbeddingRequest
+from rag.errors import (
+    InvalidRequestError,
+    KnowledgeBaseNotFoundError,
+    OverloadedError,
+    ServiceUnavailableError,
+    UpstreamTimeoutError,
+)
 
 
 class FakeRemote:
@@ -33,9 +40,14 @@ class FakeEmbedder:
         self.model, self.dimension = model, dimension
         self.described = 0
         self.embedded: list[tuple[str, bool]] = []
+        self.slices: list[int] = []
+        self.in_flight = self.most_in_flight = 0
+        self.slice_delay_s = 0.0
+        self.fail_with: BaseException | None = None
         self.counted: list[list[str]] = []
         self.describe = FakeRemote(self._describe)
         self.embed = FakeRemote(self._embed)
+        self.embed_many = FakeRemote(self._embed_many)
         self.count_tokens = FakeRemote(self._count_tokens)
 
     async def _describe(self) -> dict[str, Any]:
@@ -46,6 +58,18 @@ class FakeEmbedder:
         self.embedded.append((text, query))
         await asyncio.sleep(0.05 if text.startswith("slow") else 0)  # answers out of order
         return np.full(self.dimension, float(len(text)), dtype=np.float32)
+
+    async def _embed_many(self, texts: list[str]) -> np.ndarray:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.slice_delay_s)
+            if self.fail_with:
+                raise self.fail_with
+            self.slices.append(len(texts))
+            return np.array([np.full(self.dimension, float(len(t)), dtype=np.float32) for t in texts])
+        finally:
+            self.in_flight -= 1
 
     async def _count_tokens(self, texts: list[str]) -> int:
         self.counted.append(list(texts))
@@ -63,6 +87,10 @@ class FakeVersion:
         return dict(self.kbs)
 
 
+class Overload(Exception):
+    """Stands in for Serve's BackPressureError."""
+
+
 class FakeHandles:
     def __init__(self, **versions: tuple[str, dict[str, int]]) -> None:
         self.versions = {v: FakeVersion(kbs) for v, (_, kbs) in versions.items()}
@@ -78,12 +106,13 @@ class FakeHandles:
         pass
 
     def is_overload(self, exc: BaseException) -> bool:
-        return False
+        return isinstance(exc, Overload)
 
 
-def service(serving: list[str], **versions: tuple[str, dict[str, int]]) -> tuple[EmbeddingsService, FakeHandles]:
+def service(serving: list[str], hop_timeout_s: float = 30,
+            **versions: tuple[str, dict[str, int]]) -> tuple[EmbeddingsService, FakeHandles]:
     handles = FakeHandles(**versions)
-    return EmbeddingsService(handles, lambda: list(serving)), handles
+    return EmbeddingsService(handles, lambda: list(serving), hop_timeout_s), handles
 
 
 def create(svc: EmbeddingsService, **body: Any) -> dict[str, Any]:
@@ -167,3 +196,44 @@ def test_describe_is_asked_once_per_version() -> None:
         create(svc, input="hello", model="bge-m3")
     assert handles.embedders["v1"].described == 1 and handles.embedders["v2"].described == 1
     assert len(handles.embedders["v1"].embedded) == 6
+
+
+def test_many_texts_go_one_slice_at_a_time_in_order_and_the_documented_limit_succeeds() -> None:
+    svc, handles = service(["v1"], v1=("bge-m3", {}))
+    embedder = handles.embedders["v1"]
+    embedder.slice_delay_s = 0.001
+    texts = [f"text number {i}" + "x" * (i % 7) for i in range(EMBEDDING_INPUTS)]
+    response = create(svc, input=texts, model="bge-m3")
+    assert embedder.embedded == []  # none through the query batcher
+    assert embedder.slices == [SLICE] * (EMBEDDING_INPUTS // SLICE) and embedder.most_in_flight == 1
+    assert [d["embedding"][0] for d in response["data"]] == [float(len(t)) for t in texts]
+    assert [d["index"] for d in response["data"]] == list(range(EMBEDDING_INPUTS))
+    assert embedder.counted == [texts]
+
+
+def test_a_list_just_over_a_few_is_sliced_and_the_last_slice_is_short() -> None:
+    svc, handles = service(["v1"], v1=("bge-m3", {}))
+    create(svc, input=[f"t{i}" for i in range(SLICE + FEW + 1)], model="bge-m3")
+    assert handles.embedders["v1"].slices == [SLICE, FEW + 1]
+    create(svc, input=[f"t{i}" for i in range(FEW)], model="bge-m3")
+    assert handles.embedders["v1"].slices == [SLICE, FEW + 1] and len(handles.embedders["v1"].embedded) == FEW
+
+
+def test_each_slice_has_its_own_deadline_not_the_whole_request() -> None:
+    svc, handles = service(["v1"], hop_timeout_s=0.2, v1=("bge-m3", {}))
+    embedder = handles.embedders["v1"]
+    embedder.slice_delay_s = 0.1  # 4 slices take 0.4 s in all, each well inside 0.2 s
+    assert len(create(svc, input=[f"t{i}" for i in range(4 * SLICE)], model="bge-m3")["data"]) == 4 * SLICE
+    embedder.slice_delay_s = 0.5
+    with pytest.raises(UpstreamTimeoutError, match=r"Embedder took longer than 0\.2s"):
+        create(svc, input=[f"t{i}" for i in range(2 * SLICE)], model="bge-m3")
+
+
+def test_a_full_embedder_queue_is_a_503_to_retry_and_other_failures_pass_through() -> None:
+    svc, handles = service(["v1"], v1=("bge-m3", {}))
+    handles.embedders["v1"].fail_with = Overload()
+    with pytest.raises(OverloadedError, match="at capacity"):
+        create(svc, input=[f"t{i}" for i in range(2 * SLICE)], model="bge-m3")
+    handles.embedders["v1"].fail_with = RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        create(svc, input=[f"t{i}" for i in range(2 * SLICE)], model="bge-m3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -290,8 +291,37 @@ def test_embeddings_answer_the_openai_sdk_and_langchain_unchanged(service: Local
                                  check_embedding_ctx_length=False)  # send text, as to any non-OpenAI server
     assert np.allclose(langchain.embed_query("How do I stop the service?"), vector, atol=1e-4)
     assert len(langchain.embed_documents(["one", "two", "three"])) == 3
+    _many_texts_in_one_request_while_a_chat_is_answered(service, client, langchain)
     unknown = http.post("/v1/embeddings", json={"model": "no-such-kb", "input": "x"})
     assert unknown.status_code == 404 and "no-such-kb" in unknown.json()["error"]["message"]
     assert http.post("/v1/embeddings", json={"model": "samples", "input": []}).status_code == 422
     wrong = http.post("/v1/embeddings", json={"model": "samples", "input": "x", "dimensions": 1536})
     assert wrong.status_code == 400 and "384" in wrong.json()["error"]["message"]
+
+
+def _many_texts_in_one_request_while_a_chat_is_answered(service: LocalService, client: Any, langchain: Any) -> None:
+    """The documented limit in one request (2,048 inputs, in slices through the Embedder), a chat answered
+    while it runs, and langchain's default 1,000 texts per request."""
+    import numpy as np
+
+    texts = [f"Note {i}: the keeper of lighthouse {i % 37} logged {i} passing ships." for i in range(2048)]
+    done: dict[str, Any] = {}
+
+    def embed_all() -> None:
+        done["many"] = client.embeddings.create(model="samples", input=texts, encoding_format="float")
+        done["many_at"] = time.monotonic()
+
+    big = threading.Thread(target=embed_all)
+    big.start()
+    time.sleep(0.5)
+    with service.client(timeout=60) as chat:
+        answer = stream_chat(chat, "How do I stop the service?")
+    chat_at = time.monotonic()
+    big.join(120)
+    assert answer.complete, answer
+    many = done["many"]
+    assert [d.index for d in many.data] == list(range(2048))
+    assert chat_at < done["many_at"]  # answered beside the embedding, not after it
+    alone = client.embeddings.create(model="samples", input=texts[1500], encoding_format="float").data[0].embedding
+    assert np.allclose(many.data[1500].embedding, alone, atol=1e-3)
+    assert len(langchain.embed_documents(texts[:1000])) == 1000
