@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +64,35 @@ class RolloutState:
     status: str = "running"  # running | held | promoted | rolled_back | aborted
     reason: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+PHASES = ("starting", "stepping", "promoting", "done")
+STATUSES = (*ACTIVE, "promoted", "rolled_back", "aborted")
+
+
+def parse_state(raw: bytes, path: Path) -> RolloutState:
+    """The state file as this tool wrote it, or one clear error that names the file: a corrupt or foreign
+    file must stop `start`, `abort` and `status` with a sentence, never a traceback or a guess."""
+    def refuse(what: str) -> InvalidRequestError:
+        return InvalidRequestError(f"{path} is not a rollout state file this tool wrote ({what}); if no rollout "
+                                   "is running, move it away and run `rollout status`")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise refuse(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise refuse(f"a JSON {type(data).__name__}, not an object")
+    unknown = sorted(set(data) - {f.name for f in fields(RolloutState)})
+    missing = sorted(k for k in ("new", "stable", "before") if k not in data)
+    if unknown or missing:
+        raise refuse(f"unknown fields {unknown}" if unknown else f"missing {missing}")
+    types = {"step": int, "history": list}  # every other field is a string
+    wrong = sorted(k for k, v in data.items() if not isinstance(v, types.get(k, str)) or isinstance(v, bool))
+    if wrong:
+        raise refuse(f"wrong types for {wrong}")
+    if data.get("phase", "starting") not in PHASES or data.get("status", "running") not in STATUSES:
+        raise refuse(f"phase {data.get('phase')!r} / status {data.get('status')!r}")
+    return RolloutState(**data)
 
 
 class Rollout:
@@ -334,7 +363,7 @@ class Rollout:
     def load_state(self) -> RolloutState | None:
         if not self.state_path.exists():
             return None
-        return RolloutState(**json.loads(self.state_path.read_text(encoding="utf-8")))
+        return parse_state(self.state_path.read_bytes(), self.state_path)
 
     def _save_state(self, state: RolloutState) -> None:
         write_atomically(self.state_path, json.dumps(asdict(state), indent=2, default=str))

@@ -52,8 +52,9 @@ class ApiKeys:
         self._stamp = (stat.st_mtime_ns, stat.st_size)
 
     def refresh(self) -> None:
-        """Re-read the file if it changed. A file that vanished or broke mid-rotation keeps the keys
-        already loaded (they were valid a moment ago) rather than locking every client out."""
+        """Re-read the file if it changed. Emptying or deleting it revokes every key (fail closed): an
+        operator who removes the file to lock clients out must not find the old keys still working.
+        Rotate by writing a new file and renaming it over the old one, so no reader sees it half-written."""
         try:
             stat = self.path.stat()
             if (stat.st_mtime_ns, stat.st_size) == self._stamp:
@@ -61,7 +62,9 @@ class ApiKeys:
             self._load()
             logger.info("event=API_KEYS_RELOADED keys=%d", len(self._keys))
         except (OSError, ConfigError) as exc:
-            logger.warning("event=API_KEYS_UNCHANGED reason=%s", exc)
+            if self._keys:  # once per change of state, not once per request
+                logger.warning("event=API_KEYS_REVOKED reason=%s", exc)
+            self._keys, self._stamp = (), None
 
     def accepts(self, authorization: str | None) -> bool:
         """Whether an `Authorization` header value carries one of the keys; constant time per key, and

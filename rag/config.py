@@ -252,7 +252,7 @@ class RolloutConfig(_Strict):
 
     steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
     interval_s: float = Field(30.0, gt=0, le=3600, description="observation time at each step")
-    min_requests: int = Field(20, ge=0, description="canary requests needed before a step is judged")
+    min_requests: int = Field(20, ge=1, description="canary requests needed before a step is judged")
     max_wait_intervals: int = Field(4, ge=1, le=100, description="intervals to wait for min_requests")
     max_error_rate_increase: float = Field(0.02, ge=0, le=1, description="canary minus stable error rate")
     max_ttft_ratio: float = Field(2.0, ge=1, description="canary tail time to first token / stable's: p99 when "
@@ -310,7 +310,8 @@ class GatewayConfig(_Strict):
     default_knowledge_base: KnowledgeBaseName = "samples"
     max_history_turns: int = Field(20, ge=0, le=500, description="older turns are dropped, not refused")
     first_event_timeout_s: float = Field(30.0, gt=0, description="wait for a version's first event")
-    request_timeout_s: float = Field(30.0, gt=0, le=600, description="search_docs, /v1/models and each Embedder call of /v1/embeddings: each hop")
+    request_timeout_s: float = Field(30.0, gt=0, le=600,
+                                     description="search_docs, /v1/models, each Embedder call of /v1/embeddings")
     ready_poll_interval_s: float = Field(1.0, gt=0, le=60)
     stats_window_records: int = Field(20_000, ge=100, le=1_000_000, description="per-version request records kept")
     # Keys live in a file (a Kubernetes secret mounts as one), never in this config; one key per line so

@@ -11,6 +11,7 @@ import pytest
 
 from control.document import ServeDocument
 from control.rollout import Rollout, RolloutBusyError
+from rag.auth import create_key_file
 from rag.errors import InvalidRequestError
 from tests.control.rollout_fakes import (
     FakeCluster,
@@ -141,3 +142,39 @@ def test_status_reports_file_and_cluster_and_whether_they_agree(config: Path) ->
     assert status["agree"] and status["file"]["weights"] == {"v1": 100.0} and status["rollout"] is None
     cluster.apps["v9"] = {"status": "DEPLOYING"}
     assert not rollout.status()["agree"]
+
+
+FOREIGN_STATES = {
+    "not JSON": b"{\"new\": \"v2\", ",
+    "not UTF-8": b"\xff\xfe{}",
+    "a JSON list": b"[1, 2]",
+    "unknown fields": b'{"new": "v2", "stable": "v1", "before": "", "colour": "red"}',
+    "missing before": b'{"new": "v2", "stable": "v1"}',
+    "wrong types": b'{"new": "v2", "stable": "v1", "before": "", "step": "two"}',
+    "unknown status": b'{"new": "v2", "stable": "v1", "before": "", "status": "exploded"}',
+}
+
+
+@pytest.mark.parametrize("kind", FOREIGN_STATES)
+def test_a_corrupt_or_foreign_state_file_is_one_clear_error_from_every_command(
+        config: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts import rollout as cli
+
+    before = config.read_text()
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    rollout.state_path.write_bytes(FOREIGN_STATES[kind])
+    applied = len(cluster.applied)
+    for command in (lambda: rollout.start("v2", "v1"), rollout.abort, rollout.status,
+                    lambda: rollout.start("v2", resume=True)):
+        with pytest.raises(InvalidRequestError, match="is not a rollout state file this tool wrote") as refused:
+            command()
+        assert str(rollout.state_path) in str(refused.value) and "\n" not in str(refused.value)
+    assert config.read_text() == before and rollout.state_path.read_bytes() == FOREIGN_STATES[kind]
+    assert len(cluster.applied) == applied
+    key_file = config.parent / "api_key"
+    create_key_file(key_file)
+    for argv in (["status"], ["abort"], ["start", "v2", "--from", "v1"]):
+        assert cli.main(["--config", str(config), "--api-key-file", str(key_file), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "is not a rollout state file" in err, err

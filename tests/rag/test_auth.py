@@ -38,8 +38,23 @@ def test_rotation_needs_no_restart(tmp_path: Path) -> None:
     assert keys.accepts(f"Bearer {NEW}") and keys.accepts(f"Bearer {OLD}")
     _write(path, f"{NEW}\n", bump_ns=2_000_000)
     assert keys.accepts(f"Bearer {NEW}") and not keys.accepts(f"Bearer {OLD}")
-    path.unlink()  # a broken rotation keeps the keys already loaded rather than locking everyone out
+
+
+@pytest.mark.parametrize("emptied", ["deleted", "empty", "comments only", "short key"])
+def test_emptying_or_deleting_the_file_revokes_every_key_until_a_good_one_returns(tmp_path: Path,
+                                                                                  emptied: str) -> None:
+    path = tmp_path / "keys"
+    _write(path, f"{NEW}\n{OLD}\n")
+    keys = ApiKeys(path)
     assert keys.accepts(f"Bearer {NEW}")
+    if emptied == "deleted":
+        path.unlink()
+    else:
+        _write(path, {"empty": "", "comments only": "# revoked\n", "short key": "tiny\n"}[emptied], bump_ns=1_000_000)
+    assert not keys.accepts(f"Bearer {NEW}") and not keys.accepts(f"Bearer {OLD}")
+    assert not keys.accepts(f"Bearer {NEW}")  # stays closed
+    _write(path, f"{OLD}\n", bump_ns=2_000_000)
+    assert keys.accepts(f"Bearer {OLD}") and not keys.accepts(f"Bearer {NEW}")
 
 
 @pytest.mark.parametrize(("text", "message"), [(None, "cannot be read"), ("# none\n\n", "no key"),

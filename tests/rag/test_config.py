@@ -285,3 +285,13 @@ def test_only_pipeline_applications_are_pipeline_configs(tmp_path: Path) -> None
     versions = pipeline_configs(load_serve_config(path))
     assert list(versions) == ["v2"]
     assert versions["v2"].retrieval.top_k == 5
+
+
+def test_a_rollout_that_would_judge_on_no_canary_request_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from rag.config import RolloutConfig
+
+    with pytest.raises(ValidationError, match="min_requests"):
+        RolloutConfig(min_requests=0)
+    assert RolloutConfig(min_requests=1).min_requests == 1
