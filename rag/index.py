@@ -147,6 +147,11 @@ def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.nda
             LexicalIndex.build([c.text for c in chunks]).save(staging)
             if extra is not None:
                 extra(staging, chunks)
+            # Every file of the version is on disk before the rename publishes it: after a power loss the
+            # newest version must load (FAISS, docstore, BM25 and whatever `extra` wrote alike).
+            for path in sorted(staging.rglob("*")):
+                if path.is_file():
+                    _fsync(path)
             share = cjk_share(c.text for c in chunks)
             profile = {"cjk_share": round(share, 4), "main": language_of(share)}
             return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
@@ -201,7 +206,6 @@ def _write_faiss(directory: Path, vectors: np.ndarray) -> None:
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     faiss.write_index(index, str(directory / "index.faiss"))
-    _fsync(directory / "index.faiss")
 
 
 def _write_docstore(directory: Path, chunks: list[Chunk]) -> None:
@@ -213,7 +217,6 @@ def _write_docstore(directory: Path, chunks: list[Chunk]) -> None:
                        [(i, c.text, c.source, json.dumps(c.metadata, ensure_ascii=False, default=str))
                         for i, c in enumerate(chunks)])
     db.close()
-    _fsync(path)
 
 
 def _rename_into_place(base: Path, staging: Path, name: str, dimension: int, count: int, model: str,

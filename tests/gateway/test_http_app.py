@@ -135,6 +135,16 @@ def gateway(tmp_path: Path) -> Gateway:
 # --- probes -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["/", "/console/console.js", "/console/console.css"])
+def test_the_console_allows_only_its_own_origin_and_no_framing(gateway: Gateway, path: str) -> None:
+    response = gateway.client.get(path)
+    assert response.status_code == 200
+    policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+    assert policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'self'"
+    assert policy["script-src"] == "'self'" and "unsafe" not in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY" and response.headers["x-content-type-options"] == "nosniff"
+
+
 def test_health_needs_no_key(gateway: Gateway) -> None:
     response = gateway.client.get("/health")
     assert response.status_code == 200 and response.json()["status"] == "alive"

@@ -290,3 +290,28 @@ def test_concurrent_publishes_get_distinct_versions(tmp_path: Path, vectors: np.
     for version, fingerprint in by_version.items():
         assert Manifest.read(tmp_path / "kb" / f"v{version}").fingerprint == fingerprint
     assert sorted(p.name for p in (tmp_path / "kb").iterdir() if p.name != ".publish.lock") == ["v1", "v2", "v3", "v4"]
+
+
+def test_every_file_of_a_version_reaches_the_disk_before_its_rename(tmp_path: Path, vectors: np.ndarray,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import rag.index
+    from rag.lexical import DATA_FILE, VOCAB_FILE
+
+    synced: list[str] = []
+    real_fsync, real_rename = rag.index._fsync, os.rename
+
+    def fsync(path: Path) -> None:
+        synced.append(Path(path).name)
+        real_fsync(path)
+
+    def rename(source: Path, target: Path) -> None:
+        synced.append(f"renamed {Path(target).name}")
+        real_rename(source, target)
+
+    monkeypatch.setattr(rag.index, "_fsync", fsync)
+    monkeypatch.setattr(rag.index.os, "rename", rename)
+    publish(tmp_path, vectors)
+    renamed = synced.index("renamed v1")
+    assert {"index.faiss", "docstore.sqlite", DATA_FILE, VOCAB_FILE, "manifest.json"} <= set(synced[:renamed])
