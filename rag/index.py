@@ -113,7 +113,7 @@ def resolve_version(kb_root: Path, name: str, version: int | Literal["latest"]) 
     check_kb_name(name)
     versions = list_versions(kb_root, name)
     if not versions:
-        raise KnowledgeBaseNotFoundError(f"knowledge base {name!r} has no index under {kb_root}; ingest it first")
+        raise KnowledgeBaseNotFoundError(f"knowledge base {name!r} has no index yet; ingest it first")
     if version == "latest":
         return versions[-1]
     if version not in versions:

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 JobState = Literal["queued", "running", "done", "failed"]
+
+
+# The spool and trash folders a build works in: internal names a client has no use for.
+_WORK_FOLDER = re.compile(r"\.(?:incoming|deleted)-[^/\s]*/")
+
+
+def without_server_paths(text: str, kb_root: Path) -> str:
+    """`text` with every path under `kb_root` made relative to it and the build's work folders dropped, so
+    a job view or a 4xx message names the knowledge base's file, never where the server keeps it."""
+    for prefix in sorted({str(kb_root), str(kb_root.resolve())}, key=len, reverse=True):
+        text = text.replace(prefix.rstrip(os.sep) + os.sep, "")
+    return _WORK_FOLDER.sub("", text)
 
 
 @dataclass

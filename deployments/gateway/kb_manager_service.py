@@ -28,7 +28,7 @@ from rag.errors import (
 )
 from rag.index import Manifest, list_versions, version_directory
 from rag.kb_build import Changes, Embed, update_knowledge_base
-from rag.kb_jobs import Job, JobBoard
+from rag.kb_jobs import Job, JobBoard, without_server_paths
 from rag.language import choose_mode
 
 logger = logging.getLogger("rag.knowledge_bases")
@@ -157,7 +157,11 @@ class KnowledgeBaseService:
                     await asyncio.to_thread(self._after_publish, root, kb, self.settings.keep_versions,
                                             config.retrieval.lease_ttl_s)
             except Exception as exc:
-                job.state, job.error, job.exception = "failed", str(exc), exc
+                # The client sees the library's own words without server paths; anything else (an OSError,
+                # a bug) only as a 500 that points to the log, where the whole error is.
+                public = (type(exc)(without_server_paths(str(exc), root)) if isinstance(exc, RagError)
+                          else RagError(f"the build failed inside the service; the manager's log has job {job.id}"))
+                job.state, job.error, job.exception = "failed", str(public), public
                 job.status = status_for(exc) if isinstance(exc, RagError) else 500
                 logger.warning("event=KB_JOB_FAILED job=%s kb=%s kind=%s error=%r", job.id, kb, job.kind, exc)
             else:

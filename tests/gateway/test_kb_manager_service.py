@@ -74,16 +74,40 @@ def test_upload_then_list_and_download_the_original(tmp_path: Path) -> None:
 def test_a_failed_job_raises_its_error_to_the_waiter_and_reports_it_when_polled(tmp_path: Path) -> None:
     service, _ = _service(tmp_path)
 
-    async def scenario() -> str:
+    async def scenario() -> tuple[str, str]:
         await service.create("docs", "", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add={"bad.pdf": b"not a pdf"}), None, ["v1"])
-        with pytest.raises(UnsupportedDocumentError):
+        with pytest.raises(UnsupportedDocumentError) as raised:
             await service.wait(job, 30)
-        return job
+        return job, str(raised.value)
 
-    job = run(scenario())
+    job, raised = run(scenario())
     view = service.job(job)
     assert view["state"] == "failed" and view["status"] == 400 and "bad.pdf" in view["error"]
+    for message in (view["error"], raised):  # the file's name, never where the server keeps it
+        assert str(tmp_path) not in message and ".incoming" not in message and not message.startswith("/"), message
+
+
+def test_a_job_that_fails_inside_the_service_is_a_500_that_points_to_the_log(tmp_path: Path) -> None:
+    class BrokenDisk(FakeStages):
+        def embedder(self, version: str) -> Any:
+            def embed(texts: list[str]) -> np.ndarray:
+                raise OSError(28, "No space left on device", str(tmp_path / "docs" / "secret-layout"))
+            return embed
+
+    service = KnowledgeBaseService(KnowledgeBaseSettings(), BrokenDisk({"v1": _config(tmp_path)}))
+
+    async def scenario() -> str:
+        await service.create("docs", "", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
+        with pytest.raises(Exception, match="log has job") as raised:
+            await service.wait(job, 30)
+        assert str(tmp_path) not in str(raised.value)
+        return job
+
+    view = service.job(run(scenario()))
+    assert view["state"] == "failed" and view["status"] == 500
+    assert str(tmp_path) not in view["error"] and "No space" not in view["error"], view["error"]
 
 
 def test_embeds_through_the_heaviest_serving_version_with_the_kbs_model(tmp_path: Path) -> None:
