@@ -11,10 +11,12 @@ handles and the serving versions come in as parameters, so a fake stands in for 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from deployments.gateway.answer_service import VersionHandles
+from deployments.gateway.expiring import Expiring
 from rag.api import EmbeddingRequest, embedding_response
 from rag.errors import (
     InvalidRequestError,
@@ -33,11 +35,11 @@ SLICE = 64
 
 class EmbeddingsService:
     def __init__(self, handles: VersionHandles, serving_versions: Callable[[], list[str]],
-                 hop_timeout_s: float = 30.0) -> None:
+                 hop_timeout_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._handles = handles
         self._serving_versions = serving_versions
         self._hop_timeout_s = hop_timeout_s
-        self._described: dict[str, dict[str, Any]] = {}
+        self._described: Expiring[dict[str, Any]] = Expiring(clock=clock)  # each version's model and dimension
 
     async def create(self, body: EmbeddingRequest) -> dict[str, Any]:
         handle, info = await self._choose(body.model)
@@ -86,6 +88,4 @@ class EmbeddingsService:
 
     async def _embedder(self, version: str) -> tuple[Any, dict[str, Any]]:
         handle = await self._handles.embedder(version)
-        if version not in self._described:
-            self._described[version] = await self._hop(handle.describe.remote())
-        return handle, self._described[version]
+        return handle, await self._described.get(version, lambda: self._hop(handle.describe.remote()))

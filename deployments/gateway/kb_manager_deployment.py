@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from deployments.gateway.expiring import Expiring
 from deployments.gateway.kb_manager_service import KnowledgeBaseService
 from deployments.gateway.serve_handles import ServeHandles
 from deployments.stages.replica_lifecycle import ReplicaLifecycle
@@ -22,17 +23,20 @@ EMBED_TIMEOUT_S = 300.0  # one batch of a few hundred chunks on a busy CPU; a we
 
 
 class ServeStages:
-    """Each version's config (asked once from its Pipeline) and its Embedder, through Serve handles."""
+    """Each version's config (asked from its Pipeline, trusted for a few seconds) and its Embedder, through
+    Serve handles."""
 
     def __init__(self, handles: ServeHandles) -> None:
         self._handles = handles
-        self._configs: dict[str, PipelineConfig] = {}
+        # Not by name for ever: a version redeployed under its old name with another embedding model must
+        # not have its index built with one model and labelled with the other.
+        self._configs: Expiring[PipelineConfig] = Expiring()
 
     async def config(self, version: str) -> PipelineConfig:
-        if version not in self._configs:
+        async def ask() -> PipelineConfig:
             handle = await self._handles.get(version)
-            self._configs[version] = PipelineConfig.model_validate(await handle.describe.remote())
-        return self._configs[version]
+            return PipelineConfig.model_validate(await handle.describe.remote())
+        return await self._configs.get(version, ask)
 
     def embedder(self, version: str) -> Embed:
         handle = self._handles.embedder_blocking(version)

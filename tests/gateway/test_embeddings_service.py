@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from deployments.gateway.embeddings_service import FEW, SLICE, EmbeddingsService
+from deployments.gateway.expiring import TRUSTED_S
 from rag.api import EMBEDDING_INPUTS, EmbeddingRequest
 from rag.errors import (
     InvalidRequestError,
@@ -237,3 +238,18 @@ def test_a_full_embedder_queue_is_a_503_to_retry_and_other_failures_pass_through
     handles.embedders["v1"].fail_with = RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
         create(svc, input=[f"t{i}" for i in range(2 * SLICE)], model="bge-m3")
+
+
+def test_a_version_redeployed_with_another_model_is_described_again_after_a_while() -> None:
+    now = [0.0]
+    handles = FakeHandles(v2=("bge-m3", {}))
+    svc = EmbeddingsService(handles, lambda: ["v2"], clock=lambda: now[0])
+    assert create(svc, input="hello", model="bge-m3")["model"] == "bge-m3"
+    handles.embedders["v2"].model = "bge-small"  # v2 rolled back, then redeployed with another model
+    now[0] += TRUSTED_S / 2
+    create(svc, input="hello", model="bge-m3")  # still trusted for a moment
+    now[0] += TRUSTED_S
+    with pytest.raises(KnowledgeBaseNotFoundError):
+        create(svc, input="hello", model="bge-m3")
+    assert create(svc, input="hello", model="bge-small")["model"] == "bge-small"
+    assert handles.embedders["v2"].described == 2
