@@ -55,6 +55,22 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def _gated(stages: FakeStages) -> threading.Event:
+    """Make every embedding wait until the returned event is set (a build that holds its KB's lock)."""
+    gate = threading.Event()
+
+    def gated_embedder(version: str) -> Any:
+        inner = FakeStages.embedder(stages, version)
+
+        def embed(texts: list[str]) -> np.ndarray:
+            gate.wait(30)
+            return inner(texts)
+        return embed
+
+    stages.embedder = gated_embedder  # type: ignore[method-assign]
+    return gate
+
+
 def test_upload_then_list_and_download_the_original(tmp_path: Path) -> None:
     service, _ = _service(tmp_path)
 
@@ -154,17 +170,7 @@ def test_refusals_are_typed_and_change_nothing(tmp_path: Path, call: Any, error:
 
 def test_a_job_not_finished_in_time_is_returned_running_with_progress(tmp_path: Path) -> None:
     service, stages = _service(tmp_path)
-    slow_gate = threading.Event()
-
-    def slow_embedder(version: str) -> Any:
-        inner = FakeStages.embedder(stages, version)
-
-        def embed(texts: list[str]) -> np.ndarray:
-            slow_gate.wait(30)
-            return inner(texts)
-        return embed
-
-    stages.embedder = slow_embedder  # type: ignore[method-assign]
+    slow_gate = _gated(stages)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
         await service.create("docs", "", None, ["v1"])
@@ -196,17 +202,7 @@ def test_listing_says_each_kbs_language_and_retrieval_mode(tmp_path: Path) -> No
 
 def test_a_job_queued_before_a_delete_does_not_bring_the_knowledge_base_back(tmp_path: Path) -> None:
     service, stages = _service(tmp_path)  # v1 serves `samples` only: `docs` may be deleted
-    gate = threading.Event()
-
-    def gated(version: str) -> Any:
-        inner = FakeStages.embedder(stages, version)
-
-        def embed(texts: list[str]) -> np.ndarray:
-            gate.wait(30)
-            return inner(texts)
-        return embed
-
-    stages.embedder = gated  # type: ignore[method-assign]
+    gate = _gated(stages)
 
     async def scenario() -> tuple[dict[str, Any], str]:
         await service.create("docs", "", None, ["v1"])
