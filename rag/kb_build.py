@@ -34,6 +34,7 @@ from rag.index import Chunk, ExtraWriter, Manifest, clean_staging, list_versions
 Progress = Callable[[str, int, int], None]
 Embed = Callable[[list[str]], np.ndarray]
 Source = Path | bytes  # a file to read, or bytes received over HTTP
+INCOMING_PREFIX = ".incoming-"  # where a build stages the files it was given
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,13 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
     """Apply `changes` and publish the next version (or nothing, when nothing changed)."""
     with kb_store.writer(kb_root, kb):
         removed = len(clean_staging(kb_root, kb))
+        # This KB's one writer is us: an incoming folder left here is a killed build's, used by nothing.
+        for stale in kb_store.kb_directory(kb_root, kb).glob(f"{INCOMING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        kb_store.remove_trash(kb_root)
         previous = _load_previous(kb_root, kb, config, changes.full)
         files = _file_set(kb_root, kb, previous.manifest, changes)
-        incoming = kb_store.kb_directory(kb_root, kb) / f".incoming-{uuid.uuid4().hex}"
+        incoming = kb_store.kb_directory(kb_root, kb) / f"{INCOMING_PREFIX}{uuid.uuid4().hex}"
         try:
             staged = _stage(incoming, changes.add, max_file_bytes)
             todo = _to_process(files, staged, previous.manifest, changes, splitter or config.splitter)

@@ -136,13 +136,28 @@ def ensure_meta(kb_root: Path, kb: str, embed_model: str) -> None:
                                                                       indent=2).encode())
 
 
+_TRASH_PREFIX = ".deleted-"
+
+
 def delete(kb_root: Path, kb: str) -> None:
     """Remove a KB at once for readers (one rename out of the namespace), then its files."""
     base = require(kb_root, kb)
     with writer(kb_root, kb):
-        trash = Path(kb_root) / f".deleted-{kb}-{uuid.uuid4().hex[:8]}"
+        trash = Path(kb_root) / f"{_TRASH_PREFIX}{kb}-{uuid.uuid4().hex[:8]}"
         os.rename(base, trash)
     shutil.rmtree(trash, ignore_errors=True)
+    remove_trash(kb_root)
+
+
+def remove_trash(kb_root: Path) -> list[str]:
+    """Remove what deletes left behind when they were killed between their rename and their last file.
+    Nothing reads a trash folder (it left the namespace with its rename): a second remover at the same
+    time is harmless. Returns the names removed."""
+    root = Path(kb_root)
+    trash = [p for p in root.glob(f"{_TRASH_PREFIX}*") if p.is_dir() and not p.is_symlink()] if root.is_dir() else []
+    for path in trash:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in trash if not p.exists()]
 
 
 def read_original(kb_root: Path, kb: str, name: str) -> bytes:

@@ -181,3 +181,23 @@ def test_kb_store_create_list_delete(tmp_path: Path) -> None:
     assert kb_store.list_names(tmp_path) == ["one"]
     kb_store.delete(tmp_path, "one")
     assert kb_store.list_names(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["not a kb"]
+
+
+def test_what_killed_builds_and_deletes_left_behind_goes_with_the_next_build(tmp_path: Path) -> None:
+    from rag import kb_store
+
+    embed = CountingEmbedder()
+    _update(tmp_path, embed, add={"a.md": _doc("alpha")})
+    dead_build = tmp_path / "kb" / ".incoming-0123abcd"
+    (dead_build / "sub").mkdir(parents=True)
+    (dead_build / "sub" / "b.md").write_bytes(_doc("beta"))
+    dead_delete = tmp_path / ".deleted-old-1a2b3c4d"
+    (dead_delete / "v1").mkdir(parents=True)
+    (dead_delete / "v1" / "index.faiss").write_bytes(b"x")
+    _update(tmp_path, embed, add={"c.md": _doc("gamma")})
+    assert not dead_build.exists() and not dead_delete.exists()
+    assert kb_store.read_original(tmp_path, "kb", "a.md") == _doc("alpha")
+    assert [p.name for p in (tmp_path / "kb").iterdir() if p.name.startswith(".incoming")] == []
+    (dead_delete / "v1").mkdir(parents=True)
+    kb_store.delete(tmp_path, "kb")  # a delete clears older trash too
+    assert not dead_delete.exists() and list(tmp_path.iterdir()) == []
