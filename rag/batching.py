@@ -18,6 +18,7 @@ import asyncio
 import copy
 import itertools
 import math
+import queue
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class BatchedDecoding:
         if not self.alive:
             raise ServiceUnavailableError("the batched decoder is not running")
         request_id = f"rag-{next(self._ids)}"
+        self._drop_orphans(manager)  # what reached the shared queue after an earlier stream was forgotten
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         manager.register_result_handler(request_id, outputs.put_nowait)
         # One timer per stream puts a marker in the queue at the deadline: cheaper than a timeout per token.
@@ -180,14 +182,33 @@ class BatchedDecoding:
             if not finished:
                 manager.cancel_request(request_id)
                 self._forget(manager, request_id)
+            self._drop_orphans(manager)
 
-    @staticmethod
-    def _forget(manager: Any, request_id: str) -> None:
+    @classmethod
+    def _forget(cls, manager: Any, request_id: str) -> None:
         # A cancelled request gets no final output, so the library never drops its handler itself. The
         # manager is the stream's own: `close()` may have dropped this object's reference meanwhile.
         router = manager.output_router
         with router._lock:
             router.result_handlers.pop(request_id, None)
+        cls._drop_orphans(manager)
+
+    @staticmethod
+    def _drop_orphans(manager: Any) -> None:
+        """Every request here has a handler, so what the router puts on its shared queue is a cancelled
+        stream's last step, delivered after its handler was dropped: nothing reads that queue, and each
+        cancel would otherwise keep one step's output (all its tokens so far) for the replica's life.
+        Drained whenever a stream starts or ends, so what lands late goes with the next one."""
+        orphans = manager.output_router.output_queue
+        while True:
+            try:
+                orphans.get_nowait()
+            except queue.Empty:
+                return
+
+    def orphaned(self) -> int:
+        """Outputs on the router's shared queue, kept by nobody (0 once drained)."""
+        return 0 if self._manager is None else self._manager.output_router.output_queue.qsize()
 
     def in_batch(self) -> int:
         """Requests the scheduler holds (decoding or waiting to join)."""

@@ -74,18 +74,25 @@ def test_cancelling_one_stream_leaves_the_others_intact(llm: TransformersGenerat
     alone = _solo(llm, requests)
 
     async def scenario() -> list[str]:
-        async def quitter() -> None:
-            stream = llm.stream(_request(QUESTIONS[4], max_new_tokens=LONG))
-            async for chunk in stream:
-                if chunk.text:
-                    break
-            await stream.aclose()  # type: ignore[attr-defined]
-
-        results = await asyncio.gather(quitter(), *(_collect(llm, r) for r in requests))
+        results = await asyncio.gather(quit_early(llm, QUESTIONS[4]), *(_collect(llm, r) for r in requests))
         return [_text(chunks) for chunks in results[1:]]
 
     assert asyncio.run(scenario()) == alone
     assert llm._decoding is not None and llm._decoding.pending() == 0
+    # Nothing of the cancelled stream stays behind: its steps after the cancel are dropped, at the latest
+    # when the next stream starts.
+    for _ in range(3):
+        asyncio.run(quit_early(llm, QUESTIONS[4]))
+        assert asyncio.run(_collect(llm, _request(QUESTIONS[0], max_new_tokens=4)))
+        assert llm._decoding.orphaned() == 0 and llm._decoding.pending() == 0
+
+
+async def quit_early(llm: TransformersGenerator, question: str) -> None:
+    stream = llm.stream(_request(question, max_new_tokens=LONG))
+    async for chunk in stream:
+        if chunk.text:
+            break
+    await stream.aclose()  # type: ignore[attr-defined]
 
 
 def test_a_member_that_fails_does_not_fail_the_others(llm: TransformersGenerator) -> None:
