@@ -287,6 +287,8 @@ class LimitsConfig(_Strict):
     max_tokens: int = Field(4096, ge=1, le=4096)
     max_top_k: int = Field(50, ge=1, le=50)
     validation_errors_shown: int = Field(3, ge=1, le=20, description="a 422 names this many problems, then counts")
+    # The gateway's own clock, not the client's: Serve's proxy lets a client set its request's timeout.
+    body_timeout_s: float = Field(10.0, gt=0, le=600, description="408 when a body has not arrived by then")
 
 
 class KnowledgeBaseSettings(_Strict):
@@ -296,6 +298,7 @@ class KnowledgeBaseSettings(_Strict):
     pipeline version (its `retrieval.kb_root`, `splitter`, `embedding`), the same settings queries use."""
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 ** 3, description="one upload_docs body")
+    upload_timeout_s: float = Field(300.0, gt=0, le=3600, description="408 when an upload has not arrived by then")
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 ** 3, description="one uploaded file")
     max_files: int = Field(200, ge=1, le=10_000, description="files in one upload_docs request")
     wait_s: float = Field(120.0, gt=0, le=600, description="an upload with wait=true answers by then; "

@@ -39,6 +39,10 @@ class RequestTooLargeError(InvalidRequestError):
     """A request body over the gateway's size limit."""
 
 
+class BodyTimeoutError(InvalidRequestError):
+    """A request body that did not arrive within the gateway's deadline for it (408)."""
+
+
 class OverloadedError(ServiceUnavailableError):
     """A stage's queue is full: the caller should retry later rather than wait."""
 

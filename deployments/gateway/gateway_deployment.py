@@ -39,8 +39,10 @@ def _guard_settings(config: GatewayConfig) -> GuardSettings:
     else:
         keys = ApiKeys(config.api_key_path)
         logger.info("event=AUTH mode=api_key file=%s", config.api_key_path)
-    uploads = {"/knowledge_base/upload_docs": max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes)}
-    return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown, uploads)
+    upload = "/knowledge_base/upload_docs"
+    uploads = {upload: max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes)}
+    return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown, uploads,
+                         config.limits.body_timeout_s, {upload: config.knowledge_base.upload_timeout_s})
 
 
 @serve.deployment(name="Gateway")

@@ -1,5 +1,6 @@
-"""The gateway's door: a request id on every request, the API key, and the body size, all checked before
-FastAPI parses anything, so an unauthenticated or oversized body costs no parsing at all.
+"""The gateway's door: a request id on every request, the API key, and the body (its size, and its
+deadline), all checked before FastAPI parses anything, so an unauthenticated, oversized or never-ending
+body costs no parsing and holds no slot for long. Open routes (probes, the console's files) read no body.
 
 A plain ASGI middleware (not a FastAPI dependency): FastAPI reads and parses the body before any
 dependency runs, and the body-size limit must come first.
@@ -7,6 +8,7 @@ dependency runs, and the body-size limit must come first.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -16,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rag.auth import ApiKeys
-from rag.errors import AuthenticationError, InvalidRequestError, RagError, RequestTooLargeError
+from rag.errors import AuthenticationError, BodyTimeoutError, InvalidRequestError, RagError, RequestTooLargeError
 
 REQUEST_ID_HEADER = "x-request-id"
 # Probes carry only a status word, and the console's page and assets are public files (the page asks for
@@ -36,11 +38,16 @@ class GuardSettings:
     keys: ApiKeys | None  # None: this gateway was explicitly configured to run without keys
     max_body_bytes: int
     errors_shown: int  # problems a 422 names before it only counts them
-    # Routes that take documents (multipart uploads) may carry more than a question does.
+    # Routes that take documents (multipart uploads) may carry more than a question does, and take longer.
     body_bytes_by_path: Mapping[str, int] = field(default_factory=dict)
+    body_timeout_s: float = 10.0
+    body_timeout_by_path: Mapping[str, float] = field(default_factory=dict)
 
     def body_limit(self, path: str) -> int:
         return self.body_bytes_by_path.get(path, self.max_body_bytes)
+
+    def body_deadline(self, path: str) -> float:
+        return self.body_timeout_by_path.get(path, self.body_timeout_s)
 
 
 class HttpGuard:
@@ -64,13 +71,21 @@ class HttpGuard:
         scope.setdefault("state", {})["request_id"] = request_id
         if not given:
             send = _with_request_id(send, request_id)
-        settings = self.settings
-        if not is_open(scope["path"]) and settings.keys is not None \
-                and not settings.keys.accepts(_header(scope, b"authorization")):
-            await self.refuse(AuthenticationError("a valid API key is required: send 'Authorization: Bearer "
-                                                  "<key>'"), request_id, scope["path"])(scope, receive, send)
+        settings, path = self.settings, scope["path"]
+        if is_open(path):
+            # Open routes take no body, so none is read: waiting for one a client never sends would hold
+            # one of the gateway's request slots for nothing (80 such requests starved keyed chats).
+            await self.app(scope, _replay(b"", receive), send)
             return
-        body, refusal = await _read_body(scope, receive, settings.body_limit(scope["path"]))
+        if settings.keys is not None and not settings.keys.accepts(_header(scope, b"authorization")):
+            await self.refuse(AuthenticationError("a valid API key is required: send 'Authorization: Bearer "
+                                                  "<key>'"), request_id, path)(scope, receive, send)
+            return
+        deadline = settings.body_deadline(path)
+        try:
+            body, refusal = await asyncio.wait_for(_read_body(scope, receive, settings.body_limit(path)), deadline)
+        except TimeoutError:
+            body, refusal = b"", BodyTimeoutError(f"the request body did not arrive within {deadline:g}s")
         if refusal:
             await self.refuse(refusal, request_id, scope["path"])(scope, receive, send)
             return

@@ -7,6 +7,7 @@ from typing import Any
 from rag.api import ErrorBody
 from rag.errors import (
     AuthenticationError,
+    BodyTimeoutError,
     ConflictError,
     IndexMismatchError,
     InvalidRequestError,
@@ -22,6 +23,7 @@ from rag.errors import (
 STATUS_BY_ERROR: dict[type[RagError], int] = {
     AuthenticationError: 401,
     RequestTooLargeError: 413,
+    BodyTimeoutError: 408,
     InvalidRequestError: 400,
     UnsupportedDocumentError: 400,
     KnowledgeBaseNotFoundError: 404,  # DocumentNotFoundError included

@@ -18,20 +18,28 @@ from rag.auth import ApiKeys, create_key_file, read_client_key
 from rag.errors import IndexMismatchError, OverloadedError, UpstreamTimeoutError
 
 
-@pytest.fixture
-def guarded(tmp_path: Path) -> tuple[TestClient, str]:
-    create_key_file(tmp_path / "key")
-    settings = GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=1024, errors_shown=3)
+def _app() -> FastAPI:
+    """Behind the guard: routes that read their whole body (`/echo`, `/upload`) and a probe."""
     app = FastAPI()
 
-    @app.post("/echo")
     async def echo(request: Request) -> dict[str, int]:
         return {"bytes": len(await request.body())}
+
+    app.post("/echo")(echo)
+    app.post("/upload")(echo)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "alive"}
 
+    return app
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> tuple[TestClient, str]:
+    create_key_file(tmp_path / "key")
+    settings = GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=1024, errors_shown=3)
+    app = _app()
     app.add_middleware(HttpGuard, settings=settings, refuse=error_response)
     return TestClient(app), read_client_key(tmp_path / "key")
 
@@ -83,3 +91,54 @@ def test_full_queue_and_slow_hop_become_503_and_504_with_retry_after() -> None:
     for error, status in ((OverloadedError("x"), 503), (UpstreamTimeoutError("x"), 504)):
         response = error_response(error, "req-2")
         assert response.status_code == status and response.headers["retry-after"] == "1"
+
+
+def _asgi_call(guard: HttpGuard, path: str, headers: dict[str, str]) -> tuple[int, bytes, float]:
+    """One request whose client sends its headers (a Content-Length included) and then never the body."""
+    async def never_sends() -> dict[str, object]:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST" if path != "/health" else "GET", "path": path, "query_string": b"",
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()], "root_path": "",
+             "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5555)}
+
+    async def run() -> float:
+        began = asyncio.get_running_loop().time()
+        await asyncio.wait_for(guard(scope, never_sends, send), 5)
+        return asyncio.get_running_loop().time() - began
+
+    took = asyncio.run(run())
+    status = next(int(m["status"]) for m in sent if m["type"] == "http.response.start")  # type: ignore[call-overload]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")  # type: ignore[misc]
+    return status, body, took
+
+
+def _body_guard(tmp_path: Path) -> tuple[HttpGuard, str]:
+    create_key_file(tmp_path / "key")
+    settings = GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=4096, errors_shown=3, body_timeout_s=0.3,
+                             body_timeout_by_path={"/upload": 1.0})
+    return HttpGuard(_app(), settings, error_response), read_client_key(tmp_path / "key")
+
+
+def test_an_open_route_answers_without_waiting_for_a_body_that_never_comes(tmp_path: Path) -> None:
+    guard, _ = _body_guard(tmp_path)
+    status, body, took = _asgi_call(guard, "/health", {"content-length": "1000"})
+    assert status == 200 and b"alive" in body and took < 0.3
+
+
+def test_a_keyed_body_that_never_arrives_is_a_408_at_the_gateways_deadline(tmp_path: Path) -> None:
+    guard, key = _body_guard(tmp_path)
+    auth = {"authorization": f"Bearer {key}", "content-length": "100", "x-request-timeout-seconds": "3600"}
+    status, body, took = _asgi_call(guard, "/echo", auth)
+    assert status == 408 and b"did not arrive within 0.3s" in body and 0.25 < took < 1.0
+    status, body, took = _asgi_call(guard, "/upload", auth)  # uploads get their own, longer deadline
+    assert status == 408 and b"within 1s" in body and 0.9 < took < 2.0
+    # without the key, no body is waited for at all
+    status, _, took = _asgi_call(guard, "/echo", {"content-length": "100"})
+    assert status == 401 and took < 0.25
