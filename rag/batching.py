@@ -184,14 +184,13 @@ class BatchedDecoding:
                 self._forget(manager, request_id)
             self._drop_orphans(manager)
 
-    @classmethod
-    def _forget(cls, manager: Any, request_id: str) -> None:
+    @staticmethod
+    def _forget(manager: Any, request_id: str) -> None:
         # A cancelled request gets no final output, so the library never drops its handler itself. The
         # manager is the stream's own: `close()` may have dropped this object's reference meanwhile.
         router = manager.output_router
         with router._lock:
             router.result_handlers.pop(request_id, None)
-        cls._drop_orphans(manager)
 
     @staticmethod
     def _drop_orphans(manager: Any) -> None:

@@ -87,7 +87,7 @@ class HttpGuard:
         except TimeoutError:
             body, refusal = b"", BodyTimeoutError(f"the request body did not arrive within {deadline:g}s")
         if refusal:
-            await self.refuse(refusal, request_id, scope["path"])(scope, receive, send)
+            await self.refuse(refusal, request_id, path)(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 
