@@ -27,8 +27,11 @@ pytestmark = pytest.mark.cluster
 WORKER, HEAD = "worker_node", "node:__internal_head__"
 PLACEMENT = {"Retriever": WORKER, "Generator": WORKER, "Embedder": HEAD, "Pipeline": HEAD}
 CPUS = {"Pipeline": 0.05, "Embedder": 0.2, "Retriever": 0.1, "Generator": 0.15}
+# This module is about placement and nothing cut across nodes; the latency rule has its unit tests. A
+# canary's first few answers on two nodes sharing 2 cores took up to 1.4 s in CI (stable 0.15 s): a p90
+# difference counts only above 3 s here.
 ROLLOUT = {"steps": [50, 100], "interval_s": 4, "min_requests": 5, "max_wait_intervals": 3,
-           "drain_timeout_s": 60, "ttft_slack_s": 1.0}
+           "drain_timeout_s": 60, "ttft_slack_s": 3.0}
 
 
 @dataclass
