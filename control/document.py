@@ -127,6 +127,21 @@ class ServeDocument:
             deployment["user_config"] = {}
         deployment["user_config"]["weights"] = {k: _number(v) for k, v in weights.items()}
 
+    @property
+    def shadow(self) -> str | None:
+        value = (self._gateway_deployment().get("user_config") or {}).get("shadow")
+        return str(value) if value else None
+
+    def set_shadow(self, version: str | None) -> None:
+        """The version the gateway copies answered requests to (None: no copies)."""
+        deployment = self._gateway_deployment()
+        if deployment.get("user_config") is None:
+            deployment["user_config"] = {}
+        if version:
+            deployment["user_config"]["shadow"] = version
+        else:
+            deployment["user_config"].pop("shadow", None)
+
     def stable_version(self, excluding: str) -> str:
         candidates = {v: w for v, w in self.weights.items() if v != excluding and w > 0 and v in self.versions}
         if not candidates:
@@ -157,6 +172,19 @@ class ServeDocument:
         if pins:
             _set_dotted(args, "retrieval.knowledge_bases", {**config.retrieval.knowledge_bases, **pins})
         return pins
+
+    def follow_latest_like(self, name: str, other: str) -> list[str]:
+        """Set version `name` to follow `latest` for every knowledge base that version `other` follows
+        (after a promotion: the pin that let the rollout compare like with like has done its job).
+        Returns the knowledge bases changed."""
+        args = self.versions[name].setdefault("args", {})
+        mine = validate(PipelineConfig, _plain(args), f"args of version {name!r}").retrieval.knowledge_bases
+        theirs = validate(PipelineConfig, _plain(self.versions[other].get("args")),
+                          f"args of version {other!r}").retrieval.knowledge_bases
+        changed = sorted(kb for kb, v in mine.items() if v != "latest" and theirs.get(kb) == "latest")
+        if changed:
+            _set_dotted(args, "retrieval.knowledge_bases", {**mine, **dict.fromkeys(changed, "latest")})
+        return changed
 
     def remove_version(self, name: str) -> None:
         self.data["applications"] = [a for a in self.data["applications"] if a.get("name") != name]

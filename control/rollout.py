@@ -1,6 +1,7 @@
 """Drives a rollout on a running cluster: check that the new version fits, add it at weight 0, wait until
-it serves, shift traffic step by step while comparing it with the stable version, then promote, or put
-everything back as it was.
+it serves, copy users' answered questions to it and compare its answers with the stable version's
+(the shadow stage: no user sees it), shift traffic step by step while comparing it with the stable version
+(live requests and copies), then promote, or put everything back as it was.
 
 It never strands the service:
 - the state, with the config as it was, is written before the first change, under a lock that refuses a
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from control.document import ServeDocument, write_atomically
-from control.judge import Verdict, judge
+from control.judge import Verdict, judge, judge_shadow
 from control.preflight import check_usage, deployment_replicas
 from rag.config import RolloutConfig
 from rag.errors import InvalidRequestError
@@ -59,14 +60,15 @@ class RolloutState:
     stable: str
     before: str  # the config file's text before the first change: what a rollback restores
     target: str = ""  # the config that adds the new version at weight 0
-    phase: str = "starting"  # starting | stepping | promoting | done
+    phase: str = "starting"  # starting | shadowing | stepping | promoting | done
+    shadow: bool = True  # a shadow stage first, and copies to the candidate during the steps
     step: int = 0
     status: str = "running"  # running | held | promoted | rolled_back | aborted
     reason: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-PHASES = ("starting", "stepping", "promoting", "done")
+PHASES = ("starting", "shadowing", "stepping", "promoting", "done")
 STATUSES = (*ACTIVE, "promoted", "rolled_back", "aborted")
 
 
@@ -86,8 +88,9 @@ def parse_state(raw: bytes, path: Path) -> RolloutState:
     missing = sorted(k for k in ("new", "stable", "before") if k not in data)
     if unknown or missing:
         raise refuse(f"unknown fields {unknown}" if unknown else f"missing {missing}")
-    types = {"step": int, "history": list}  # every other field is a string
-    wrong = sorted(k for k, v in data.items() if not isinstance(v, types.get(k, str)) or isinstance(v, bool))
+    types: dict[str, type] = {"step": int, "history": list, "shadow": bool}  # every other field is a string
+    wrong = sorted(k for k, v in data.items() if not isinstance(v, types.get(k, str))
+                   or (isinstance(v, bool) and types.get(k) is not bool))
     if wrong:
         raise refuse(f"wrong types for {wrong}")
     if data.get("phase", "starting") not in PHASES or data.get("status", "running") not in STATUSES:
@@ -107,7 +110,7 @@ class Rollout:
 
     # -- commands ---------------------------------------------------------------------------------
     def start(self, new: str, copy_of: str | None = None, overrides: dict[str, Any] | None = None,
-              resume: bool = False) -> str:
+              resume: bool = False, shadow: bool | None = None) -> str:
         """Run the rollout of `new` to its end; returns the final status (promoted, rolled_back, aborted, held)."""
         with self._locked():
             state = self.load_state()
@@ -117,7 +120,7 @@ class Rollout:
             elif state and state.status in ACTIVE:
                 raise InvalidRequestError(f"a rollout of {state.new!r} is {state.status}: resume it or abort it")
             else:
-                state = self._plan(new, copy_of, overrides or {})
+                state = self._plan(new, copy_of, overrides or {}, shadow)
                 if self.dry_run:
                     return "dry_run"
             self.abort_path.unlink(missing_ok=True)
@@ -165,7 +168,7 @@ class Rollout:
                 "agree": not error and file_apps == cluster_apps}
 
     # -- phases -----------------------------------------------------------------------------------
-    def _plan(self, new: str, copy_of: str | None, overrides: dict[str, Any]) -> RolloutState:
+    def _plan(self, new: str, copy_of: str | None, overrides: dict[str, Any], shadow: bool | None) -> RolloutState:
         """Nothing changes here: the target config is built, checked, and checked to fit the cluster."""
         before = self.path.read_text(encoding="utf-8")
         doc = ServeDocument.load(self.path)
@@ -180,7 +183,8 @@ class Rollout:
         doc.set_weights({**doc.weights, new: 0})
         doc.check()
         self._preflight(doc, new)
-        state = RolloutState(new, stable, before, doc.dump())
+        state = RolloutState(new, stable, before, doc.dump(),
+                             shadow=doc.gateway.rollout.shadow.enabled if shadow is None else shadow)
         if self.dry_run:
             self.say(state.target)
         return state
@@ -206,6 +210,10 @@ class Rollout:
             if state.phase == "starting":
                 self._apply(ServeDocument.from_text(state.target), f"add {state.new} at weight 0 beside {state.stable}")
                 self._wait_serving(state.new, cfg)
+                state.phase = "shadowing" if state.shadow else "stepping"
+            if state.phase == "shadowing":
+                if not self._run_shadow(state, cfg):
+                    return state.status
                 state.phase = "stepping"
             if state.phase == "stepping" and not self._run_steps(state, cfg):
                 return state.status
@@ -230,17 +238,54 @@ class Rollout:
             doc.set_weights({**doc.weights, state.new: pct, state.stable: 100 - pct})
             self._apply(doc, f"step {index + 1}/{len(cfg.steps)}: {state.new} {pct:g}%")
             self._save_state(state)
-            verdict = self._observe(state, cfg)
-            state.history.append({"step": index, "percent": pct, "action": verdict.action,
-                                  "reason": verdict.reason, "numbers": verdict.numbers})
-            if verdict.action == "rollback":
-                self._retreat(state, "rolled_back", verdict.reason)
+            if not self._record(state, self._observe(state, cfg), index, pct):
                 return False
-            if verdict.action == "hold":
-                state.status, state.reason = "held", verdict.reason
-                self._save_state(state)
-                self._log("ROLLOUT_HELD", new=state.new, step=index, reason=verdict.reason)
-                return False
+        return True
+
+    def _run_shadow(self, state: RolloutState, cfg: RolloutConfig) -> bool:
+        """Copies of answered questions go to the candidate until `min_pairs` are judged or `max_s` is
+        spent; True when the candidate passed. The copies go on through the steps."""
+        doc = ServeDocument.load(self.path)
+        doc.set_shadow(state.new)
+        self._apply(doc, f"shadow: copy answered questions to {state.new}; users see {state.stable}'s answers")
+        self._save_state(state)
+        began = self.clock()
+        verdict = Verdict("wait", "no pairs yet", rule="evidence")
+        while (elapsed := self.clock() - began) < cfg.shadow.max_s:
+            self._pause(min(cfg.interval_s, cfg.shadow.max_s - elapsed))
+            if state.new not in self.cluster.serving():
+                verdict = Verdict("rollback", f"canary {state.new} stopped serving", rule="serving")
+                break
+            try:
+                # The pairs since the stage began (a second more: the gateways report every half second).
+                stats = self.cluster.stats(self.clock() - began + 1)
+            except Exception as exc:
+                verdict = Verdict("wait", f"stats unreadable ({exc})", rule="evidence")
+            else:
+                verdict = judge_shadow(stats.get(state.new, {}), cfg)
+            self._log("ROLLOUT_SHADOW_CHECK", new=state.new, action=verdict.action, rule=verdict.rule,
+                      reason=verdict.reason)
+            if verdict.action != "wait":
+                break
+        if verdict.action == "wait":
+            verdict = Verdict(cfg.on_inconclusive, f"no shadow judgement after {cfg.shadow.max_s:g}s "
+                                                   f"({verdict.reason}); {cfg.on_inconclusive} rather than promote",
+                              verdict.numbers, verdict.rule)
+        return self._record(state, verdict, "shadow", 0)
+
+    def _record(self, state: RolloutState, verdict: Verdict, stage: str | int, pct: float) -> bool:
+        """Keep the verdict in the history; True when the rollout goes on."""
+        state.history.append({"step": stage, "percent": pct, "action": verdict.action, "rule": verdict.rule,
+                              "reason": verdict.reason, "numbers": verdict.numbers})
+        if verdict.action == "rollback":
+            self._retreat(state, "rolled_back", verdict.reason)
+            return False
+        if verdict.action == "hold":
+            state.status, state.reason = "held", verdict.reason
+            self._save_state(state)
+            self._log("ROLLOUT_HELD", new=state.new, stage=stage, rule=verdict.rule, reason=verdict.reason)
+            return False
+        self._save_state(state)
         return True
 
     def _observe(self, state: RolloutState, cfg: RolloutConfig) -> Verdict:
@@ -248,27 +293,31 @@ class Rollout:
         for waited in range(1, cfg.max_wait_intervals + 1):
             self._pause(cfg.interval_s)
             if state.new not in self.cluster.serving():
-                return Verdict("rollback", f"canary {state.new} stopped serving")
+                return Verdict("rollback", f"canary {state.new} stopped serving", rule="serving")
             try:
                 stats = self.cluster.stats(cfg.interval_s * waited)
             except Exception as exc:
-                verdict = Verdict("wait", f"stats unreadable ({exc})")
+                verdict = Verdict("wait", f"stats unreadable ({exc})", rule="evidence")
             else:
                 verdict = judge(stats.get(state.new, {}), stats.get(state.stable), cfg)
-            self._log("ROLLOUT_CHECK", new=state.new, step=state.step, action=verdict.action, reason=verdict.reason)
+            self._log("ROLLOUT_CHECK", new=state.new, step=state.step, action=verdict.action, rule=verdict.rule,
+                      reason=verdict.reason)
             if verdict.action != "wait":
                 return verdict
         return Verdict(cfg.on_inconclusive, f"no judgement after {cfg.max_wait_intervals} intervals "
                                             f"({verdict.reason}); {cfg.on_inconclusive} rather than promote",
-                       verdict.numbers)
+                       verdict.numbers, verdict.rule)
 
     def _promote(self, state: RolloutState, cfg: RolloutConfig) -> None:
         if state.new not in self.cluster.serving():
             raise RuntimeError(f"canary {state.new} is not serving at promotion")
         doc = ServeDocument.load(self.path)
         doc.set_weights({**doc.weights, state.new: 100, state.stable: 0})
+        doc.set_shadow(None)
         self._apply(doc, f"promote {state.new}: the old version {state.stable} gets no new requests")
         self._wait_idle(state.stable, cfg.drain_timeout_s)
+        if state.stable in doc.versions and (follow := doc.follow_latest_like(state.new, state.stable)):
+            self._log("ROLLOUT_FOLLOW_LATEST", version=state.new, knowledge_bases=follow)
         doc.remove_version(state.stable)
         self._apply(doc, f"remove {state.stable}: Serve drains what it still holds")
         self._finish(state, "promoted", "every step passed")
@@ -281,6 +330,7 @@ class Rollout:
         current = ServeDocument.load(self.path)
         if state.new in current.versions and state.new not in before.versions:
             current.set_weights({**before.weights, state.new: 0})
+            current.set_shadow(None)
             self._apply(current, f"send all traffic back to {state.stable}: {reason}")
             self._wait_idle(state.new, current.gateway.rollout.drain_timeout_s, abortable=False)
         self._apply(before, f"restore the config from before the rollout of {state.new}")

@@ -133,6 +133,9 @@ def check_serve_config(serve_config: dict[str, Any]) -> None:
                     if missing:
                         problems.append(f"Gateway user_config gives traffic to versions that are not deployed: "
                                         f"{missing}; deployed: {sorted(versions)}")
+                    if traffic.shadow and traffic.shadow not in versions:
+                        problems.append(f"Gateway user_config copies answers to version {traffic.shadow!r}, which "
+                                        f"is not deployed; deployed: {sorted(versions)}")
     roots = {str(c.retrieval.kb_root_path) for c in versions.values()}
     if len(roots) > 1:
         problems.append(f"pipeline versions read knowledge bases from different retrieval.kb_root folders "

@@ -233,6 +233,9 @@ class TrafficConfig(_Strict):
     weights: dict[str, float] = Field(default_factory=lambda: {"v1": 100.0})
     # Set by the graceful stop: /ready turns 503 "draining" and new requests are refused with 503.
     draining: bool = False
+    # Set by `rollout start` during its shadow stage and steps: the candidate version that gets a copy
+    # of requests answered by another version (the user sees only the other's answer).
+    shadow: str | None = Field(None, pattern=VERSION_PATTERN)
 
     @field_validator("weights")
     @classmethod
@@ -245,6 +248,26 @@ class TrafficConfig(_Strict):
         if not any(w > 0 for w in value.values()):
             raise ValueError(f"at least one version needs a weight > 0, got {value}")
         return value
+
+
+class ShadowConfig(_Strict):
+    """The shadow stage of a rollout: users' answers copied to the candidate and compared pair by pair
+    (the gateway mirrors within the bounds here; the judge decides by the thresholds). A copy is a
+    sample whatever version a sticky user is routed to, so a few users suffice."""
+
+    enabled: bool = Field(True, description="start every rollout with a shadow stage (`--no-shadow` skips it)")
+    min_pairs: int = Field(20, ge=1, le=100_000, description="compared pairs needed before the stage is judged")
+    max_s: float = Field(180.0, gt=0, le=86_400, description="a stage without min_pairs by then is inconclusive")
+    rate_per_s: float = Field(5.0, gt=0, le=1000, description="copies started per second, per gateway replica")
+    max_in_flight: int = Field(4, ge=1, le=256, description="copies running at once, per gateway replica")
+    max_user_in_flight: int = Field(16, ge=1, le=10_000,
+                                    description="no copies while a gateway replica holds this many user requests")
+    timeout_s: float = Field(60.0, gt=0, le=600, description="a copy's whole answer; later is an error")
+    # Judged per stage on the mean over its pairs. An unchanged version scores 1.0 on all three.
+    min_source_overlap: float = Field(0.8, ge=0, le=1, description="rank-biased overlap of the source files")
+    min_cited_share: float = Field(0.7, ge=0, le=1,
+                                   description="of the sources the stable answer cites, the share the candidate cites")
+    min_answer_similarity: float = Field(0.8, ge=0, le=1, description="cosine of the two answers' embeddings")
 
 
 class RolloutConfig(_Strict):
@@ -264,6 +287,7 @@ class RolloutConfig(_Strict):
     on_inconclusive: Literal["rollback", "hold"] = Field(
         "rollback", description="when a step cannot be judged (no stats, too few answers): roll back, or hold "
         "the weights where they are for an operator to resume or abort; never promote")
+    shadow: ShadowConfig = ShadowConfig()
 
     @field_validator("steps")
     @classmethod

@@ -43,7 +43,19 @@ COLD_START_WAITS = MetricSpec("rag_cold_start_waits_total",
 COLD_START_WAIT_SECONDS = MetricSpec("rag_cold_start_wait_seconds",
                                      "Seconds such a request waited for its answer to start.", ("version",),
                                      _START_BUCKETS)
+_SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SHADOW_COPIES = MetricSpec("rag_shadow_copies_total",
+                           "Questions copied to a rollout's candidate, by candidate version and result (ok, the "
+                           "candidate's error, the stable answer's failure, or why the copy was dropped).",
+                           ("version", "result"))
+SHADOW_SOURCE_OVERLAP = MetricSpec("rag_shadow_source_overlap",
+                                   "Rank-biased overlap of the candidate's and the stable answer's source files.",
+                                   ("version",), _SHARE_BUCKETS)
+SHADOW_ANSWER_SIMILARITY = MetricSpec("rag_shadow_answer_similarity",
+                                      "Cosine similarity of the candidate's and the stable answer's embeddings.",
+                                      ("version",), _SHARE_BUCKETS)
 
 ALL = (REQUESTS_IN_FLIGHT, MODEL_LOAD_SECONDS, VECTOR_SEARCH_MS, SHUTDOWN_GRACE_USED_SECONDS,
        TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS, LIFECYCLE_EVENTS, REPLICA_START_SECONDS,
-       REPLICAS, COLD_START_WAITS, COLD_START_WAIT_SECONDS)
+       REPLICAS, COLD_START_WAITS, COLD_START_WAIT_SECONDS, SHADOW_COPIES, SHADOW_SOURCE_OVERLAP,
+       SHADOW_ANSWER_SIMILARITY)

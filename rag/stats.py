@@ -5,12 +5,14 @@ hand-over (`take_new`) to one `MergedStats`, so the numbers a rollout judges cov
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+
+from rag.quantiles import TTFT_QUANTILES, quantile, ttft_key
+from rag.shadow import Dropped, Pair, ShadowRecord, summarise
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,12 @@ class Outcome:
     ok: bool
     first_token_s: float | None
     cold: bool = False  # it waited for a stage to start from zero replicas: its latency is the cold start's
+    # The version refused the request as the client's fault (its HTTP status): not an error of the version
+    # by itself, but a rollout compares the rate per status with the stable version's.
+    refused: str = ""
+
+
+Record = Outcome | Pair | Dropped
 
 
 class VersionStats:
@@ -26,8 +34,9 @@ class VersionStats:
 
     def __init__(self, capacity: int = 20_000) -> None:
         self._records: dict[str, deque[Outcome]] = {}
+        self._shadow: dict[str, deque[ShadowRecord]] = {}  # per candidate version
         self._in_flight: dict[str, int] = {}
-        self._new: list[tuple[str, Outcome]] = []
+        self._new: list[tuple[str, Record]] = []
         self._capacity = capacity
         self._lock = threading.Lock()
 
@@ -45,23 +54,37 @@ class VersionStats:
         with self._lock:
             self._record(version, Outcome(time.time(), False, None))
 
-    def add(self, version: str, outcome: Outcome) -> None:
-        """An outcome recorded elsewhere (another gateway replica)."""
+    def refused(self, version: str, status: int) -> None:
+        """A request the version refused as the client's fault (400, 404): compared, not counted as error."""
         with self._lock:
-            self._records.setdefault(version, deque(maxlen=self._capacity)).append(outcome)
+            self._record(version, Outcome(time.time(), False, None, refused=str(status)))
 
-    def _record(self, version: str, outcome: Outcome) -> None:
-        self._records.setdefault(version, deque(maxlen=self._capacity)).append(outcome)
-        self._new.append((version, outcome))
+    def shadow(self, candidate: str, record: ShadowRecord) -> None:
+        """A compared pair (or a copy dropped) for the rollout's candidate."""
+        with self._lock:
+            self._record(candidate, record)
+
+    def add(self, version: str, record: Record) -> None:
+        """A record made elsewhere (another gateway replica)."""
+        with self._lock:
+            self._store(version, record)
+
+    def _store(self, version: str, record: Record) -> None:
+        store: dict[str, deque[Any]] = self._records if isinstance(record, Outcome) else self._shadow
+        store.setdefault(version, deque(maxlen=self._capacity)).append(record)
+
+    def _record(self, version: str, record: Record) -> None:
+        self._store(version, record)
+        self._new.append((version, record))
         del self._new[:-self._capacity]
 
-    def take_new(self) -> list[tuple[str, Outcome]]:
+    def take_new(self) -> list[tuple[str, Record]]:
         """Outcomes recorded since the last call, for the merged view."""
         with self._lock:
             new, self._new = self._new, []
             return new
 
-    def give_back(self, outcomes: list[tuple[str, Outcome]]) -> None:
+    def give_back(self, outcomes: list[tuple[str, Record]]) -> None:
         """Outcomes that could not be handed over, to go with the next hand-over."""
         with self._lock:
             self._new[:0] = outcomes
@@ -77,17 +100,24 @@ class VersionStats:
         since = time.time() - window_s if window_s else 0.0
         with self._lock:
             counts = self._in_flight if in_flight is None else in_flight
-            return {v: self._summarise(v, since, counts.get(v, 0)) for v in sorted(set(self._records) | set(counts))}
+            versions = set(self._records) | set(self._shadow) | set(counts)
+            return {v: self._summarise(v, since, counts.get(v, 0)) for v in sorted(versions)}
 
     def _summarise(self, version: str, since: float, in_flight: int) -> dict[str, Any]:
         recent = [r for r in self._records.get(version, ()) if r.at >= since]
-        errors = sum(1 for r in recent if not r.ok)
+        refused = [r.refused for r in recent if r.refused]
+        errors = sum(1 for r in recent if not r.ok and not r.refused)
         # An answer that waited for a cold start counts for errors, not for latency: its time to first
         # token measures the start of a replica, which `cold_starts` reports apart.
         ttfts = sorted(r.first_token_s for r in recent if r.first_token_s is not None and not r.cold)
-        return {"requests": len(recent), "errors": errors, "cold_starts": sum(1 for r in recent if r.cold),
-                "error_rate": errors / len(recent) if recent else 0.0, "ttft_samples": len(ttfts),
-                **{ttft_key(q): quantile(ttfts, q) for q in TTFT_QUANTILES}, "in_flight": in_flight}
+        summary = {"requests": len(recent), "errors": errors, "cold_starts": sum(1 for r in recent if r.cold),
+                   "error_rate": errors / len(recent) if recent else 0.0,
+                   "refused": {s: refused.count(s) for s in sorted(set(refused))}, "ttft_samples": len(ttfts),
+                   **{ttft_key(q): quantile(ttfts, q) for q in TTFT_QUANTILES}, "in_flight": in_flight}
+        shadow = [r for r in self._shadow.get(version, ()) if r.at >= since]
+        if shadow:
+            summary["shadow"] = summarise(shadow)
+        return summary
 
 
 class MergedStats:
@@ -99,7 +129,7 @@ class MergedStats:
         self._in_flight: dict[str, tuple[float, dict[str, int]]] = {}
         self._stale_after_s = stale_after_s
 
-    def report(self, replica: str, outcomes: list[tuple[str, Outcome]], in_flight: dict[str, int]) -> None:
+    def report(self, replica: str, outcomes: list[tuple[str, Record]], in_flight: dict[str, int]) -> None:
         for version, outcome in outcomes:
             self._outcomes.add(version, outcome)
         self._in_flight[replica] = (time.monotonic(), in_flight)
@@ -115,15 +145,3 @@ class MergedStats:
     @property
     def replicas(self) -> int:
         return len(self._in_flight)
-
-
-TTFT_QUANTILES = (0.5, 0.9, 0.99)
-
-
-def ttft_key(q: float) -> str:
-    return f"ttft_p{round(q * 100)}_s"
-
-
-def quantile(values: list[float], q: float) -> float | None:
-    """Nearest-rank quantile of sorted `values`: p99 of 100 values is the 99th, not the largest."""
-    return values[max(0, math.ceil(q * len(values)) - 1)] if values else None

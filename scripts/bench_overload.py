@@ -21,7 +21,7 @@ import httpx
 from rag.auth import bearer
 from rag.client import DEFAULT_KEY_FILE, client_key
 from rag.loadgen import QUESTIONS
-from rag.stats import quantile
+from rag.quantiles import quantile
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The gateway's logic: choose a version, start its answer (retrying once before the first byte),
-relay the events, and keep the counts that /ready, /stats and the metrics report.
+relay the events, copy the question to a rollout's candidate (shadow traffic) and compare the two
+answers, and keep the counts that /ready, /stats and the metrics report.
 
 Plain code: the versions' handles come in through `VersionHandles` (Serve's in the deployment, a fake
 in unit tests), the way vLLM's serving layer takes an engine client, so routing, retry, relaying and
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from deployments.gateway.statuses import root_cause, status_for
 from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, document_json, sse
 from rag.config import GatewayConfig, TrafficConfig
 from rag.errors import (
@@ -27,6 +29,17 @@ from rag.errors import (
 )
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
+from rag.shadow import (
+    OK,
+    AnswerRecord,
+    Dropped,
+    MirrorGate,
+    Pair,
+    answer_record,
+    compare,
+    cosine,
+    trivial_similarity,
+)
 from rag.stats import VersionStats
 from rag.traffic import TrafficSplit
 
@@ -41,6 +54,8 @@ SERVING_POLL_S = 0.25
 WAKE_INTERVAL_S = 5.0
 # The request's own fault: any version would refuse it alike, so it says nothing about the version.
 REQUEST_FAULTS = (InvalidRequestError, KnowledgeBaseNotFoundError)
+# A copy waits this long at most for the user's answer to end before the pair is given up.
+PAIR_WAIT_S = 600.0
 
 
 class VersionHandles(Protocol):
@@ -69,6 +84,8 @@ class Metrics(Protocol):
 
     def cold_start_waited(self, version: str, seconds: float | None) -> None: ...
 
+    def shadow_result(self, version: str, record: Pair | Dropped) -> None: ...
+
 
 class GatewayService:
     """Picks a version for each request and relays its answer events in the requested shape."""
@@ -89,6 +106,8 @@ class GatewayService:
         self.clock = clock
         self.cold_stages = cold_stages  # per version, its stages at zero replicas now (readiness)
         self._woken: dict[str, float] = {}
+        self.mirror = MirrorGate(config.rollout.shadow, clock)
+        self._copies: set[asyncio.Task[None]] = set()  # held so the loop does not drop them mid-way
 
     def set_traffic(self, traffic: TrafficConfig) -> None:
         self.traffic = traffic
@@ -141,11 +160,14 @@ class GatewayService:
                 if cold:
                     stream.cold = True
                     self.metrics.cold_start_waited(version, self.clock() - began)
+                stream.shadow = self._copy(question, version, first)
                 return version, first, stream
             except RagError as exc:
-                # Raised by a stage: not retried (it is an answer, not a lost replica), but counted against
-                # the version unless the request itself was at fault.
-                if not isinstance(exc, REQUEST_FAULTS):
+                # Raised by a stage: not retried (it is an answer, not a lost replica). The request's own
+                # fault is kept apart: the rollout compares its rate with the stable version's.
+                if isinstance(exc, REQUEST_FAULTS):
+                    self.stats.refused(version, status_for(exc))
+                else:
                     self.stats.failed_to_start(version)
                 raise
             except Exception as exc:
@@ -212,6 +234,7 @@ class GatewayService:
                 async for batch in rest.batches():
                     for event in batch:
                         ttft = ttft or self._first_token(event, started, version)
+                        rest.saw(event)
                     yield "".join(sse(formatter.chunk(event)) for event in batch)
                 finished = True
             except Exception as exc:
@@ -225,6 +248,7 @@ class GatewayService:
                     rest.cancel()
                 self.metrics.count_request(endpoint, status, version)
                 outcome.update(ok=status != "stream_error", first_token_s=ttft)
+                rest.ended(OK if status == "200" else status, ttft)
             yield SSE_DONE
 
     async def collect(self, version: str, first: AnswerStart, rest: AnswerStream,
@@ -232,11 +256,17 @@ class GatewayService:
         with self.in_flight.track(), self._counted(version, rest.cold) as outcome:
             events: list[AnswerEvent] = [first]
             ttft = None
-            async for batch in rest.batches():
-                for event in batch:
-                    ttft = ttft or self._first_token(event, started, version)
-                    events.append(event)
+            try:
+                async for batch in rest.batches():
+                    for event in batch:
+                        ttft = ttft or self._first_token(event, started, version)
+                        rest.saw(event)
+                        events.append(event)
+            except BaseException:
+                rest.ended("stream_error", ttft)
+                raise
             outcome.update(ok=True, first_token_s=ttft)
+            rest.ended(OK, ttft)
         self.metrics.count_request(endpoint, 200, version)
         return events
 
@@ -257,6 +287,92 @@ class GatewayService:
         seconds = time.perf_counter() - started
         self.metrics.first_token.observe(seconds, tags={"version": version})
         return seconds
+
+    # -- shadow traffic ----------------------------------------------------------------------------
+    def _copy(self, question: Question, version: str, first: AnswerStart) -> ShadowCopy | None:
+        """Copy an answered question to the rollout's candidate when the bounds allow; the copy runs on
+        its own, the user's answer never waits for it."""
+        candidate = self.traffic.shadow
+        if not candidate or candidate == version:
+            return None
+        if candidate not in self.ready_versions():
+            self._shadow_record(candidate, Dropped(time.time(), "candidate not serving"))
+            return None
+        if reason := self.mirror.admit(self.in_flight.count):
+            self._shadow_record(candidate, Dropped(time.time(), reason))
+            return None
+        copy = ShadowCopy(first)
+        task = asyncio.create_task(self._run_copy(candidate, question, copy))
+        self._copies.add(task)
+        task.add_done_callback(self._copies.discard)
+        return copy
+
+    async def _run_copy(self, candidate: str, question: Question, copy: ShadowCopy) -> None:
+        try:
+            try:
+                answer = await self._candidate_answer(candidate, question)
+            finally:
+                self.mirror.done()
+            if answer is None:
+                self._shadow_record(candidate, Dropped(time.time(), "candidate at capacity"))
+                return
+            try:
+                stable = await asyncio.wait_for(asyncio.shield(copy.result), PAIR_WAIT_S)
+            except TimeoutError:
+                stable = None
+            if stable is None:  # the user left (or never finished): a partial answer compares with nothing
+                self._shadow_record(candidate, Dropped(time.time(), "stable answer incomplete"))
+                return
+            similarity = await self._similarity(candidate, stable, answer)
+            self._shadow_record(candidate, compare(stable, answer, similarity))
+        except Exception as exc:  # a copy never disturbs the gateway
+            logger.warning("event=SHADOW_FAILED version=%s error=%r", candidate, exc)
+
+    async def _candidate_answer(self, candidate: str, question: Question) -> AnswerRecord | None:
+        """The candidate's whole answer within the copy's deadline (never retried); None when its queue
+        was full: a copy is shed, not counted as the candidate's error."""
+        began, ttft, texts = time.perf_counter(), None, []
+        stream: AnswerStream | None = None
+        deadline = self.config.rollout.shadow.timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                stream = AnswerStream((await self.handles.get(candidate)).answer.options(stream=True).remote(question))
+                first = await stream.start(deadline)
+                async for batch in stream.batches():
+                    for event in batch:
+                        if isinstance(event, AnswerDelta):
+                            ttft = ttft or time.perf_counter() - began
+                            texts.append(event.text)
+            return answer_record(OK, ttft, first.passages, "".join(texts))
+        except TimeoutError:
+            return AnswerRecord("timeout")
+        except Exception as exc:
+            if self.handles.is_overload(exc):
+                return None
+            return AnswerRecord(str(status_for(root_cause(exc))) if isinstance(root_cause(exc), RagError)
+                                else "stream_error" if stream and texts else "error")
+        finally:
+            if stream:
+                stream.cancel()
+
+    async def _similarity(self, candidate: str, stable: AnswerRecord, answer: AnswerRecord) -> float | None:
+        """Cosine of the two answers through the candidate's Embedder; None (not measured) if it fails."""
+        if not (stable.ok and answer.ok):
+            return None
+        if (fixed := trivial_similarity(stable.text, answer.text)) is not None:
+            return fixed
+        try:
+            embedder = await self.handles.embedder(candidate)
+            first, second = await asyncio.wait_for(embedder.embed_many.remote([stable.text, answer.text]),
+                                                   self.config.request_timeout_s)
+            return max(0.0, cosine(list(first), list(second)))
+        except Exception as exc:
+            logger.warning("event=SHADOW_SIMILARITY_FAILED version=%s error=%r", candidate, exc)
+            return None
+
+    def _shadow_record(self, candidate: str, record: Pair | Dropped) -> None:
+        self.stats.shadow(candidate, record)
+        self.metrics.shadow_result(candidate, record)
 
     async def search(self, question: Question, key: str | None = None) -> tuple[str, list[dict[str, Any]]]:
         self.refuse_if_draining()
@@ -296,6 +412,15 @@ class AnswerStream:
         self._response = response
         self._held: list[AnswerEvent] = []
         self.cold = False  # it waited for a stage to start from zero replicas
+        self.shadow: ShadowCopy | None = None  # the copy of this question on a rollout's candidate
+
+    def saw(self, event: AnswerEvent) -> None:
+        if self.shadow:
+            self.shadow.saw(event)
+
+    def ended(self, status: str, first_token_s: float | None) -> None:
+        if self.shadow:
+            self.shadow.ended(status, first_token_s)
 
     async def start(self, timeout_s: float) -> AnswerStart:
         """Wait for the first batch; its first event must be the sources."""
@@ -312,6 +437,25 @@ class AnswerStream:
 
     def cancel(self) -> None:
         _cancel_quietly(self._response)
+
+
+class ShadowCopy:
+    """The user's side of a shadow pair: the answer as it is relayed, whole when it ends."""
+
+    def __init__(self, first: AnswerStart) -> None:
+        self._passages = first.passages
+        self._texts: list[str] = []
+        # None: the user's answer did not end whole (the client left), so there is nothing to compare.
+        self.result: asyncio.Future[AnswerRecord | None] = asyncio.get_running_loop().create_future()
+
+    def saw(self, event: AnswerEvent) -> None:
+        if isinstance(event, AnswerDelta):
+            self._texts.append(event.text)
+
+    def ended(self, status: str, first_token_s: float | None) -> None:
+        if not self.result.done():
+            self.result.set_result(None if status == "client_closed" else
+                                   answer_record(status, first_token_s, self._passages, "".join(self._texts)))
 
 
 def _cancel_quietly(stream: Any) -> None:

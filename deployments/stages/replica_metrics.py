@@ -8,6 +8,7 @@ from typing import Any
 from ray.serve import metrics
 
 from rag import metrics as spec
+from rag.shadow import OK, Dropped, Pair
 
 
 def _make(kind: type, s: spec.MetricSpec) -> Any:
@@ -36,6 +37,9 @@ class StageMetrics:
         self._replicas_seen: set[tuple[str, str]] = set()
         self.cold_waits = _make(metrics.Counter, spec.COLD_START_WAITS)
         self.cold_wait_seconds = _make(metrics.Histogram, spec.COLD_START_WAIT_SECONDS)
+        self.shadow_copies = _make(metrics.Counter, spec.SHADOW_COPIES)
+        self.shadow_overlap = _make(metrics.Histogram, spec.SHADOW_SOURCE_OVERLAP)
+        self.shadow_similarity = _make(metrics.Histogram, spec.SHADOW_ANSWER_SIMILARITY)
         for metric in (self.in_flight, self.model_load, self.vector_search, self.grace_used, self.first_token,
                        self.tokens, self.requests, self.lifecycle_events, self.start_parts, self.cold_waits,
                        self.cold_wait_seconds):
@@ -60,6 +64,19 @@ class StageMetrics:
         self.cold_waits.inc(tags={"version": version})
         if seconds is not None:
             self.cold_wait_seconds.observe(seconds, tags={"version": version})
+
+    def shadow_result(self, version: str, record: Pair | Dropped) -> None:
+        tags = {"version": version}
+        if isinstance(record, Dropped):
+            self.shadow_copies.inc(tags={**tags, "result": f"dropped: {record.reason}"})
+            return
+        result = ("ok" if record.candidate_status == OK else f"candidate {record.candidate_status}") \
+            if record.stable_status == OK else f"stable {record.stable_status}"
+        self.shadow_copies.inc(tags={**tags, "result": result})
+        if record.source_overlap is not None:
+            self.shadow_overlap.observe(record.source_overlap, tags=tags)
+        if record.answer_similarity is not None:
+            self.shadow_similarity.observe(record.answer_similarity, tags=tags)
 
     def set_in_flight(self, count: int) -> None:
         self.in_flight.set(count)

@@ -14,6 +14,15 @@ FAST = {"steps": [50, 100], "interval_s": 5, "min_requests": 5, "max_wait_interv
         "drain_timeout_s": 10, "start_timeout_s": 60}
 
 
+# What the gateways report for a candidate that answers like the stable version.
+GOOD_SHADOW = {"pairs": 30, "judged": 30, "candidate_errors": 0, "error_rate": 0.0, "errors_by_status": {},
+               "stable_failed": 0, "dropped": {}, "source_overlap": 1.0, "source_overlap_samples": 30,
+               "cited_share": 1.0, "cited_share_samples": 30, "answer_similarity": 0.99,
+               "answer_similarity_samples": 30, "length_ratio": 1.0, "length_ratio_samples": 30,
+               "candidate_ttft_samples": 30, "stable_ttft_samples": 30,
+               **{f"{side}_ttft_p{q}_s": 0.1 for side in ("candidate", "stable") for q in (50, 90, 99)}}
+
+
 def healthy(_: dict[str, float]) -> dict[str, Any]:
     numbers = {"requests": 40, "errors": 0, "error_rate": 0.0, "ttft_samples": 40, "ttft_p50_s": 0.1,
                "ttft_p90_s": 0.1, "ttft_p99_s": 0.1, "in_flight": 0}
@@ -34,6 +43,8 @@ class FakeCluster:
         self.polls: dict[str, int] = {}
         self.start_polls, self.stats_fn = start_polls, stats
         self.weights: dict[str, float] = {}
+        self.shadow: str | None = None  # the version the gateway copies answered questions to
+        self.shadow_summary: dict[str, Any] | None = dict(GOOD_SHADOW)  # what its pairs add up to
         self.fail_apply = False
         self.serving_checks = 0
         self.serving_stops_at: int | None = None
@@ -52,6 +63,7 @@ class FakeCluster:
             for a in config["applications"]}
         gateway = next(a for a in config["applications"] if a["name"] == "gateway")
         self.weights = gateway["deployments"][0]["user_config"]["weights"]
+        self.shadow = gateway["deployments"][0]["user_config"].get("shadow")
 
     def applications(self) -> dict[str, Any]:
         return self.apps
@@ -82,7 +94,10 @@ class FakeCluster:
         return {}
 
     def stats(self, window_s: float | None) -> dict[str, Any]:
-        return self.stats_fn(self.weights)
+        stats = self.stats_fn(self.weights)
+        if self.shadow and self.shadow_summary is not None and self.shadow in stats:
+            stats[self.shadow] = {"shadow": self.shadow_summary, **stats[self.shadow]}
+        return stats
 
 
 class Killed(BaseException):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from control.judge import judge, tail_quantile
+from control.judge import judge, judge_shadow, tail_quantile
 from rag.config import RolloutConfig
 
 
@@ -72,3 +72,59 @@ def test_cold_starts_are_reported_apart_from_the_canarys_latency() -> None:
     assert verdict.action == "continue"
     assert "answers that waited for a cold start, not counted as latency: canary 3" in verdict.reason
     assert "cold start" not in judge(_stats(50, 0, 0.12), _stats(500, 1, 0.1), CFG).reason
+
+
+# -- refusals and shadow pairs ----------------------------------------------------------------------
+def _shadow(judged: int = 30, errors: int = 0, overlap: float | None = 1.0, cited: float | None = 1.0,
+            similarity: float | None = 0.98, c_p50: float = 0.1, s_p50: float = 0.1, **status: int) -> dict:
+    return {"pairs": judged, "judged": judged, "candidate_errors": errors, "error_rate": errors / judged,
+            "errors_by_status": status, "dropped": {}, "source_overlap": overlap, "source_overlap_samples": judged,
+            "cited_share": cited, "cited_share_samples": judged, "answer_similarity": similarity,
+            "answer_similarity_samples": judged, "candidate_ttft_samples": judged, "stable_ttft_samples": judged,
+            **{f"candidate_ttft_p{q}_s": c_p50 for q in (50, 90, 99)},
+            **{f"stable_ttft_p{q}_s": s_p50 for q in (50, 90, 99)}}
+
+
+def test_a_canary_refusing_what_stable_answers_is_rolled_back_but_refusals_both_give_are_not() -> None:
+    canary = {**_stats(50), "refused": {"404": 10}}
+    verdict = judge(canary, _stats(500), CFG)
+    assert verdict.action == "rollback" and verdict.rule == "refused_404" and "10 of 50" in verdict.reason
+    both = judge({**_stats(50), "refused": {"400": 5}}, {**_stats(500), "refused": {"400": 50}}, CFG)
+    assert both.action == "continue"
+
+
+def test_with_no_live_canary_requests_enough_pairs_judge_the_step() -> None:
+    quiet = {**_stats(0), "shadow": _shadow()}
+    assert judge(quiet, _stats(500), CFG).action == "continue"
+    assert judge({**_stats(0), "shadow": _shadow(judged=5)}, _stats(500), CFG).action == "wait"
+    bad = judge({**_stats(0), "shadow": _shadow(overlap=0.4)}, _stats(500), CFG)
+    assert bad.action == "rollback" and bad.rule == "source_overlap" and "0.400" in bad.reason
+
+
+def test_live_and_shadow_errors_are_judged_together() -> None:
+    # 1 of 9 live answers failed and 3 of 30 copies: 4 of 39, over the limit, though neither alone is judged.
+    canary = {**_stats(9, 1), "shadow": _shadow(errors=3, **{"500": 3})}
+    verdict = judge(canary, _stats(500), CFG)
+    assert verdict.action == "rollback" and verdict.rule == "errors" and "4 of 39" in verdict.reason
+
+
+@pytest.mark.parametrize(("shadow", "rule"), [
+    (_shadow(errors=3, **{"404": 3}), "shadow_errors"),  # a knowledge base the candidate does not serve
+    (_shadow(overlap=0.55), "source_overlap"),  # an index lacking half the files
+    (_shadow(cited=0.5), "cited_share"),
+    (_shadow(similarity=0.6), "answer_similarity"),  # a bad prompt or a broken generator
+    (_shadow(c_p50=1.5), "shadow_latency"),
+])
+def test_the_shadow_stage_rolls_back_on_the_first_failing_rule_and_names_it(shadow: dict, rule: str) -> None:
+    verdict = judge_shadow({"shadow": shadow}, CFG)
+    assert verdict.action == "rollback" and verdict.rule == rule and verdict.numbers["shadow"] is shadow
+
+
+def test_the_shadow_stage_never_passes_on_missing_evidence() -> None:
+    assert judge_shadow({}, CFG).action == "wait"
+    few = judge_shadow({"shadow": {**_shadow(judged=4), "dropped": {"rate": 7}}}, CFG)
+    assert few.action == "wait" and "4 shadow pairs judged, need 20" in few.reason and "rate 7" in few.reason
+    unmeasured = judge_shadow({"shadow": _shadow(similarity=None)}, CFG)
+    assert unmeasured.action == "wait" and unmeasured.rule == "answer_similarity"
+    uncited = judge_shadow({"shadow": _shadow(cited=None)}, CFG)  # stable answers cite nothing: not a rule
+    assert uncited.action == "continue" and uncited.rule == "passed" and "30 shadow pairs" in uncited.reason

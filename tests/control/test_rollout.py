@@ -25,14 +25,18 @@ def test_a_healthy_canary_is_promoted_step_by_step(config: Path) -> None:
     cluster = FakeCluster()
     rollout = make(config, cluster)
     assert start_v2(rollout) == "promoted"
-    weights = [c["applications"][0]["deployments"][0]["user_config"]["weights"] for c in cluster.applied[1:]]
-    assert weights == [{"v1": 100, "v2": 0}, {"v1": 50, "v2": 50}, {"v1": 0, "v2": 100},
-                       {"v1": 0, "v2": 100}, {"v2": 100}]
+    traffic = [c["applications"][0]["deployments"][0]["user_config"] for c in cluster.applied[1:]]
+    assert [t["weights"] for t in traffic] == [{"v1": 100, "v2": 0}, {"v1": 100, "v2": 0}, {"v1": 50, "v2": 50},
+                                               {"v1": 0, "v2": 100}, {"v1": 0, "v2": 100}, {"v2": 100}]
+    # No copies before the shadow stage; copies through the steps; none once promoted.
+    assert [t.get("shadow") for t in traffic] == [None, "v2", "v2", "v2", None, None]
     doc = ServeDocument.load(config)
-    assert list(doc.versions) == ["v2"] and doc.weights == {"v2": 100.0}
+    assert list(doc.versions) == ["v2"] and doc.weights == {"v2": 100.0} and doc.shadow is None
     assert "# The one place where versions" in config.read_text()
     state = rollout.load_state()
-    assert state and state.status == "promoted" and [h["action"] for h in state.history] == ["continue"] * 2
+    assert state and state.status == "promoted" and [h["action"] for h in state.history] == ["continue"] * 3
+    assert [(h["step"], h["rule"]) for h in state.history] == [("shadow", "passed"), (0, "passed"), (1, "passed")]
+    assert "30 shadow pairs" in state.history[0]["reason"] and state.history[0]["numbers"]["shadow"]["judged"] == 30
 
 
 def test_a_version_that_does_not_fit_is_refused_before_anything_changes(config: Path) -> None:
@@ -109,8 +113,9 @@ def test_unreadable_stats_never_promote(config: Path, hold: bool) -> None:
         assert status == "rolled_back"
         assert_as_before(config, before, cluster)
         return
-    assert status == "held" and cluster.weights == {"v1": 50, "v2": 50}
-    assert ServeDocument.load(config).weights == {"v1": 50.0, "v2": 50.0}
+    # Held in the shadow stage, which could not be judged either: no user was ever sent to v2.
+    assert status == "held" and cluster.weights == {"v1": 100, "v2": 0} and cluster.shadow == "v2"
+    assert ServeDocument.load(config).weights == {"v1": 100.0, "v2": 0.0}
     with pytest.raises(InvalidRequestError, match="held"):
         start_v2(rollout)  # a held rollout must be resumed or aborted, not started over
     assert rollout.abort() == "aborted"
@@ -130,14 +135,41 @@ def test_a_canary_too_quiet_or_failing_is_rolled_back(config: Path, canary: dict
     before = config.read_text()
     cluster = FakeCluster(stats=stats)
     rollout = make(config, cluster)
-    assert start_v2(rollout) == "rolled_back"
+    # Live requests only (no shadow copies): pairs would be evidence enough for a quiet canary.
+    assert rollout.start("v2", "v1", {"generation.max_new_tokens": 128}, shadow=False) == "rolled_back"
     state = rollout.load_state()
     assert state and reason in state.reason and "promoted" not in state.reason
     assert_as_before(config, before, cluster)
+    assert all(c["applications"][0]["deployments"][0]["user_config"].get("shadow") is None for c in cluster.applied)
 
 
-# Serving checks: 1 (not yet) and 2 (serving) while it starts, 3 and 4 at the two steps, 5 at promotion.
-@pytest.mark.parametrize(("gone_at", "reason"), [(4, "stopped serving"), (5, "not serving at promotion")])
+def test_with_sticky_users_no_live_request_reaches_the_canary_and_the_pairs_decide(config: Path) -> None:
+    def sticky(weights: dict[str, float]) -> dict[str, Any]:
+        numbers = healthy(weights)
+        if weights.get("v1"):  # every user hashed to v1 while it has any weight
+            numbers["v2"].update(requests=0, ttft_samples=0, ttft_p50_s=None, ttft_p90_s=None, ttft_p99_s=None)
+        return numbers
+
+    rollout = make(config, FakeCluster(stats=sticky))
+    assert start_v2(rollout) == "promoted"
+    state = rollout.load_state()
+    reason = state.history[1]["reason"] if state else ""
+    assert "0 canary requests" in reason and "30 shadow pairs" in reason
+
+
+def test_without_pairs_a_quiet_step_is_still_never_promoted(config: Path) -> None:
+    cluster = FakeCluster(stats=lambda w: {**healthy(w), "v2": {**healthy(w)["v2"], "requests": 1}})
+    rollout = make(config, cluster)
+    cluster.shadow_summary = {**cluster.shadow_summary, "judged": 3} if cluster.shadow_summary else None
+    assert start_v2(rollout) == "rolled_back"
+    state = rollout.load_state()
+    assert state and "3 shadow pairs judged, need 20" in state.reason and "no shadow judgement" in state.reason
+
+
+# Serving checks: 1 (not yet) and 2 (serving) while it starts, 3 in the shadow stage, 4 and 5 at the two
+# steps, 6 at promotion.
+@pytest.mark.parametrize(("gone_at", "reason"), [(3, "stopped serving"), (5, "stopped serving"),
+                                                 (6, "not serving at promotion")])
 def test_a_canary_that_stops_serving_is_rolled_back_not_promoted(config: Path, gone_at: int, reason: str) -> None:
     before = config.read_text()
     cluster = FakeCluster()
@@ -177,3 +209,46 @@ def test_a_canary_at_zero_replicas_is_judged_only_after_it_was_woken(config: Pat
     assert cluster.cold_polls == 0
     serving = next(i for i, line in enumerate(log) if "ROLLOUT_SERVING" in line)
     assert not any("ROLLOUT_CHECK" in line for line in log[:serving])
+
+
+def test_a_candidate_that_answers_differently_is_rolled_back_in_the_shadow_stage_before_any_user_sees_it(
+        config: Path) -> None:
+    before = config.read_text()
+    cluster = FakeCluster()
+    cluster.shadow_summary = {**(cluster.shadow_summary or {}), "source_overlap": 0.5}
+    rollout = make(config, cluster)
+    log: list[str] = []
+    rollout.say = log.append
+    assert start_v2(rollout) == "rolled_back"
+    assert all(c["applications"][0]["deployments"][0]["user_config"]["weights"].get("v2", 0) == 0
+               for c in cluster.applied)
+    state = rollout.load_state()
+    assert state and state.history[-1]["step"] == "shadow" and state.history[-1]["rule"] == "source_overlap"
+    assert "source overlap with the stable answers 0.500" in state.reason
+    assert any("event=ROLLOUT_SHADOW_CHECK" in line and 'rule="source_overlap"' in line for line in log)
+    assert_as_before(config, before, cluster)
+
+
+def test_no_shadow_skips_the_stage_and_the_copies(config: Path) -> None:
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    assert rollout.start("v2", "v1", {"generation.max_new_tokens": 128}, shadow=False) == "promoted"
+    assert all(c["applications"][0]["deployments"][0]["user_config"].get("shadow") is None for c in cluster.applied)
+    state = rollout.load_state()
+    assert state and [h["step"] for h in state.history] == [0, 1]
+
+
+def _kbs(config: dict[str, Any], version: str) -> dict[str, Any]:
+    app = next(a for a in config["applications"] if a["name"] == version)
+    return dict(app["args"]["retrieval"]["knowledge_bases"])
+
+
+@pytest.mark.parametrize("pinned_by", ["rollout", "operator"])
+def test_after_promotion_the_new_version_follows_latest_where_the_stable_one_did(config: Path, pinned_by: str) -> None:
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    settings = {"retrieval.knowledge_bases": {"samples": 1}} if pinned_by == "operator" else {}
+    assert rollout.start("v2", "v1", settings) == "promoted"
+    assert _kbs(cluster.applied[1], "v2") == {"samples": 1}  # compared like with like while it ran
+    assert _kbs(cluster.applied[-1], "v2") == {"samples": "latest"}
+    assert ServeDocument.load(config).versions["v2"]["args"]["retrieval"]["knowledge_bases"] == {"samples": "latest"}

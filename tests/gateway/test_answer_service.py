@@ -213,11 +213,12 @@ def test_a_stage_error_before_the_first_event_counts_against_its_version_without
     assert handles["v1"].calls == 0 and counts(svc) == {"v2": (1, 1)}
 
 
-def test_the_requests_own_fault_counts_against_no_version() -> None:
+def test_a_refusal_is_no_error_but_is_kept_by_status_for_the_rollout_to_compare() -> None:
     svc = service({"v1": 100}, v1="unknown_kb")
     with pytest.raises(KnowledgeBaseNotFoundError):
         asyncio.run(svc.open_answer(QUESTION, None))
-    assert counts(svc) == {}
+    assert counts(svc) == {"v1": (1, 0)}
+    assert svc.stats.summary()["v1"]["refused"] == {"404": 1}
 
 
 def test_a_version_that_never_answers_is_abandoned_at_the_first_event_timeout() -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from rag.config import FaultConfig
 from rag.faults import FaultInjector, InjectedFault
-from rag.stats import VersionStats, quantile
+from rag.quantiles import quantile
+from rag.stats import VersionStats
 
 
 def test_stats_count_errors_in_flight_and_percentiles() -> None:
