@@ -109,9 +109,9 @@ def shadow_errors(canary: dict[str, Any], _: dict[str, Any] | None, cfg: Rollout
     """Copies the candidate failed (any status, 4xx included) of questions the stable version answered."""
     shadow = canary.get("shadow") or {}
     if shadow.get("error_rate", 0.0) > cfg.max_error_rate_increase:
-        return Verdict("rollback", f"candidate failed {shadow['candidate_errors']} of {shadow['judged']} questions "
-                                   f"the stable version answered ({shadow['error_rate']:.3f}; "
-                                   f"{_counts(shadow.get('errors_by_status') or {})}; limit "
+        return Verdict("rollback", f"candidate error rate {shadow['error_rate']:.3f} in the shadow: it failed "
+                                   f"{shadow['candidate_errors']} of {shadow['judged']} questions the stable version "
+                                   f"answered ({_counts(shadow.get('errors_by_status') or {})}; limit "
                                    f"{cfg.max_error_rate_increase})", rule="shadow_errors")
     return None
 

@@ -561,12 +561,17 @@ async function refreshVersions() {
   showRollout(rollout);
 }
 
+function lastRule(state) {
+  const last = (state.history || []).at(-1);
+  return last && last.rule ? `, decided by rule ${last.rule} at ${typeof last.step === "number" ? `step ${last.step + 1}` : last.step}` : "";
+}
+
 function showRollout(state) {
   const panel = $("rollout-panel");
   const active = ROLLOUT_ACTIVE.includes(state.status);
   panel.hidden = !active;
   $("last-rollout").textContent = !active && state.status && !["none", "unreadable"].includes(state.status)
-    ? `last rollout: ${state.new} over ${state.stable}: ${state.status}${state.reason ? ` (${state.reason})` : ""}`
+    ? `last rollout: ${state.new} over ${state.stable}: ${state.status}${lastRule(state)}${state.reason ? ` (${state.reason})` : ""}`
     : "";
   if (!active) return;
   const steps = Array.isArray(state.steps) ? state.steps : null;
@@ -580,11 +585,11 @@ function showRollout(state) {
       class: i < state.step ? "passed" : i === state.step ? "current" : "",
     }, `${pct}%`))) : null,
     decisions.length ? el("table", { class: "grid" },
-      el("thead", {}, el("tr", {}, el("th", {}, "Step"), el("th", {}, "Percent"), el("th", {}, "Decision"),
-        el("th", {}, "Reason"))),
+      el("thead", {}, el("tr", {}, el("th", {}, "Stage"), el("th", {}, "Percent"), el("th", {}, "Decision"),
+        el("th", {}, "Rule"), el("th", {}, "Reason (the rule's numbers)"))),
       el("tbody", {}, decisions.map((d) => el("tr", { "data-testid": "rollout-decision" },
-        el("td", {}, typeof d.step === "number" ? d.step + 1 : "—"), el("td", {}, d.percent ?? "—"),
-        el("td", {}, d.action ?? ""), el("td", {}, d.reason ?? ""))))) : null,
+        el("td", {}, typeof d.step === "number" ? `step ${d.step + 1}` : (d.step ?? "—")), el("td", {}, d.percent ?? "—"),
+        el("td", {}, d.action ?? ""), el("td", {}, d.rule ?? ""), el("td", {}, d.reason ?? ""))))) : null,
   ].filter(Boolean));
 }
 
