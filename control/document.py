@@ -22,7 +22,7 @@ from control.serve_config import GATEWAY_BUILDER, GATEWAY_DEPLOYMENT, PIPELINE_B
 from rag.config import ConfigError, GatewayConfig, PipelineConfig, validate
 from rag.constants import resolve_path
 from rag.errors import InvalidRequestError
-from rag.index import resolve_version
+from rag.index import list_knowledge_bases, resolve_version
 
 
 def _represent_null(representer: Any, _: None) -> Any:
@@ -172,6 +172,14 @@ class ServeDocument:
         if pins:
             _set_dotted(args, "retrieval.knowledge_bases", {**config.retrieval.knowledge_bases, **pins})
         return pins
+
+    def served_knowledge_bases(self, name: str) -> set[str]:
+        """What version `name` answers from: its listed knowledge bases, and with `discover` every other one
+        published under its kb_root now."""
+        args = _plain(self.versions[name].get("args"))
+        retrieval = validate(PipelineConfig, args, f"args of version {name!r}").retrieval
+        return set(retrieval.knowledge_bases) | (set(list_knowledge_bases(retrieval.kb_root_path))
+                                                 if retrieval.discover else set())
 
     def follow_latest_like(self, name: str, other: str) -> list[str]:
         """Set version `name` to follow `latest` for every knowledge base that version `other` follows

@@ -70,6 +70,17 @@ def _first_failure(rules: list[Rule], canary: dict[str, Any], stable: dict[str, 
     return None
 
 
+def knowledge_bases_served(new: set[str], stable: set[str]) -> Verdict:
+    """Before any copy or user: a candidate must answer from every knowledge base the stable version
+    does (one it lacks would 404 for its users once promoted, though no question in the rollout asked it)."""
+    numbers = {"candidate": sorted(new), "stable": sorted(stable)}
+    if missing := sorted(stable - new):
+        return Verdict("rollback", f"the candidate does not serve knowledge bases {missing} that the stable version "
+                                   f"serves", numbers, "knowledge_bases")
+    return Verdict("continue", f"the candidate serves every knowledge base the stable version serves "
+                               f"({', '.join(sorted(stable)) or 'none'})", numbers, "knowledge_bases")
+
+
 # -- live rules ----------------------------------------------------------------------------------
 def combined_errors(canary: dict[str, Any], stable: dict[str, Any] | None, cfg: RolloutConfig) -> Verdict | None:
     """The canary's failures, live and in shadow pairs, against the stable version's live error rate."""

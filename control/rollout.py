@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from control.document import ServeDocument, write_atomically
-from control.judge import Verdict, judge, judge_shadow
+from control.judge import Verdict, judge, judge_shadow, knowledge_bases_served
 from control.preflight import check_usage, deployment_replicas
 from rag.config import RolloutConfig
 from rag.errors import InvalidRequestError
@@ -210,6 +210,13 @@ class Rollout:
             if state.phase == "starting":
                 self._apply(ServeDocument.from_text(state.target), f"add {state.new} at weight 0 beside {state.stable}")
                 self._wait_serving(state.new, cfg)
+                doc = ServeDocument.load(self.path)
+                served = knowledge_bases_served(doc.served_knowledge_bases(state.new),
+                                                doc.served_knowledge_bases(state.stable))
+                self._log("ROLLOUT_KNOWLEDGE_BASES", new=state.new, action=served.action, reason=served.reason)
+                if served.action == "rollback":
+                    self._record(state, served, "start", 0)
+                    return state.status
                 state.phase = "shadowing" if state.shadow else "stepping"
             if state.phase == "shadowing":
                 if not self._run_shadow(state, cfg):

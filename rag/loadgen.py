@@ -57,7 +57,7 @@ class LoadGenerator:
 
     def __init__(self, base_url: str, concurrency: int = 8, max_seconds: float = 60,
                  max_requests: int = 10_000, knowledge_base: str = "samples", timeout_s: float = 120,
-                 api_key: str | None = None, **chat_options: object) -> None:
+                 api_key: str | None = None, sticky_users: bool = False, **chat_options: object) -> None:
         self.base_url = base_url
         self.api_key = api_key
         self.concurrency = concurrency
@@ -68,6 +68,7 @@ class LoadGenerator:
         self._kb = knowledge_base
         self._timeout_s = timeout_s
         self._options = chat_options
+        self._sticky = sticky_users  # each client sends its own `user` id, so the gateway routes it stickily
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(concurrency)]
@@ -94,11 +95,12 @@ class LoadGenerator:
             for number in self._budget:
                 if self._stop.is_set() or time.monotonic() > self.deadline or number >= self._max_requests:
                     return
-                self._ask(client, QUESTIONS[(index + number) % len(QUESTIONS)])
+                self._ask(client, QUESTIONS[(index + number) % len(QUESTIONS)], index)
 
-    def _ask(self, client: httpx.Client, question: str) -> None:
+    def _ask(self, client: httpx.Client, question: str, index: int) -> None:
+        options = {**self._options, "user": f"load-client-{index}"} if self._sticky else self._options
         try:
-            answer = stream_chat(client, question, self._kb, **self._options)
+            answer = stream_chat(client, question, self._kb, **options)
         except httpx.HTTPError as exc:
             with self._lock:
                 self.result.errors.append(f"{type(exc).__name__}: {exc}")

@@ -13,6 +13,12 @@ the server is upgraded. Scenarios, each on fresh ports, one after another:
   canary          this project's rollout tool moving all traffic to a new version (5/25/50/100 %) under the same
                   load: promote, then removal of the old version. Reported per phase.
   rollback        the same with a canary that fails 50 % of its answers (faults.error_rate): rolled back by itself.
+Quality scenarios (--scenarios quality-same quality-half-index quality-threshold quality-failing): 4 streaming
+clients, each with its own `user` id (sticky), a rollout with its shadow stage; v1 pins the index of the whole
+sample KB. The candidate is: identical in behaviour (a new revision: promoted); pinned to an index built from half
+the KB's files; given a score_threshold that drops nearly every passage; failing 50 % of its answers (each rolled
+back). Their table: the verdict and the rule and numbers that decided it, the users' answers the candidate
+served, failed and truncated answers, time to verdict, and the users' TTFT in the shadow stage against before it.
 Columns: sent; failed (HTTP status != 200); truncated (200 but no finish reason or [DONE], or an error event);
 transport errors (refused, reset, timeout); p50/p99 time to first token and total (complete answers only);
 drain: from the upgrade's trigger until the old replicas / workers are gone.
@@ -50,7 +56,11 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_CONFIG = REPO / "serve_config.yaml"
 UPGRADES = ("project", "gunicorn", "serve-defaults")
 ROLLOUTS = ("canary", "rollback")
-SCENARIOS = UPGRADES + ROLLOUTS
+QUALITY = {"quality-same": {"revision": "2"},
+           "quality-half-index": {"retrieval.knowledge_bases": {"samples": 2}},  # built in main()
+           "quality-threshold": {"retrieval.score_threshold": 0.9},
+           "quality-failing": {"faults": {"error_rate": 0.5}}}
+SCENARIOS = UPGRADES + ROLLOUTS + tuple(QUALITY)
 # What scenario (c) deletes from every deployment, so Ray's defaults apply (surge 0, 20 s drain, 5 ongoing).
 SERVE_TUNING = ("max_surge_percent", "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s",
                 "max_ongoing_requests")
@@ -296,6 +306,83 @@ def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespa
         return [{"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"}]
 
 
+def quality_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Sticky clients while a candidate goes through the shadow stage (and the steps, if it passes)."""
+    http_port = support.free_port()
+    rollout = {"steps": [25, 50, 100], "interval_s": 5, "min_requests": 10, "max_wait_intervals": 4,
+               "drain_timeout_s": DRAIN_LIMIT_S}
+    path = cluster.write_config(SOURCE_CONFIG, work / "rollout.yaml", http_port=http_port, kb_root=kb,
+                                pipeline_args={"generation": {"extractive_piece_delay_s": args.piece_delay},
+                                               "retrieval": {"knowledge_bases": {"samples": 1}, "discover": False}},
+                                gateway_args={"rollout": rollout, "api_key_file": str(args.key_file)})
+    marks: dict[str, float] = {}
+
+    def note(line: str) -> None:
+        if line.startswith("event=ROLLOUT_APPLY") and "shadow:" in line:
+            marks["shadow"] = time.time()
+        if line.startswith("event=ROLLOUT_APPLY") and "step 1/" in line:
+            marks["steps"] = time.time()
+        print(f"[{scenario}] {line[:400]}", flush=True)
+
+    try:
+        with support.private_cluster() as dashboard:
+            gateway = f"http://127.0.0.1:{http_port}"
+            cluster.deploy(path, dashboard)
+            cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+            with LoadGenerator(gateway, api_key=read_client_key(args.key_file), concurrency=4, sticky_users=True,
+                               max_seconds=DRAIN_LIMIT_S * 4, max_requests=10_000_000,
+                               timeout_s=REQUEST_TIMEOUT_S) as load:
+                time.sleep(args.step_seconds)
+                began = time.time()
+                driver = Rollout(path, cluster.ClusterClient(dashboard, gateway, read_client_key(args.key_file)),
+                                 say=note)
+                status = driver.start("v2", "v1", QUALITY[scenario])
+                ended = time.time()
+                time.sleep(3)
+        state = driver.load_state()
+        decided = state.history[-1] if state and state.history else {}
+        answers = load.result.answers
+
+        def during(start: float, end: float) -> LoadResult:
+            return LoadResult(answers=[a for a in answers if start <= a.started_at < end])
+
+        before = during(0, began)
+        shadow = during(marks.get("shadow", ended), marks.get("steps", ended))
+        served = sum(1 for a in answers if a.version == "v2" and a.started_at < ended)
+        ttft = [before.percentile(_ttft, 0.5), shadow.percentile(_ttft, 0.5)]
+        return {"scenario": scenario, "verdict": status, "rule": decided.get("rule"),
+                "at": decided.get("step"), "served_by_candidate": served if status != "promoted" else "-",
+                "sent": load.result.sent, "failed": len(load.result.failed), "truncated": len(load.result.truncated),
+                "verdict_s": round(ended - began, 1), "ttft_p50_before_s": ttft[0], "ttft_p50_shadow_s": ttft[1],
+                "ttft_p99_before_s": before.percentile(_ttft, 0.99),
+                "ttft_p99_shadow_s": shadow.percentile(_ttft, 0.99),
+                "p50_ratio": ttft[1] / ttft[0] if ttft[0] and ttft[1] else None,
+                "reason": decided.get("reason", state.reason if state else "")}
+    except Exception as exc:
+        print(f"[{scenario}] error: {exc!r}", flush=True)
+        return {"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _ttft(answer: Any) -> float | None:
+    return answer.first_token_s if answer.complete else None
+
+
+QUALITY_COLUMNS = ("verdict", "rule", "at", "served_by_candidate", "sent", "failed", "truncated", "verdict_s",
+                   "ttft_p50_before_s", "ttft_p50_shadow_s", "p50_ratio", "ttft_p99_before_s", "ttft_p99_shadow_s")
+
+
+def quality_table(rows: list[dict[str, Any]]) -> str:
+    header = ["scenario", *(key.removesuffix("_s").replace("_", " ") for key in QUALITY_COLUMNS)]
+    lines = [header] + [[row["scenario"], *(fmt(row.get(key)) for key in QUALITY_COLUMNS)] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["quality rollouts: 4 sticky streaming clients; goal: the candidate serves 0 answers unless promoted, "
+            "0 failed, 0 truncated, shadow p50 TTFT <= 1.2x before"]
+    text += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+             for line in lines]
+    text += [f"  {row['scenario']}: {row.get('error') or row.get('reason')}" for row in rows]
+    return "\n".join(text)
+
+
 def fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -338,16 +425,31 @@ def main(argv: list[str] | None = None) -> int:
         create_key_file(args.key_file)
         ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples",
                          next(iter(pipeline_configs(load_serve_config(SOURCE_CONFIG)).values())))
+        if any(s in QUALITY for s in args.scenarios):  # index version 2: half the files, for quality-half-index
+            half = work / "half_kb"
+            half.mkdir()
+            for file in sorted((REPO / "data" / "sample_kb").iterdir())[::2]:
+                (half / file.name).write_bytes(file.read_bytes())
+            ingest_directory(half, work / "kb", "samples",
+                             next(iter(pipeline_configs(load_serve_config(SOURCE_CONFIG)).values())))
+        quality = []
         for scenario in args.scenarios:
-            if scenario in ROLLOUTS:
+            if scenario in QUALITY:
+                (work / scenario).mkdir()
+                quality.append(quality_scenario(scenario, work / scenario, work / "kb", args))
+            elif scenario in ROLLOUTS:
                 (work / scenario).mkdir()
                 rows += rollout_scenario(scenario, work / scenario, work / "kb", args)
             else:
                 rows.append(run_scenario(scenario, work, work / "kb", args))
-    print(table(rows, args))
+    if rows:
+        print(table(rows, args))
+    if quality:
+        print(quality_table(quality))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1, default=str),
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows, "quality": quality}, indent=1,
+                                              default=str),
                                    encoding="utf-8")
     return 0
 

@@ -252,3 +252,24 @@ def test_after_promotion_the_new_version_follows_latest_where_the_stable_one_did
     assert _kbs(cluster.applied[1], "v2") == {"samples": 1}  # compared like with like while it ran
     assert _kbs(cluster.applied[-1], "v2") == {"samples": "latest"}
     assert ServeDocument.load(config).versions["v2"]["args"]["retrieval"]["knowledge_bases"] == {"samples": "latest"}
+
+
+def test_a_candidate_serving_one_knowledge_base_fewer_is_rolled_back_before_any_copy_or_user(config: Path) -> None:
+    kb_root = config.parent / "kb"
+    (kb_root / "manuals" / "v1").mkdir(parents=True)
+    (kb_root / "manuals" / "v1" / "manifest.json").write_text("{}")
+    doc = ServeDocument.load(config)
+    doc.versions["v1"]["args"]["retrieval"]["knowledge_bases"] = {"samples": "latest", "manuals": "latest"}
+    doc.save(config)
+    before = config.read_text()
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    # v1 discovers every KB under kb_root as well; v2 serves only what it lists.
+    only_samples = {"retrieval.knowledge_bases": {"samples": "latest"}, "retrieval.discover": False}
+    assert rollout.start("v2", "v1", only_samples) == "rolled_back"
+    state = rollout.load_state()
+    assert state and state.history[-1]["rule"] == "knowledge_bases" and "['manuals']" in state.reason
+    assert all(c["applications"][0]["deployments"][0]["user_config"].get("shadow") is None
+               and c["applications"][0]["deployments"][0]["user_config"]["weights"].get("v2", 0) == 0
+               for c in cluster.applied)
+    assert_as_before(config, before, cluster)
