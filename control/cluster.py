@@ -21,7 +21,9 @@ from typing import Any
 import httpx
 
 from control.document import ServeDocument, load_serve_config
+from control.evaluation import evaluate
 from control.serve_config import check_serve_config
+from rag.golden import GoldenItem
 
 DASHBOARD = "http://127.0.0.1:8265"
 GATEWAY = "http://127.0.0.1:8000"
@@ -165,6 +167,7 @@ class ClusterClient:
 
     def __init__(self, dashboard: str = DASHBOARD, gateway: str = GATEWAY, api_key: str | None = None) -> None:
         self.dashboard, self.gateway = dashboard, gateway
+        self._api_key = api_key
         self._gateway_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def apply(self, config: dict[str, Any]) -> None:
@@ -205,3 +208,6 @@ class ClusterClient:
             raise StatsUnavailableError("the gateway reports one replica's numbers, not the cluster's")
         return body["versions"]
 
+    def evaluate(self, version: str, kb: str, items: list[GoldenItem]) -> dict[str, Any]:
+        """The golden set's scores for one version, through the gateway (not counted as user traffic)."""
+        return evaluate(self.gateway, self._api_key, kb, items, version)

@@ -173,6 +173,10 @@ class ServeDocument:
             _set_dotted(args, "retrieval.knowledge_bases", {**config.retrieval.knowledge_bases, **pins})
         return pins
 
+    def kb_root(self, name: str) -> Path:
+        return validate(PipelineConfig, _plain(self.versions[name].get("args")),
+                        f"args of version {name!r}").retrieval.kb_root_path
+
     def served_knowledge_bases(self, name: str) -> set[str]:
         """What version `name` answers from: its listed knowledge bases, and with `discover` every other one
         published under its kb_root now."""

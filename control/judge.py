@@ -81,6 +81,28 @@ def knowledge_bases_served(new: set[str], stable: set[str]) -> Verdict:
                                f"({', '.join(sorted(stable)) or 'none'})", numbers, "knowledge_bases")
 
 
+def judge_golden(results: dict[str, dict[str, dict[str, Any]]], cfg: RolloutConfig) -> Verdict:
+    """Per knowledge base, the candidate's golden-set scores against the stable version's, on the same
+    questions at the same moment: recall@5 and the citation rate may each fall by at most their margin."""
+    numbers = {"golden": results}
+    checks = (("recall@5", cfg.quality.max_recall_drop, "golden_recall"),
+              ("citation_rate", cfg.quality.max_citation_drop, "golden_citation"))
+    for kb, sides in sorted(results.items()):
+        candidate, stable = sides["candidate"], sides["stable"]
+        for measure, margin, rule in checks:
+            c_value, s_value = candidate.get(measure), stable.get(measure)
+            if c_value is None or s_value is None:
+                return Verdict("wait", f"golden set of {kb}: {measure} not measured", numbers, rule)
+            if s_value - c_value > margin:
+                return Verdict("rollback", f"golden set of {kb} ({candidate.get('items')} questions): candidate "
+                                           f"{measure} {c_value:.3f} is {s_value - c_value:.3f} below stable "
+                                           f"{s_value:.3f} (rollout.quality margin {margin})", numbers, rule)
+    summary = "; ".join(f"{kb}: " + ", ".join(f"{m} {s['candidate'][m]:.3f} (stable {s['stable'][m]:.3f})"
+                                              for m in ("recall@5", "citation_rate"))
+                        for kb, s in sorted(results.items()))
+    return Verdict("continue", f"golden sets: {summary}", numbers, "passed")
+
+
 # -- live rules ----------------------------------------------------------------------------------
 def combined_errors(canary: dict[str, Any], stable: dict[str, Any] | None, cfg: RolloutConfig) -> Verdict | None:
     """The canary's failures, live and in shadow pairs, against the stable version's live error rate."""

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from control.document import ServeDocument, write_atomically
-from control.judge import Verdict, judge, judge_shadow, knowledge_bases_served
+from control.judge import Verdict, judge, judge_golden, judge_shadow, knowledge_bases_served
 from control.preflight import check_usage, deployment_replicas
+from rag import golden
 from rag.config import RolloutConfig
 from rag.errors import InvalidRequestError
 
@@ -44,6 +45,7 @@ class Cluster(Protocol):
     def serving(self) -> set[str]: ...
     def scaled_to_zero(self) -> dict[str, list[str]]: ...
     def stats(self, window_s: float | None) -> dict[str, Any]: ...
+    def evaluate(self, version: str, kb: str, items: list[golden.GoldenItem]) -> dict[str, Any]: ...
 
 
 class RolloutBusyError(InvalidRequestError):
@@ -217,12 +219,15 @@ class Rollout:
                 if served.action == "rollback":
                     self._record(state, served, "start", 0)
                     return state.status
+                if not self._run_golden(state, cfg, "start", 0):
+                    return state.status
                 state.phase = "shadowing" if state.shadow else "stepping"
             if state.phase == "shadowing":
                 if not self._run_shadow(state, cfg):
                     return state.status
                 state.phase = "stepping"
-            if state.phase == "stepping" and not self._run_steps(state, cfg):
+            if state.phase == "stepping" and (not self._run_steps(state, cfg)
+                                              or not self._run_golden(state, cfg, "before promotion", 100)):
                 return state.status
             state.phase = "promoting"
             self._promote(state, cfg)
@@ -279,6 +284,33 @@ class Rollout:
                                                    f"({verdict.reason}); {cfg.on_inconclusive} rather than promote",
                               verdict.numbers, verdict.rule)
         return self._record(state, verdict, "shadow", 0)
+
+    def _run_golden(self, state: RolloutState, cfg: RolloutConfig, when: str, pct: float) -> bool:
+        """The golden sets of the KBs the candidate serves, on candidate and stable; True to go on. A KB
+        without a golden set is not evaluated; a set that cannot be read or run is no pass."""
+        if not cfg.quality.enabled:
+            return True
+        doc = ServeDocument.load(self.path)
+        try:
+            root = doc.kb_root(state.new)
+            sets = {kb: items for kb in sorted(doc.served_knowledge_bases(state.new))
+                    if (items := golden.read_items(root, kb))}
+            if not sets:
+                self._log("ROLLOUT_GOLDEN", new=state.new, when=when, result="no knowledge base has a golden set")
+                return True
+            results = {kb: {"candidate": self.cluster.evaluate(state.new, kb, items),
+                            "stable": self.cluster.evaluate(state.stable, kb, items)} for kb, items in sets.items()}
+        except Exception as exc:
+            verdict = Verdict(cfg.on_inconclusive, f"golden sets could not be run ({type(exc).__name__}: {exc}); "
+                                                   f"{cfg.on_inconclusive} rather than promote", rule="golden")
+        else:
+            verdict = judge_golden(results, cfg)
+            if verdict.action == "wait":
+                verdict = Verdict(cfg.on_inconclusive, f"{verdict.reason}; {cfg.on_inconclusive} rather than promote",
+                                  verdict.numbers, verdict.rule)
+        self._log("ROLLOUT_GOLDEN", new=state.new, when=when, action=verdict.action, rule=verdict.rule,
+                  reason=verdict.reason)
+        return self._record(state, verdict, f"golden ({when})", pct)
 
     def _record(self, state: RolloutState, verdict: Verdict, stage: str | int, pct: float) -> bool:
         """Keep the verdict in the history; True when the rollout goes on."""

@@ -37,3 +37,6 @@ def offline_hub() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# A request header naming the one version that must answer, for golden-set evaluation only: such a
+# request is not user traffic (kept out of /stats, never copied to a shadow candidate).
+EVALUATE_HEADER = "x-rag-evaluate-version"

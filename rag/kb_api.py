@@ -27,6 +27,14 @@ class KnowledgeBaseRef(_Request):
     knowledge_base_name: Name
 
 
+class EvalSet(_Request):
+    """A knowledge base's golden set, replaced whole: each item a question, the file(s) that answer it and,
+    optionally, words the answer should contain (see `rag.golden`)."""
+
+    knowledge_base_name: Name
+    items: list[dict[str, Any]] = Field(max_length=500, description="[] removes the set")
+
+
 class DeleteDocs(_Request):
     knowledge_base_name: Name
     file_names: FileNames

@@ -9,6 +9,7 @@ same way: the share of agreement a change may cost.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import threading
@@ -68,6 +69,7 @@ class Pair:
     cited_share: float | None = None  # the stable answer cited something
     answer_similarity: float | None = None  # both answered and the Embedder could compare them
     length_ratio: float | None = None  # candidate / stable answer length, the stable one not empty
+    question: str = ""  # a digest of the question: repeated questions weigh once in a stage's means
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,12 @@ class Dropped:
 ShadowRecord = Pair | Dropped
 
 
+def question_key(text: str) -> str:
+    return hashlib.blake2b(" ".join(text.casefold().split()).encode("utf-8"), digest_size=8).hexdigest()
+
+
 def compare(stable: AnswerRecord, candidate: AnswerRecord, similarity: float | None = None,
-            at: float | None = None) -> Pair:
+            at: float | None = None, question: str = "") -> Pair:
     both = stable.ok and candidate.ok
     cited = None
     if stable.ok and stable.cited:
@@ -92,7 +98,8 @@ def compare(stable: AnswerRecord, candidate: AnswerRecord, similarity: float | N
                 source_overlap=rank_biased_overlap(stable.sources, candidate.sources) if both else None,
                 cited_share=cited,
                 answer_similarity=similarity if both else None,
-                length_ratio=len(candidate.text) / len(stable.text) if both and stable.text else None)
+                length_ratio=len(candidate.text) / len(stable.text) if both and stable.text else None,
+                question=question)
 
 
 def rank_biased_overlap(a: Sequence[str], b: Sequence[str], p: float = RBO_PERSISTENCE) -> float:
@@ -141,16 +148,29 @@ def summarise(records: Sequence[ShadowRecord]) -> dict[str, Any]:
         "stable_failed": len(pairs) - len(judged),
         "dropped": dict(Counter(r.reason for r in records if isinstance(r, Dropped))),
     }
+    summary["questions"] = len({p.question for p in judged})
     for name in ("source_overlap", "cited_share", "answer_similarity", "length_ratio"):
-        values = [v for p in judged if (v := getattr(p, name)) is not None]
-        summary[name] = round(fmean(values), 4) if values else None
-        summary[f"{name}_samples"] = len(values)
+        summary[name], summary[f"{name}_samples"] = _mean_per_question(judged, name)
     for side in ("candidate", "stable"):
         ttfts = sorted(t for p in both if (t := getattr(p, f"{side}_first_token_s")) is not None)
         summary[f"{side}_ttft_samples"] = len(ttfts)
         for q in TTFT_QUANTILES:
             summary[f"{side}_{ttft_key(q)}"] = quantile(ttfts, q)
     return summary
+
+
+def _mean_per_question(pairs: Sequence[Pair], name: str) -> tuple[float | None, int]:
+    """The mean of a measure with each distinct question weighing once (its pairs averaged first), and
+    the pairs it covers. Which answers get copied depends on timing (a copy slot frees up, a rate token
+    refills) and real traffic repeats its popular questions: a plain mean would let one question that
+    happened to be copied often decide."""
+    by_question: dict[str, list[float]] = {}
+    for p in pairs:
+        if (value := getattr(p, name)) is not None:
+            by_question.setdefault(p.question, []).append(value)
+    if not by_question:
+        return None, 0
+    return round(fmean(fmean(v) for v in by_question.values()), 4), sum(len(v) for v in by_question.values())
 
 
 class MirrorGate:

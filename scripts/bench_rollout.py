@@ -272,6 +272,16 @@ def phase_rows(scenario: str, result: LoadResult, marks: list[tuple[float, str]]
     return rows
 
 
+@contextlib.contextmanager
+def deployed(path: Path, http_port: int) -> Iterator[tuple[str, str]]:
+    """A private cluster serving `path`, ready: (dashboard, gateway)."""
+    with support.private_cluster() as dashboard:
+        gateway = f"http://127.0.0.1:{http_port}"
+        cluster.deploy(path, dashboard)
+        cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        yield dashboard, gateway
+
+
 def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Under the load, the rollout tool moves traffic to a new version (or gives up on a faulty one)."""
     http_port = support.free_port()
@@ -284,10 +294,7 @@ def rollout_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespa
         print(f"[{scenario}] {line}", flush=True)
 
     try:
-        with support.private_cluster() as dashboard:
-            gateway = f"http://127.0.0.1:{http_port}"
-            cluster.deploy(path, dashboard)
-            cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+        with deployed(path, http_port) as (dashboard, gateway):
             faults = {"faults": {"error_rate": 0.5}} if scenario == "rollback" else {}
             with LoadGenerator(gateway, api_key=read_client_key(args.key_file), concurrency=args.clients,
                                max_seconds=DRAIN_LIMIT_S * 4,
@@ -325,20 +332,16 @@ def quality_scenario(scenario: str, work: Path, kb: Path, args: argparse.Namespa
         print(f"[{scenario}] {line[:400]}", flush=True)
 
     try:
-        with support.private_cluster() as dashboard:
-            gateway = f"http://127.0.0.1:{http_port}"
-            cluster.deploy(path, dashboard)
-            cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-            with LoadGenerator(gateway, api_key=read_client_key(args.key_file), concurrency=4, sticky_users=True,
-                               max_seconds=DRAIN_LIMIT_S * 4, max_requests=10_000_000,
-                               timeout_s=REQUEST_TIMEOUT_S) as load:
-                time.sleep(args.step_seconds)
-                began = time.time()
-                driver = Rollout(path, cluster.ClusterClient(dashboard, gateway, read_client_key(args.key_file)),
-                                 say=note)
-                status = driver.start("v2", "v1", QUALITY[scenario])
-                ended = time.time()
-                time.sleep(3)
+        key = read_client_key(args.key_file)
+        with deployed(path, http_port) as (dashboard, gateway), \
+                LoadGenerator(gateway, api_key=key, concurrency=4, sticky_users=True, max_seconds=DRAIN_LIMIT_S * 4,
+                              max_requests=10_000_000, timeout_s=REQUEST_TIMEOUT_S) as load:
+            time.sleep(args.step_seconds)
+            began = time.time()
+            driver = Rollout(path, cluster.ClusterClient(dashboard, gateway, key), say=note)
+            status = driver.start("v2", "v1", QUALITY[scenario])
+            ended = time.time()
+            time.sleep(3)
         state = driver.load_state()
         decided = state.history[-1] if state and state.history else {}
         answers = load.result.answers

@@ -9,9 +9,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.exceptions import BackPressureError
 
@@ -26,6 +26,7 @@ from rag.api import (
     SearchDocsRequest,
     error_body,
 )
+from rag.constants import EVALUATE_HEADER
 from rag.errors import OverloadedError, RagError, UpstreamTimeoutError
 from rag.records import AnswerStart, Question
 
@@ -52,10 +53,15 @@ async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
 
 
 async def _answer(service: GatewayService, question: Question, key: str | None, stream: bool,
-                  formatter: CompletionFormatter, endpoint: str) -> StreamingResponse | JSONResponse:
+                  formatter: CompletionFormatter, endpoint: str,
+                  evaluate: str | None = None) -> StreamingResponse | JSONResponse:
     started = time.perf_counter()
+    endpoint = "evaluation" if evaluate else endpoint
     try:
-        version, first, rest = await service.open_answer(question, key)
+        if evaluate:
+            version, first, rest = await service.open_evaluation(question, evaluate)
+        else:
+            version, first, rest = await service.open_answer(question, key)
     except RagError as exc:  # refused before its first byte: counted, as a cut stream is (stream_error)
         service.metrics.count_request(endpoint, status_for(exc))
         raise
@@ -72,14 +78,21 @@ def _streamed(service: GatewayService, version: str, first: AnswerStart, rest: A
                              headers={VERSION_HEADER: version, "cache-control": "no-cache"})
 
 
+EvaluateVersion = Annotated[str | None, Header(
+    alias=EVALUATE_HEADER, max_length=64,
+    description="golden-set evaluation only: the version that must answer (even at weight 0); the answer is "
+                "not counted as user traffic in /stats and never copied to a shadow candidate")]
+
+
 @router.post("/v1/chat/completions", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
-async def chat_completions(body: ChatCompletionRequest, services: Services) -> StreamingResponse | JSONResponse:
+async def chat_completions(body: ChatCompletionRequest, services: Services,
+                           evaluate: EvaluateVersion = None) -> StreamingResponse | JSONResponse:
     services.first_traffic()
     service = services.answers
     cfg = service.config
     question = body.to_question(service.knowledge_base_for(body), cfg.limits, cfg.max_history_turns)
     return await _answer(service, question, body.sticky_key, body.stream, CompletionFormatter(body.model),
-                         "chat_completions")
+                         "chat_completions", evaluate)
 
 
 @router.post("/chat/kb_chat", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})

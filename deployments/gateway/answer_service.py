@@ -38,6 +38,7 @@ from rag.shadow import (
     answer_record,
     compare,
     cosine,
+    question_key,
     trivial_similarity,
 )
 from rag.stats import VersionStats
@@ -185,6 +186,20 @@ class GatewayService:
         raise ServiceUnavailableError(f"no version could start the answer within {self.config.first_event_timeout_s:g}"
                                       f"s (tried {failed}); retry shortly")
 
+    async def open_evaluation(self, question: Question, version: str) -> tuple[str, AnswerStart, AnswerStream]:
+        """A golden-set question for one named version (even at weight 0): no other version, no retry,
+        no copy, and not counted as user traffic."""
+        self.refuse_if_draining()
+        if version not in self.traffic.weights:
+            raise InvalidRequestError(f"version {version[:64]!r} is not deployed; deployed: "
+                                      f"{sorted(self.traffic.weights)}")
+        if version not in self.ready_versions():
+            raise ServiceUnavailableError(f"version {version!r} is not serving yet; retry shortly")
+        await self._wake_if_cold(version)
+        first, stream = await self._first_event(version, question, self.config.first_event_timeout_s)
+        stream.evaluation = True
+        return version, first, stream
+
     async def _wake_if_cold(self, version: str) -> bool:
         """Whether a stage of `version` is at zero replicas; if so, wake all such stages at once (Serve
         would start them one after another, as the request reaches each), at most every WAKE_INTERVAL_S."""
@@ -228,7 +243,7 @@ class GatewayService:
                     rest: AnswerStream, started: float, endpoint: str) -> AsyncIterator[str]:
         """SSE lines for one answer; a broken upstream ends in an error event and [DONE], never a cut."""
         status, finished, ttft = "200", False, None
-        with self.in_flight.track(), self._counted(version, rest.cold) as outcome:
+        with self.in_flight.track(), self._counted(version, rest) as outcome:
             try:
                 yield sse(formatter.chunk(first))
                 async for batch in rest.batches():
@@ -253,7 +268,7 @@ class GatewayService:
 
     async def collect(self, version: str, first: AnswerStart, rest: AnswerStream,
                       started: float, endpoint: str) -> list[AnswerEvent]:
-        with self.in_flight.track(), self._counted(version, rest.cold) as outcome:
+        with self.in_flight.track(), self._counted(version, rest) as outcome:
             events: list[AnswerEvent] = [first]
             ttft = None
             try:
@@ -271,14 +286,18 @@ class GatewayService:
         return events
 
     @contextmanager
-    def _counted(self, version: str, cold: bool = False) -> Iterator[dict[str, Any]]:
-        """Per-version in-flight and outcome for the rollout's comparison; failed unless marked ok."""
+    def _counted(self, version: str, stream: AnswerStream) -> Iterator[dict[str, Any]]:
+        """Per-version in-flight and outcome for the rollout's comparison; failed unless marked ok. An
+        evaluation's answer is no user's: not counted."""
         outcome: dict[str, Any] = {"ok": False, "first_token_s": None}
+        if stream.evaluation:
+            yield outcome
+            return
         self.stats.started(version)
         try:
             yield outcome
         finally:
-            self.stats.finished(version, outcome["ok"], outcome["first_token_s"], cold)
+            self.stats.finished(version, outcome["ok"], outcome["first_token_s"], stream.cold)
 
     def _first_token(self, event: AnswerEvent, started: float, version: str) -> float | None:
         """Record time to first token at the first answer text and return it."""
@@ -324,7 +343,7 @@ class GatewayService:
                 self._shadow_record(candidate, Dropped(time.time(), "stable answer incomplete"))
                 return
             similarity = await self._similarity(candidate, stable, answer)
-            self._shadow_record(candidate, compare(stable, answer, similarity))
+            self._shadow_record(candidate, compare(stable, answer, similarity, question=question_key(question.text)))
         except Exception as exc:  # a copy never disturbs the gateway
             logger.warning("event=SHADOW_FAILED version=%s error=%r", candidate, exc)
 
@@ -413,6 +432,7 @@ class AnswerStream:
         self._held: list[AnswerEvent] = []
         self.cold = False  # it waited for a stage to start from zero replicas
         self.shadow: ShadowCopy | None = None  # the copy of this question on a rollout's candidate
+        self.evaluation = False  # a golden-set question for a named version: not user traffic
 
     def saw(self, event: AnswerEvent) -> None:
         if self.shadow:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from deployments.gateway.statuses import status_for
-from rag import kb_store
+from rag import golden, kb_store
 from rag.config import KnowledgeBaseSettings, PipelineConfig, SplitterConfig, check_kb_name
 from rag.errors import (
     ConflictError,
@@ -102,6 +102,23 @@ class KnowledgeBaseService:
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
         return await asyncio.to_thread(_files, root, kb)
+
+    async def read_eval_set(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
+        check_kb_name(kb)
+        root = await self.kb_root(versions)
+        kb_store.require(root, kb)
+        items = await asyncio.to_thread(golden.read_items, root, kb)
+        return [i.model_dump() for i in items]
+
+    async def write_eval_set(self, kb: str, items: list[dict[str, Any]], versions: list[str]) -> int:
+        """Replace the KB's golden set (validated first: a bad item leaves the stored set as it was)."""
+        check_kb_name(kb)
+        checked = golden.check_items(items)
+        root = await self.kb_root(versions)
+        kb_store.require(root, kb)
+        async with self._lock(kb):
+            await asyncio.to_thread(golden.write_items, root, kb, checked)
+        return len(checked)
 
     async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
         check_kb_name(kb)

@@ -20,10 +20,19 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from deployments.gateway.kb_requests import KnowledgeBaseRequests
 from deployments.gateway.services import KbRequests
 from deployments.gateway.statuses import documented
-from rag import kb_store
+from rag import golden, kb_store
 from rag.config import KnowledgeBaseSettings, check_kb_name
 from rag.errors import InvalidRequestError, RequestTooLargeError
-from rag.kb_api import UPLOAD_BODY, CreateKnowledgeBase, DeleteDocs, KnowledgeBaseRef, UpdateDocs, UploadForm, kb_body
+from rag.kb_api import (
+    UPLOAD_BODY,
+    CreateKnowledgeBase,
+    DeleteDocs,
+    EvalSet,
+    KnowledgeBaseRef,
+    UpdateDocs,
+    UploadForm,
+    kb_body,
+)
 from rag.kb_build import Changes, Source
 
 router = APIRouter(prefix="/knowledge_base", tags=["knowledge bases"])
@@ -67,6 +76,22 @@ async def delete_knowledge_base(body: KnowledgeBaseRef, kbs: KbRequests) -> dict
 async def list_files(knowledge_base_name: Annotated[str, Query(min_length=1, max_length=128)],
                      kbs: KbRequests) -> dict[str, Any]:
     return kb_body(await kbs.call("list_files", knowledge_base_name))
+
+
+@router.get("/eval_set", responses=_documented())
+async def read_eval_set(knowledge_base_name: Annotated[str, Query(min_length=1, max_length=128)],
+                        kbs: KbRequests) -> dict[str, Any]:
+    """The KB's golden set (`data.items`, empty when it has none): what `scripts.evaluate` and a rollout run."""
+    items = await kbs.call("read_eval_set", knowledge_base_name)
+    return kb_body({"items": items, "count": len(items)})
+
+
+@router.post("/eval_set", responses=_documented())
+async def write_eval_set(body: EvalSet, kbs: KbRequests) -> dict[str, Any]:
+    """Replace the KB's golden set whole; a bad item is a 400 naming it, and the stored set stays as it was."""
+    golden.check_items(body.items)  # here first: a clear 400 without a trip to the manager
+    count = await kbs.call("write_eval_set", body.knowledge_base_name, body.items)
+    return kb_body({"count": count}, f"stored {count} evaluation questions for {body.knowledge_base_name}")
 
 
 @router.get("/download_doc", response_model=None, responses=_documented(

@@ -45,6 +45,8 @@ class FakeCluster:
         self.weights: dict[str, float] = {}
         self.shadow: str | None = None  # the version the gateway copies answered questions to
         self.shadow_summary: dict[str, Any] | None = dict(GOOD_SHADOW)  # what its pairs add up to
+        self.golden: dict[str, dict[str, Any]] = {}  # per version, its golden-set scores (default: GOOD_GOLDEN)
+        self.evaluated: list[tuple[str, str, int]] = []  # (version, kb, questions)
         self.fail_apply = False
         self.serving_checks = 0
         self.serving_stops_at: int | None = None
@@ -98,6 +100,15 @@ class FakeCluster:
         if self.shadow and self.shadow_summary is not None and self.shadow in stats:
             stats[self.shadow] = {"shadow": self.shadow_summary, **stats[self.shadow]}
         return stats
+
+
+    def evaluate(self, version: str, kb: str, items: list[Any]) -> dict[str, Any]:
+        self.evaluated.append((version, kb, len(items)))
+        return {"knowledge_base": kb, "version": version, **self.golden.get(version, GOOD_GOLDEN)}
+
+
+GOOD_GOLDEN = {"items": 4, "errors": 0, "recall@1": 0.75, "recall@3": 1.0, "recall@5": 1.0, "mrr": 0.875,
+               "citation_rate": 1.0, "words_rate": None, "words_items": 0}
 
 
 class Killed(BaseException):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from control.judge import judge, judge_shadow, tail_quantile
+from control.judge import judge, judge_golden, judge_shadow, tail_quantile
 from rag.config import RolloutConfig
 
 
@@ -128,3 +128,18 @@ def test_the_shadow_stage_never_passes_on_missing_evidence() -> None:
     assert unmeasured.action == "wait" and unmeasured.rule == "answer_similarity"
     uncited = judge_shadow({"shadow": _shadow(cited=None)}, CFG)  # stable answers cite nothing: not a rule
     assert uncited.action == "continue" and uncited.rule == "passed" and "30 shadow pairs" in uncited.reason
+
+
+def _golden(recall: float = 1.0, cited: float | None = 1.0) -> dict:
+    return {"items": 10, "recall@5": recall, "citation_rate": cited}
+
+
+def test_golden_sets_allow_a_margin_and_roll_back_beyond_it_per_knowledge_base() -> None:
+    same = {"samples": {"candidate": _golden(0.97), "stable": _golden(1.0)}}
+    assert judge_golden(same, CFG).action == "continue"
+    worse = {"samples": {"candidate": _golden(), "stable": _golden()},
+             "manuals": {"candidate": _golden(0.8), "stable": _golden(0.9)}}
+    verdict = judge_golden(worse, CFG)
+    assert verdict.action == "rollback" and verdict.rule == "golden_recall"
+    assert "golden set of manuals" in verdict.reason
+    assert judge_golden({"samples": {"candidate": _golden(cited=None), "stable": _golden()}}, CFG).action == "wait"

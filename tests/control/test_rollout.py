@@ -11,8 +11,10 @@ import pytest
 from control.document import ServeDocument
 from control.preflight import deployment_replicas
 from rag.errors import InvalidRequestError
+from rag.golden import check_items, write_items
 from tests.control.rollout_fakes import (
     FAST,
+    GOOD_GOLDEN,
     FakeCluster,
     assert_as_before,
     healthy,
@@ -273,3 +275,49 @@ def test_a_candidate_serving_one_knowledge_base_fewer_is_rolled_back_before_any_
                and c["applications"][0]["deployments"][0]["user_config"]["weights"].get("v2", 0) == 0
                for c in cluster.applied)
     assert_as_before(config, before, cluster)
+
+
+def _golden_set(config: Path) -> None:
+    write_items(config.parent / "kb", "samples", check_items([
+        {"question": "How do I stop the service?", "files": ["operations.md"]},
+        {"question": "Which formats can I ingest?", "files": ["ingesting.md"], "words": ["PDF"]}]))
+
+
+def test_golden_sets_run_on_both_versions_at_start_and_before_promotion(config: Path) -> None:
+    _golden_set(config)
+    cluster = FakeCluster()
+    rollout = make(config, cluster)
+    assert start_v2(rollout) == "promoted"
+    assert cluster.evaluated == [("v2", "samples", 2), ("v1", "samples", 2)] * 2
+    state = rollout.load_state()
+    stages = [h["step"] for h in state.history] if state else []
+    assert stages == ["golden (start)", "shadow", 0, 1, "golden (before promotion)"]
+    assert "recall@5 1.000 (stable 1.000)" in state.history[0]["reason"] if state else False
+
+
+@pytest.mark.parametrize("measure", ["recall@5", "citation_rate"])
+def test_a_candidate_worse_on_the_golden_set_is_rolled_back_before_any_copy(config: Path, measure: str) -> None:
+    _golden_set(config)
+    before = config.read_text()
+    cluster = FakeCluster()
+    cluster.golden["v2"] = {**GOOD_GOLDEN, measure: 0.5}
+    rollout = make(config, cluster)
+    assert start_v2(rollout) == "rolled_back"
+    state = rollout.load_state()
+    assert state and state.history[-1]["step"] == "golden (start)"
+    assert f"candidate {measure} 0.500 is 0.500 below stable 1.000" in state.reason
+    assert all(c["applications"][0]["deployments"][0]["user_config"].get("shadow") is None for c in cluster.applied)
+    assert_as_before(config, before, cluster)
+
+
+def test_a_golden_set_that_cannot_be_run_is_no_pass(config: Path) -> None:
+    _golden_set(config)
+    cluster = FakeCluster()
+
+    def broken(version: str, kb: str, items: list[Any]) -> dict[str, Any]:
+        raise RuntimeError("reading the gateway failed")
+    cluster.evaluate = broken  # type: ignore[method-assign]
+    rollout = make(config, cluster)
+    assert start_v2(rollout) == "rolled_back"
+    state = rollout.load_state()
+    assert state and "golden sets could not be run" in state.reason and state.history[-1]["rule"] == "golden"

@@ -221,3 +221,23 @@ def test_a_job_queued_before_a_delete_does_not_bring_the_knowledge_base_back(tmp
     view, _ = run(scenario())
     assert view["state"] == "failed" and view["status"] == 404
     assert not (tmp_path / "docs").exists()
+
+
+def test_a_golden_set_is_replaced_whole_and_a_bad_one_changes_nothing(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+    items = [{"question": "How do I stop it?", "files": ["operations.md"], "words": ["make stop"]}]
+
+    async def scenario() -> list[list[dict[str, Any]]]:
+        await service.create("docs", "manuals", None, ["v1"])
+        seen = [await service.read_eval_set("docs", ["v1"])]
+        assert await service.write_eval_set("docs", items, ["v1"]) == 1
+        seen.append(await service.read_eval_set("docs", ["v1"]))
+        with pytest.raises(InvalidRequestError, match="item 2: files"):
+            await service.write_eval_set("docs", [*items, {"question": "no files"}], ["v1"])
+        seen.append(await service.read_eval_set("docs", ["v1"]))
+        with pytest.raises(KnowledgeBaseNotFoundError):
+            await service.write_eval_set("nope", items, ["v1"])
+        return seen
+
+    empty, stored, after_bad = run(scenario())
+    assert empty == [] and stored == after_bad == items

@@ -13,6 +13,7 @@ from rag.shadow import (
     answer_record,
     cited_sources,
     compare,
+    question_key,
     rank_biased_overlap,
     summarise,
     trivial_similarity,
@@ -87,3 +88,15 @@ def test_the_gate_bounds_rate_and_copies_in_flight_and_sheds_first_under_load() 
     gate.done()
     assert gate.admit(10) == "gateway busy"  # the users come first
     assert gate.admit(9) is None
+
+
+def test_a_question_copied_often_weighs_once_in_the_means() -> None:
+    ok = answer_record("ok", 0.1, passages("a.md"), "A [1].")
+    other = answer_record("ok", 0.1, passages("b.md"), "B [1].")
+    # Nine copies of a question both versions answer alike, one of a question the candidate gets wrong.
+    records = [compare(ok, ok, 1.0, question=question_key("How do I stop it?")) for _ in range(9)]
+    records.append(compare(ok, other, 0.0, question=question_key("how do I  STOP it?  ")))  # the same question
+    records.append(compare(ok, other, 0.0, question=question_key("Where is the dashboard?")))
+    summary = summarise(records)
+    assert summary["questions"] == 2 and summary["source_overlap_samples"] == 11
+    assert summary["source_overlap"] == pytest.approx((0.9 + 0.0) / 2)

@@ -377,6 +377,20 @@ function selectKb(name) {
   $("kb-title").textContent = name || "";
   $("search-results").replaceChildren();
   if (name) loadFiles().catch((e) => notice(e.message));
+  if (name) loadEvalSet().catch((e) => notice(e.message));
+}
+
+async function loadEvalSet() {
+  const kb = selectedKb;
+  const body = await getJson(`/knowledge_base/eval_set?knowledge_base_name=${encodeURIComponent(kb)}`);
+  if (kb !== selectedKb) return;
+  const items = body.data?.items || [];
+  $("eval-summary").textContent = items.length
+    ? `${items.length} evaluation questions: a rollout compares the candidate's recall@5 and citations on them with the `
+      + "stable version's; run them with python -m scripts.evaluate"
+    : "no golden set: POST one to /knowledge_base/eval_set (see the README) to have rollouts check answer quality";
+  $("eval-rows").replaceChildren(...items.map((i) => el("tr", { "data-testid": "eval-row" },
+    el("td", {}, i.question), el("td", {}, i.files.join(", ")), el("td", {}, (i.words || []).join(", ")))));
 }
 
 async function loadFiles() {
