@@ -26,12 +26,12 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from rag.config import LEASE_HEARTBEATS_PER_TTL, is_kb_name
 from rag.errors import InvalidRequestError
-from rag.index import kb_directory, list_versions, version_directory
+from rag.index import Manifest, kb_directory, list_versions, version_directory
 
 logger = logging.getLogger("rag.leases")
 
@@ -75,8 +75,12 @@ def versions_in_use(kb_root: Path, kb: str, ttl_s: float, *, now: float | None =
             if version is not None and stamp - written < ttl_s}
 
 
-def prune_versions(kb_root: Path, kb: str, keep: int, ttl_s: float, *, now: float | None = None) -> list[int]:
-    """Delete the versions of `kb` that are not among the newest `keep` and not leased; returns them.
+def prune_versions(kb_root: Path, kb: str, keep: int, ttl_s: float, *, now: float | None = None,
+                   protected: Collection[int] = (), newest_for_models: Collection[str] = ()) -> list[int]:
+    """Delete the versions of `kb` that are not among the newest `keep`, not leased, not `protected`
+    (named by a deployed version's config: pinned, or pinned by a rollout in progress) and not the newest
+    built with one of `newest_for_models` (the embedding models deployed versions use: a version switching
+    back to a model must find an index it can read); returns them.
 
     Stale leases and leftovers of interrupted prunes are removed as well.
     """
@@ -85,11 +89,24 @@ def prune_versions(kb_root: Path, kb: str, keep: int, ttl_s: float, *, now: floa
     stamp = time.time() if now is None else now
     # List before reading leases: a version a reader starts to lease after this is newer, so kept.
     versions = list_versions(kb_root, kb)
-    protected = set(versions[-keep:]) | versions_in_use(kb_root, kb, ttl_s, now=stamp)
+    protected = (set(versions[-keep:]) | versions_in_use(kb_root, kb, ttl_s, now=stamp) | set(protected)
+                 | _newest_per_model(kb_root, kb, versions, set(newest_for_models)))
     deleted = [v for v in versions if v not in protected and _delete_version(kb_root, kb, v)]
     _remove_stale_leases(kb_root, kb, ttl_s, stamp)
     _remove_pruned_leftovers(kb_root, kb)
     return deleted
+
+
+def _newest_per_model(kb_root: Path, kb: str, versions: list[int], models: set[str]) -> set[int]:
+    newest: dict[str, int] = {}
+    for version in versions:  # oldest first: the last one seen per model is its newest
+        try:
+            model = Manifest.read(version_directory(kb_root, kb, version)).embedding_model
+        except (OSError, ValueError, TypeError):
+            continue
+        if model in models:
+            newest[model] = version
+    return set(newest.values())
 
 
 def _lease_path(kb_root: Path, kb: str, reader_id: str) -> Path:

@@ -3,6 +3,7 @@ knowledge bases (one writer per KB, jobs kept in one place whichever gateway rep
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from ray import serve
 
 from deployments.gateway.expiring import Expiring
-from deployments.gateway.kb_manager_service import KnowledgeBaseService
+from deployments.gateway.kb_manager_service import Keep, KnowledgeBaseService
 from deployments.gateway.serve_handles import ServeHandles
 from deployments.stages.replica_lifecycle import ReplicaLifecycle
 from rag.config import GatewayConfig, PipelineConfig
@@ -38,6 +39,12 @@ class ServeStages:
             return PipelineConfig.model_validate(await handle.describe.remote())
         return await self._configs.get(version, ask)
 
+    async def deployed(self) -> list[str]:
+        """The pipeline applications Serve runs now (every application but this gateway's own)."""
+        status = await asyncio.to_thread(serve.status)
+        own = serve.get_replica_context().app_name
+        return sorted(name for name in status.applications if name != own)
+
     def embedder(self, version: str) -> Embed:
         handle = self._handles.embedder_blocking(version)
 
@@ -47,8 +54,8 @@ class ServeStages:
         return embed
 
 
-def _prune(root: Path, kb: str, keep: int, lease_ttl_s: float) -> None:
-    pruned = prune_versions(root, kb, keep, lease_ttl_s)
+def _prune(root: Path, kb: str, keep: int, lease_ttl_s: float, also: Keep) -> None:
+    pruned = prune_versions(root, kb, keep, lease_ttl_s, protected=also.pinned, newest_for_models=also.models)
     if pruned:
         logger.info("event=INDEX_PRUNED kb=%s versions=%s", kb, pruned)
 

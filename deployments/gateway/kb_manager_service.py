@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,19 +38,46 @@ logger = logging.getLogger("rag.knowledge_bases")
 class Stages(Protocol):
     async def config(self, version: str) -> PipelineConfig: ...
 
+    async def deployed(self) -> list[str]:
+        """Every pipeline version deployed now, with or without traffic."""
+        ...
+
     def embedder(self, version: str) -> Embed:
         """A blocking embed function for the build's worker thread."""
 
 
+@dataclass(frozen=True)
+class Keep:
+    """What pruning must keep besides the newest versions and the leased ones."""
+
+    pinned: set[int]  # index versions named by a deployed version's config
+    models: set[str]  # embedding models of the deployed versions: the newest index of each stays
+
+
 class KnowledgeBaseService:
     def __init__(self, settings: KnowledgeBaseSettings, stages: Stages,
-                 after_publish: Callable[[Path, str, int, float], None] | None = None) -> None:
+                 after_publish: Callable[[Path, str, int, float, Keep], None] | None = None) -> None:
         self.settings = settings
         self.jobs = JobBoard()
         self._stages = stages
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._after_publish = after_publish
+
+    async def _prune(self, root: Path, kb: str, config: PipelineConfig) -> None:
+        """Old index versions go, except what a deployed version's config names (a pin, a rollout's pin)
+        and the newest one per embedding model in use, whatever the leases say. When a deployed version's
+        config cannot be read, nothing is pruned this time: what it pins is unknown."""
+        try:
+            configs = [await self._stages.config(v) for v in await self._stages.deployed()]
+        except Exception as exc:
+            logger.warning("event=PRUNE_SKIPPED kb=%s reason=%r", kb, exc)
+            return
+        keep = Keep({p for c in configs if isinstance(p := c.retrieval.knowledge_bases.get(kb), int)},
+                    {c.embedding.model for c in configs})
+        assert self._after_publish is not None
+        await asyncio.to_thread(self._after_publish, root, kb, self.settings.keep_versions,
+                                config.retrieval.lease_ttl_s, keep)
 
     async def _choose(self, versions: list[str], kb: str | None = None) -> tuple[str, PipelineConfig]:
         """The first serving version (heaviest first) that embeds with the KB's model."""
@@ -179,8 +207,7 @@ class KnowledgeBaseService:
                     progress=job.progress, max_file_bytes=self.settings.max_file_bytes,
                     batch_size=self.settings.embed_batch)
                 if result.created and self._after_publish:
-                    await asyncio.to_thread(self._after_publish, root, kb, self.settings.keep_versions,
-                                            config.retrieval.lease_ttl_s)
+                    await self._prune(root, kb, config)
             except Exception as exc:
                 # The client sees the library's own words without server paths; anything else (an OSError,
                 # a bug) only as a 500 that points to the log, where the whole error is.

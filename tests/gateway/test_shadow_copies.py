@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 from deployments.gateway.answer_service import GatewayService
 from rag.api import CompletionFormatter
 from rag.config import GatewayConfig, RolloutConfig, ShadowConfig, TrafficConfig
-from rag.errors import KnowledgeBaseNotFoundError
+from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEnd, AnswerStart, Passage, Question
 
@@ -214,3 +215,18 @@ def test_an_answer_from_the_candidate_itself_is_not_copied() -> None:
     svc.set_traffic(TrafficConfig(weights={"v2": 100}, shadow="v2"))
     asyncio.run(ask(svc))
     assert candidate.answers == 1 and "shadow" not in svc.stats.summary()["v2"]
+
+
+def test_an_evaluation_reaches_the_named_version_at_weight_0_uncounted_and_uncopied() -> None:
+    candidate = Version("v2", ["changelog.md"], "Other [1].")
+    svc, stable = gateway(candidate)
+
+    async def evaluate() -> list[Any]:
+        version, first, rest = await svc.open_evaluation(QUESTION, "v2")
+        return await svc.collect(version, first, rest, 0.0, "evaluation")
+
+    events = asyncio.run(evaluate())
+    assert events[0].version == "v2" and candidate.answers == 1 and stable.answers == 0
+    assert svc.stats.summary() == {}  # no user request, no copy
+    with pytest.raises(InvalidRequestError, match="not deployed"):
+        asyncio.run(svc.open_evaluation(QUESTION, "v9"))

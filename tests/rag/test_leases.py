@@ -26,13 +26,13 @@ NOW = 1_000_000.0
 TTL = 30.0
 
 
-def _publish(root: Path, kb: str, times: int = 1) -> None:
+def _publish(root: Path, kb: str, times: int = 1, model: str = "m") -> None:
     rng = np.random.default_rng(len(list_versions(root, kb)))
     for _ in range(times):
         vectors = rng.normal(size=(3, 8)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         chunks = [Chunk(f"text {i}", f"s{i}.md") for i in range(3)]
-        publish_index(root, kb, chunks, vectors, embedding_model="m", fingerprint="x")
+        publish_index(root, kb, chunks, vectors, embedding_model=model, fingerprint="x")
 
 
 def _lease_files(root: Path, kb: str) -> list[str]:
@@ -103,6 +103,17 @@ def test_prune_keeps_newest_and_leased_versions(tmp_path: Path) -> None:
     assert list_versions(tmp_path, "kb") == [2, 5, 6]
     assert sorted(p.name for p in (tmp_path / "kb").iterdir() if p.name.startswith("v")) == ["v2", "v5", "v6"]
     assert _lease_files(tmp_path, "kb") == ["reads-2.json"]  # the stale lease went with its version
+
+
+def test_prune_keeps_what_a_deployed_config_names_and_the_newest_per_model_in_use_whatever_the_leases(
+        tmp_path: Path) -> None:
+    _publish(tmp_path, "kb", times=2, model="old-model")  # 1, 2
+    _publish(tmp_path, "kb", times=4)  # 3..6 with "m"
+    # No lease at all: a version pinned in serve_config.yaml (3), and the newest index of a model a
+    # deployed version still uses (2, "old-model") stay; the newest two (5, 6) stay as ever.
+    assert prune_versions(tmp_path, "kb", keep=2, ttl_s=TTL, now=NOW, protected={3},
+                          newest_for_models={"old-model", "m"}) == [1, 4]
+    assert list_versions(tmp_path, "kb") == [2, 3, 5, 6]
 
 
 def test_prune_never_deletes_the_newest(tmp_path: Path) -> None:

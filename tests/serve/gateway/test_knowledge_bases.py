@@ -171,3 +171,28 @@ def test_a_chinese_kb_uploaded_over_http_is_searched_lexical_first(http: httpx.C
     assert (details["zhdocs"]["language"], details["zhdocs"]["retrieval_mode"]) == ("zh", "lexical")
     answer = stream_chat(http, next(iter(QUESTIONS)), "zhdocs")
     assert answer.complete and "日志" in answer.text and answer.sources[0]["metadata"]["source"] == "tail.md"
+
+
+def test_a_golden_set_is_stored_over_http_and_scored_without_counting_as_user_traffic(
+        service: LocalService, http: httpx.Client, uploaded: str) -> None:
+    from control.evaluation import evaluate, fetch_items
+
+    items = [{"question": "What is a sourdough starter made of?", "files": ["bread.html"], "words": ["flour"]},
+             {"question": "How does a caldera form?", "files": ["volcano.md"]},
+             {"question": "What does Kepler's third law relate?", "files": ["orbits.txt"]}]
+    bad = http.post("/knowledge_base/eval_set", json={"knowledge_base_name": uploaded,
+                                                       "items": [*items, {"question": "q", "files": ["x.exe"]}]})
+    assert bad.status_code == 400 and "item 4" in bad.json()["msg"]
+    assert http.get("/knowledge_base/eval_set", params={"knowledge_base_name": uploaded}).json()["data"]["count"] == 0
+    stored = http.post("/knowledge_base/eval_set", json={"knowledge_base_name": uploaded, "items": items})
+    assert stored.status_code == 200 and stored.json()["data"]["count"] == 3
+    before = http.get("/stats").json()["versions"]["v1"]["requests"]
+    result = evaluate(service.gateway, service.api_key, uploaded, fetch_items(service.gateway, service.api_key,
+                                                                              uploaded), "v1")
+    assert result["items"] == 3 and result["errors"] == 0 and result["recall@5"] == 1.0
+    assert result["citation_rate"] == 1.0 and result["words_rate"] == 1.0
+    time.sleep(1.5)  # the gateways hand their outcomes to the board every half second
+    assert http.get("/stats").json()["versions"]["v1"]["requests"] == before
+    unknown = http.post("/v1/chat/completions", headers={"x-rag-evaluate-version": "v9"},
+                        json={"model": uploaded, "messages": [{"role": "user", "content": "q"}]})
+    assert unknown.status_code == 400 and "not deployed" in unknown.text
