@@ -11,13 +11,14 @@ export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install browser demo stop test lint bench bench-rollout bench-ingest bench-generation bench-autoscale gpu-check
+.PHONY: help install browser demo stop test lint bench bench-rollout bench-quality bench-ingest bench-generation bench-autoscale gpu-check
 help:
 	@echo "make demo   start local Ray, ingest the sample KB, deploy, stream an answer"
 	@echo "make stop   drain and remove the apps, stop Ray"
 	@echo "make test   install what the tests need and run lint, types and the whole suite"
 	@echo "make bench  benchmark Serve HTTP vs the Serve floor and in-process (needs make demo running)"
 	@echo "make bench-rollout  upgrades and rollouts under load, three ways (about 20 minutes)"
+	@echo "make bench-quality  rollouts judged on answer quality under sticky clients (about 12 minutes)"
 	@echo "make bench-generation  batched generation, 1-64 streams, in-process and through Serve (tiny model)"
 	@echo "make bench-autoscale  a load ramp on autoscaled vs fixed replicas, a cold start from zero, a rollout (25 min)"
 	@echo "make gpu-check  on a GPU machine: the batched-generation goals for the 0.5B shape through Serve"
@@ -64,6 +65,10 @@ bench: install
 
 bench-rollout: install
 	$(PY) -m scripts.bench_rollout
+
+bench-quality: install
+	$(PY) -m scripts.bench_rollout --scenarios quality-same quality-half-index quality-threshold quality-failing \
+		--step-seconds 10 --piece-delay 0.01
 
 bench-ingest: install
 	$(PY) -m scripts.bench_ingest

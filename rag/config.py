@@ -262,6 +262,9 @@ class ShadowConfig(_Strict):
     # token stays within 1.2x (bench_rollout's quality scenarios); 20 pairs take about 20 s.
     rate_per_s: float = Field(1.0, gt=0, le=1000, description="copies started per second, per gateway replica")
     max_in_flight: int = Field(2, ge=1, le=256, description="copies running at once, per gateway replica")
+    # On a quiet service one copy a second can be a third of the work: copies also stay below this share
+    # of the answered requests, so the users' latency holds at any traffic.
+    max_share: float = Field(0.25, gt=0, le=1, description="copies per answered request, per gateway replica")
     max_user_in_flight: int = Field(16, ge=1, le=10_000,
                                     description="no copies while a gateway replica holds this many user requests")
     timeout_s: float = Field(60.0, gt=0, le=600, description="a copy's whole answer; later is an error")

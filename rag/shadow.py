@@ -175,12 +175,14 @@ def _mean_per_question(pairs: Sequence[Pair], name: str) -> tuple[float | None, 
 
 class MirrorGate:
     """Which answers may be copied now: never more than `rate_per_s` copies started per second (a token
-    bucket holding one second's worth) or `max_in_flight` at once, and none while the replica holds
-    `max_user_in_flight` user requests: copies are the first thing shed."""
+    bucket holding one second's worth), `max_in_flight` at once or `max_share` of the answers seen, and
+    none while the replica holds `max_user_in_flight` user requests: copies are the first thing shed."""
 
     def __init__(self, config: ShadowConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.clock = config, clock
         self.in_flight = 0
+        self._answered = 0  # requests seen, and copies made of them: copies stay within max_share
+        self._copied = 0
         self._tokens = max(1.0, config.rate_per_s)
         self._refilled = clock()
         self._lock = threading.Lock()
@@ -192,14 +194,18 @@ class MirrorGate:
             burst = max(1.0, self.config.rate_per_s)
             self._tokens = min(burst, self._tokens + (now - self._refilled) * self.config.rate_per_s)
             self._refilled = now
+            self._answered += 1
             if user_in_flight >= self.config.max_user_in_flight:
                 return "gateway busy"
+            if self._copied + 1 > self._answered * self.config.max_share:
+                return "share"
             if self.in_flight >= self.config.max_in_flight:
                 return "copies in flight"
             if self._tokens < 1:
                 return "rate"
             self._tokens -= 1
             self.in_flight += 1
+            self._copied += 1
             return None
 
     def done(self) -> None:

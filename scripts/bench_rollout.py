@@ -413,7 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--upgrade-at", type=float, default=0.5, help="when to upgrade, as a fraction of --seconds")
     parser.add_argument("--trigger", choices=("revision", "num-cpus"), default="revision",
                         help="Serve upgrade: bump args.revision (new code) or nudge every stage's num_cpus")
-    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(UPGRADES + ROLLOUTS),
+                        help="default: the upgrades and rollouts; `make bench-quality` runs the quality ones")
     parser.add_argument("--step-seconds", type=float, default=20, help="rollout: observation interval per step")
     parser.add_argument("--json", default=None, help="write the raw results to this path")
     return parser.parse_args(argv)

@@ -121,7 +121,7 @@ class Metrics:
 
 def gateway(candidate: Version, **shadow: Any) -> tuple[GatewayService, Version]:
     stable = Version("v1", STABLE["sources"], STABLE["text"])
-    config = GatewayConfig(rollout=RolloutConfig(shadow=ShadowConfig(**shadow)))
+    config = GatewayConfig(rollout=RolloutConfig(shadow=ShadowConfig(**{"max_share": 1.0, **shadow})))
     svc = GatewayService(config, Metrics(), InFlight(), Handles(stable, candidate), lambda: {"v1", "v2"})
     svc.set_traffic(TrafficConfig(weights={"v1": 100, "v2": 0}, shadow="v2"))
     return svc, stable

@@ -79,7 +79,7 @@ class Clock:
 
 def test_the_gate_bounds_rate_and_copies_in_flight_and_sheds_first_under_load() -> None:
     clock = Clock()
-    gate = MirrorGate(ShadowConfig(rate_per_s=2, max_in_flight=3, max_user_in_flight=10), clock)
+    gate = MirrorGate(ShadowConfig(rate_per_s=2, max_in_flight=3, max_user_in_flight=10, max_share=1), clock)
     assert [gate.admit(0), gate.admit(0), gate.admit(0)] == [None, None, "rate"]
     clock.now += 0.5  # one more token
     assert gate.admit(0) is None and gate.in_flight == 3
@@ -100,3 +100,13 @@ def test_a_question_copied_often_weighs_once_in_the_means() -> None:
     summary = summarise(records)
     assert summary["questions"] == 2 and summary["source_overlap_samples"] == 11
     assert summary["source_overlap"] == pytest.approx((0.9 + 0.0) / 2)
+
+
+def test_the_gate_copies_at_most_a_share_of_the_answers_however_quiet_the_service() -> None:
+    clock = Clock()
+    gate = MirrorGate(ShadowConfig(rate_per_s=100, max_in_flight=100, max_share=0.25), clock)
+    decisions = []
+    for _ in range(12):
+        clock.now += 1
+        decisions.append(gate.admit(0))
+    assert decisions.count(None) == 3 and decisions[3] is None and set(decisions) == {None, "share"}

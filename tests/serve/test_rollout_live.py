@@ -29,7 +29,12 @@ pytestmark = pytest.mark.cluster
 # to first token: the latency rule is covered by unit tests (tests/rag/test_rollout.py), so here a
 # latency difference counts only above 0.3 s.
 FAST_ROLLOUT = {"steps": [25, 100], "interval_s": 3, "min_requests": 5, "max_wait_intervals": 4,
-                "drain_timeout_s": 60, "ttft_slack_s": 0.3, "start_timeout_s": 150}
+                "drain_timeout_s": 60, "ttft_slack_s": 0.3, "start_timeout_s": 150,
+                # The KB update adds a document, and the watcher keeps asking the one question it answers:
+                # that question's pairs legitimately differ, so the quality bars are lowered here (they are
+                # unit-tested, and exercised at their defaults by make bench-quality).
+                "shadow": {"min_pairs": 10, "rate_per_s": 4, "min_source_overlap": 0.5, "min_cited_share": 0.5,
+                           "min_answer_similarity": 0.5}}
 MARKER = "The aurora release adds a zebra crossing mode"
 MARKER_QUESTION = "What does the aurora release add?"
 
