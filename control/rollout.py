@@ -355,11 +355,24 @@ class Rollout:
         doc.set_shadow(None)
         self._apply(doc, f"promote {state.new}: the old version {state.stable} gets no new requests")
         self._wait_idle(state.stable, cfg.drain_timeout_s)
-        if state.stable in doc.versions and (follow := doc.follow_latest_like(state.new, state.stable)):
+        follow = doc.follow_latest_like(state.new, state.stable) if state.stable in doc.versions else []
+        if follow:
             self._log("ROLLOUT_FOLLOW_LATEST", version=state.new, knowledge_bases=follow)
         doc.remove_version(state.stable)
         self._apply(doc, f"remove {state.stable}: Serve drains what it still holds")
+        if follow:  # new args: Serve replaces the version's replicas one by one, each drained
+            self._wait_running(state.new, cfg.start_timeout_s)
         self._finish(state, "promoted", "every step passed")
+
+    def _wait_running(self, version: str, timeout_s: float) -> None:
+        """Until Serve reports the version's application RUNNING again (its replacement finished)."""
+        deadline = self.clock() + timeout_s
+        self.sleep(1.0)  # Serve takes the new config asynchronously
+        while self.clock() < deadline:
+            if self.cluster.applications().get(version, {}).get("status") == "RUNNING":
+                return
+            self.sleep(1.0)
+        self._log("ROLLOUT_REPLACE_SLOW", version=version, timeout_s=timeout_s, serve=self._stuck(version))
 
     def _retreat(self, state: RolloutState, status: str, reason: str) -> None:
         """Weights back to stable while the canary still exists, wait for its answers, then the config

@@ -53,7 +53,11 @@ def check_items(raw: Any) -> list[GoldenItem]:
             problem = exc.errors()[0]
             where = ".".join(str(p) for p in problem["loc"]) or "(item)"
             raise InvalidRequestError(f"evaluation item {number}: {where}: {problem['msg']}") from None
-        items.append(item.model_copy(update={"files": [kb_store.check_file_name(f) for f in item.files]}))
+        try:
+            files = [kb_store.check_file_name(f) for f in item.files]
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"evaluation item {number}: files: {exc}") from None
+        items.append(item.model_copy(update={"files": files}))
     return items
 
 
