@@ -577,25 +577,28 @@ async function refreshVersions() {
 
 function lastRule(state) {
   const last = (state.history || []).at(-1);
-  return last && last.rule ? `, decided by rule ${last.rule} at ${typeof last.step === "number" ? `step ${last.step + 1}` : last.step}` : "";
+  if (!last || !last.rule || last.action === "continue") return "";  // promoted: every stage passed
+  return `, decided by rule ${last.rule} at ${typeof last.step === "number" ? `step ${last.step + 1}` : last.step}`;
 }
 
 function showRollout(state) {
   const panel = $("rollout-panel");
   const active = ROLLOUT_ACTIVE.includes(state.status);
-  panel.hidden = !active;
+  const decisions = state.history || state.decisions || state.log || [];
+  panel.hidden = !active && !decisions.length;
   $("last-rollout").textContent = !active && state.status && !["none", "unreadable"].includes(state.status)
     ? `last rollout: ${state.new} over ${state.stable}: ${state.status}${lastRule(state)}${state.reason ? ` (${state.reason})` : ""}`
     : "";
-  if (!active) return;
+  if (panel.hidden) return;
   const steps = Array.isArray(state.steps) ? state.steps : null;
   const step = typeof state.step === "number" ? `step ${state.step + 1}${steps ? ` of ${steps.length}` : ""}` : "";
-  const decisions = state.history || state.decisions || state.log || [];
   panel.replaceChildren(...[
-    el("h2", {}, `Rollout in progress: ${state.new} replacing ${state.stable}`),
-    el("p", {}, [`status ${state.status}`, state.phase && `phase ${state.phase}`, step].filter(Boolean).join(" · ")),
-    state.reason ? el("p", { class: "muted" }, state.reason) : null,
-    steps ? el("ol", { class: "steps" }, steps.map((pct, i) => el("li", {
+    el("h2", {}, active ? `Rollout in progress: ${state.new} replacing ${state.stable}`
+      : `Last rollout: ${state.new} over ${state.stable}, ${state.status}`),
+    active ? el("p", {}, [`status ${state.status}`, state.phase && `phase ${state.phase}`, step].filter(Boolean).join(" · "))
+      : null,
+    active && state.reason ? el("p", { class: "muted" }, state.reason) : null,
+    active && steps ? el("ol", { class: "steps" }, steps.map((pct, i) => el("li", {
       class: i < state.step ? "passed" : i === state.step ? "current" : "",
     }, `${pct}%`))) : null,
     decisions.length ? el("table", { class: "grid" },
