@@ -9,14 +9,16 @@ version's own `top_k`.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
 from rag.constants import EVALUATE_HEADER
-from rag.golden import EVAL_TOP_K, GoldenItem, ItemResult, check_items, item_result, score
+from rag.golden import EVAL_TOP_K, MEASURES, GoldenItem, ItemResult, check_items, item_result, score
 
+logger = logging.getLogger("control.evaluation")
 PARALLEL = 4  # questions in flight at once: a golden set must not crowd out the users
 
 
@@ -36,7 +38,19 @@ def evaluate(gateway: str, api_key: str | None, kb: str, items: list[GoldenItem]
     with httpx.Client(base_url=gateway, headers=headers, timeout=timeout_s) as client, \
             ThreadPoolExecutor(PARALLEL) as pool:
         results = list(pool.map(lambda item: _ask(client, kb, item), items))
-    return {"knowledge_base": kb, "version": version, **score(items, results)}
+    scores = score(items, results)
+    if version:
+        _report(gateway, api_key, kb, version, scores)
+    return {"knowledge_base": kb, "version": version, **scores}
+
+
+def _report(gateway: str, api_key: str | None, kb: str, version: str, scores: dict[str, Any]) -> None:
+    """Hand the scores to the gateway for Prometheus; the scores stand whether or not it takes them."""
+    body = {"knowledge_base_name": kb, "version": version, "scores": {m: scores[m] for m in MEASURES}}
+    try:
+        httpx.post(f"{gateway}/knowledge_base/eval_results", json=body, headers=_headers(api_key), timeout=10)
+    except httpx.HTTPError as exc:
+        logger.warning("event=GOLDEN_REPORT_FAILED version=%s kb=%s error=%r", version, kb, exc)
 
 
 def _ask(client: httpx.Client, kb: str, item: GoldenItem) -> ItemResult:

@@ -23,6 +23,7 @@ from rag.shadow import cited_sources
 EVAL_FILE = "eval.jsonl"
 MAX_ITEMS = 500
 RECALL_AT = (1, 3, 5)
+MEASURES = (*(f"recall@{k}" for k in RECALL_AT), "mrr", "citation_rate", "words_rate")
 EVAL_TOP_K = max(RECALL_AT)  # the evaluation asks for this many passages, so recall@5 is measured
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]

@@ -6,11 +6,14 @@ and an error is never a 200 that carries an error code.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from rag.api import Name, _Request
+from rag.golden import MEASURES
+
+GoldenMeasure = Literal["recall@1", "recall@3", "recall@5", "mrr", "citation_rate", "words_rate"]
 
 FileName = Annotated[str, Field(min_length=1, max_length=1024)]
 FileNames = Annotated[list[FileName], Field(min_length=1, max_length=10_000)]
@@ -33,6 +36,15 @@ class EvalSet(_Request):
 
     knowledge_base_name: Name
     items: list[dict[str, Any]] = Field(max_length=500, description="[] removes the set")
+
+
+class EvalResults(_Request):
+    """A version's golden-set scores on a knowledge base, as `scripts.evaluate` computed them: kept as the
+    `rag_golden_score` gauge for Prometheus."""
+
+    knowledge_base_name: Name
+    version: Name
+    scores: dict[GoldenMeasure, Annotated[float, Field(ge=0, le=1)] | None] = Field(max_length=len(MEASURES))
 
 
 class DeleteDocs(_Request):

@@ -54,8 +54,12 @@ SHADOW_SOURCE_OVERLAP = MetricSpec("rag_shadow_source_overlap",
 SHADOW_ANSWER_SIMILARITY = MetricSpec("rag_shadow_answer_similarity",
                                       "Cosine similarity of the candidate's and the stable answer's embeddings.",
                                       ("version",), _SHARE_BUCKETS)
+GOLDEN_SCORE = MetricSpec("rag_golden_score",
+                          "A version's last golden-set score on a knowledge base, by measure (recall@1/3/5, mrr, "
+                          "citation_rate, words_rate), as scripts.evaluate or a rollout reported it.",
+                          ("version", "knowledge_base", "measure"))
 
 ALL = (REQUESTS_IN_FLIGHT, MODEL_LOAD_SECONDS, VECTOR_SEARCH_MS, SHUTDOWN_GRACE_USED_SECONDS,
        TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS, LIFECYCLE_EVENTS, REPLICA_START_SECONDS,
        REPLICAS, COLD_START_WAITS, COLD_START_WAIT_SECONDS, SHADOW_COPIES, SHADOW_SOURCE_OVERLAP,
-       SHADOW_ANSWER_SIMILARITY)
+       SHADOW_ANSWER_SIMILARITY, GOLDEN_SCORE)

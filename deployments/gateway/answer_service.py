@@ -87,6 +87,8 @@ class Metrics(Protocol):
 
     def shadow_result(self, version: str, record: Pair | Dropped) -> None: ...
 
+    def golden_scores(self, version: str, knowledge_base: str, scores: dict[str, float | None]) -> None: ...
+
 
 class GatewayService:
     """Picks a version for each request and relays its answer events in the requested shape."""

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from deployments.gateway.kb_requests import KnowledgeBaseRequests
-from deployments.gateway.services import KbRequests
+from deployments.gateway.services import KbRequests, Services
 from deployments.gateway.statuses import documented
 from rag import golden, kb_store
 from rag.config import KnowledgeBaseSettings, check_kb_name
@@ -27,6 +27,7 @@ from rag.kb_api import (
     UPLOAD_BODY,
     CreateKnowledgeBase,
     DeleteDocs,
+    EvalResults,
     EvalSet,
     KnowledgeBaseRef,
     UpdateDocs,
@@ -92,6 +93,15 @@ async def write_eval_set(body: EvalSet, kbs: KbRequests) -> dict[str, Any]:
     golden.check_items(body.items)  # here first: a clear 400 without a trip to the manager
     count = await kbs.call("write_eval_set", body.knowledge_base_name, body.items)
     return kb_body({"count": count}, f"stored {count} evaluation questions for {body.knowledge_base_name}")
+
+
+@router.post("/eval_results", responses=_documented())
+async def report_eval_results(body: EvalResults, services: Services) -> dict[str, Any]:
+    """A version's golden-set scores (what `scripts.evaluate` and a rollout computed), kept for Prometheus
+    as `rag_golden_score{version, knowledge_base, measure}`."""
+    services.answers.metrics.golden_scores(body.version, body.knowledge_base_name,
+                                           {str(k): v for k, v in body.scores.items()})
+    return kb_body(None, f"recorded the golden-set scores of {body.version} on {body.knowledge_base_name}")
 
 
 @router.get("/download_doc", response_model=None, responses=_documented(

@@ -40,6 +40,7 @@ class StageMetrics:
         self.shadow_copies = _make(metrics.Counter, spec.SHADOW_COPIES)
         self.shadow_overlap = _make(metrics.Histogram, spec.SHADOW_SOURCE_OVERLAP)
         self.shadow_similarity = _make(metrics.Histogram, spec.SHADOW_ANSWER_SIMILARITY)
+        self.golden = _make(metrics.Gauge, spec.GOLDEN_SCORE)
         for metric in (self.in_flight, self.model_load, self.vector_search, self.grace_used, self.first_token,
                        self.tokens, self.requests, self.lifecycle_events, self.start_parts, self.cold_waits,
                        self.cold_wait_seconds):
@@ -77,6 +78,11 @@ class StageMetrics:
             self.shadow_overlap.observe(record.source_overlap, tags=tags)
         if record.answer_similarity is not None:
             self.shadow_similarity.observe(record.answer_similarity, tags=tags)
+
+    def golden_scores(self, version: str, knowledge_base: str, scores: dict[str, float | None]) -> None:
+        for measure, value in scores.items():
+            if value is not None:
+                self.golden.set(value, tags={"version": version, "knowledge_base": knowledge_base, "measure": measure})
 
     def set_in_flight(self, count: int) -> None:
         self.in_flight.set(count)

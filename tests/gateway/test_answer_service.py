@@ -126,6 +126,12 @@ class FakeMetrics:
     def count_request(self, endpoint: str, status: int | str, version: str | None = None) -> None:
         self.requests.append((endpoint, str(status), version))
 
+    def shadow_result(self, version: str, record: Any) -> None:
+        pass
+
+    def golden_scores(self, version: str, knowledge_base: str, scores: dict[str, float | None]) -> None:
+        self.golden = (version, knowledge_base, scores)
+
 
 def service(weights: dict[str, float], first_event_timeout_s: float = 5.0,
             serving: Callable[[], set[str]] | None = None, cold: dict[str, list[str]] | None = None,

@@ -296,3 +296,17 @@ def test_openapi_needs_the_key_and_lists_the_bearer_scheme_with_open_probes(gate
     assert schema["paths"]["/health"]["get"]["security"] == []
     assert schema["paths"]["/ready"]["get"]["security"] == []
     assert "security" not in schema["paths"]["/v1/models"]["get"]  # the global bearer requirement applies
+
+
+def test_golden_scores_are_kept_for_prometheus_and_bad_ones_refused(gateway: Gateway) -> None:
+    body = {"knowledge_base_name": "samples", "version": "v2",
+            "scores": {"recall@5": 0.75, "citation_rate": 1.0, "words_rate": None}}
+    response = gateway.client.post("/knowledge_base/eval_results", json=body, headers=gateway.auth)
+    assert response.status_code == 200, response.text
+    assert gateway.answers.metrics.golden == ("v2", "samples", {"recall@5": 0.75, "citation_rate": 1.0,  # type: ignore[attr-defined]
+                                                                 "words_rate": None})
+    for bad in ({"recall@5": 1.5}, {"precision": 0.5}):
+        refused = gateway.client.post("/knowledge_base/eval_results", json={**body, "scores": bad},
+                                      headers=gateway.auth)
+        assert refused.status_code == 422, refused.text
+    assert gateway.client.post("/knowledge_base/eval_results", json=body).status_code == 401
