@@ -369,8 +369,11 @@ class Rollout:
         deadline = self.clock() + timeout_s
         self.sleep(1.0)  # Serve takes the new config asynchronously
         while self.clock() < deadline:
-            if self.cluster.applications().get(version, {}).get("status") == "RUNNING":
-                return
+            try:
+                if self.cluster.applications().get(version, {}).get("status") == "RUNNING":
+                    return
+            except Exception as exc:
+                self._log("ROLLOUT_STATUS_UNREADABLE", version=version, error=f"{type(exc).__name__}: {exc}")
             self.sleep(1.0)
         self._log("ROLLOUT_REPLACE_SLOW", version=version, timeout_s=timeout_s, serve=self._stuck(version))
 
@@ -412,7 +415,11 @@ class Rollout:
             if version in self.cluster.serving() and not self.cluster.scaled_to_zero().get(version):
                 self._log("ROLLOUT_SERVING", version=version)
                 return
-            app = self.cluster.applications().get(version, {})
+            try:
+                app = self.cluster.applications().get(version, {})
+            except Exception as exc:  # a busy dashboard: the deadline, not one slow answer, decides
+                self._log("ROLLOUT_STATUS_UNREADABLE", version=version, error=f"{type(exc).__name__}: {exc}")
+                app = {}
             if app.get("status") == "DEPLOY_FAILED":
                 raise RuntimeError(f"version {version} failed to deploy: {app.get('message')}")
             self._pause(1)

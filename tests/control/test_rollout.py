@@ -321,3 +321,18 @@ def test_a_golden_set_that_cannot_be_run_is_no_pass(config: Path) -> None:
     assert start_v2(rollout) == "rolled_back"
     state = rollout.load_state()
     assert state and "golden sets could not be run" in state.reason and state.history[-1]["rule"] == "golden"
+
+
+def test_a_slow_dashboard_while_the_new_version_starts_is_waited_out_not_a_rollback(config: Path) -> None:
+    cluster = FakeCluster(start_polls=3)
+    real = cluster.applications
+    slow = {"left": 2}
+
+    def flaky() -> dict[str, Any]:
+        if "v2" in cluster.apps and slow["left"]:  # while v2 starts (preflight, before any change, may fail)
+            slow["left"] -= 1
+            raise TimeoutError("ReadTimeout: timed out")
+        return real()
+    cluster.applications = flaky  # type: ignore[method-assign]
+    rollout = make(config, cluster)
+    assert start_v2(rollout) == "promoted"
