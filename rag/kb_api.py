@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from rag.api import Name, _Request
+from rag.config import VERSION_PATTERN
 from rag.golden import MEASURES
 
 GoldenMeasure = Literal["recall@1", "recall@3", "recall@5", "mrr", "citation_rate", "words_rate"]
@@ -42,8 +43,9 @@ class EvalResults(_Request):
     """A version's golden-set scores on a knowledge base, as `scripts.evaluate` computed them: kept as the
     `rag_golden_score` gauge for Prometheus."""
 
+    # Checked like a KB's and a version's own names (the route checks the KB's): they become metric labels.
     knowledge_base_name: Name
-    version: Name
+    version: Annotated[str, Field(pattern=VERSION_PATTERN)]
     scores: dict[GoldenMeasure, Annotated[float, Field(ge=0, le=1)] | None] = Field(max_length=len(MEASURES))
 
 

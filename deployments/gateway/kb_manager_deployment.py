@@ -43,7 +43,8 @@ class ServeStages:
         """The pipeline applications Serve runs now (every application but this gateway's own)."""
         status = await asyncio.to_thread(serve.status)
         own = serve.get_replica_context().app_name
-        return sorted(name for name in status.applications if name != own)
+        # One being deleted (a rolled-back canary) pins nothing any more, and its config can no longer be asked.
+        return sorted(name for name, app in status.applications.items() if name != own and app.status != "DELETING")
 
     def embedder(self, version: str) -> Embed:
         handle = self._handles.embedder_blocking(version)

@@ -99,6 +99,7 @@ async def write_eval_set(body: EvalSet, kbs: KbRequests) -> dict[str, Any]:
 async def report_eval_results(body: EvalResults, services: Services) -> dict[str, Any]:
     """A version's golden-set scores (what `scripts.evaluate` and a rollout computed), kept for Prometheus
     as `rag_golden_score{version, knowledge_base, measure}`."""
+    check_kb_name(body.knowledge_base_name)
     services.answers.metrics.golden_scores(body.version, body.knowledge_base_name,
                                            {str(k): v for k, v in body.scores.items()})
     return kb_body(None, f"recorded the golden-set scores of {body.version} on {body.knowledge_base_name}")

@@ -310,3 +310,11 @@ def test_golden_scores_are_kept_for_prometheus_and_bad_ones_refused(gateway: Gat
                                       headers=gateway.auth)
         assert refused.status_code == 422, refused.text
     assert gateway.client.post("/knowledge_base/eval_results", json=body).status_code == 401
+
+
+@pytest.mark.parametrize("names", [{"version": "v2\u0016x"}, {"knowledge_base_name": "\u001eE-x"},
+                                   {"version": "../v2"}])
+def test_golden_scores_with_names_no_version_or_kb_could_have_are_refused(gateway: Gateway, names: dict) -> None:
+    body = {"knowledge_base_name": "samples", "version": "v2", "scores": {"recall@5": 0.5}, **names}
+    response = gateway.client.post("/knowledge_base/eval_results", json=body, headers=gateway.auth)
+    assert response.status_code in (400, 422), response.text
