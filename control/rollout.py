@@ -369,11 +369,8 @@ class Rollout:
         deadline = self.clock() + timeout_s
         self.sleep(1.0)  # Serve takes the new config asynchronously
         while self.clock() < deadline:
-            try:
-                if self.cluster.applications().get(version, {}).get("status") == "RUNNING":
-                    return
-            except Exception as exc:
-                self._log("ROLLOUT_STATUS_UNREADABLE", version=version, error=f"{type(exc).__name__}: {exc}")
+            if self._app_status(version).get("status") == "RUNNING":
+                return
             self.sleep(1.0)
         self._log("ROLLOUT_REPLACE_SLOW", version=version, timeout_s=timeout_s, serve=self._stuck(version))
 
@@ -415,16 +412,22 @@ class Rollout:
             if version in self.cluster.serving() and not self.cluster.scaled_to_zero().get(version):
                 self._log("ROLLOUT_SERVING", version=version)
                 return
-            try:
-                app = self.cluster.applications().get(version, {})
-            except Exception as exc:  # a busy dashboard: the deadline, not one slow answer, decides
-                self._log("ROLLOUT_STATUS_UNREADABLE", version=version, error=f"{type(exc).__name__}: {exc}")
-                app = {}
+            app = self._app_status(version)
             if app.get("status") == "DEPLOY_FAILED":
                 raise RuntimeError(f"version {version} failed to deploy: {app.get('message')}")
             self._pause(1)
         raise TimeoutError(f"version {version} was not serving after {cfg.start_timeout_s:g}s; "
                            f"Serve says: {self._stuck(version)}")
+
+    def _app_status(self, version: str) -> dict[str, Any]:
+        """Serve's view of one application; empty while the dashboard does not answer (a busy machine:
+        the caller's deadline, not one slow answer, decides)."""
+        try:
+            app: dict[str, Any] = self.cluster.applications().get(version, {})
+            return app
+        except Exception as exc:
+            self._log("ROLLOUT_STATUS_UNREADABLE", version=version, error=f"{type(exc).__name__}: {exc}")
+            return {}
 
     def _stuck(self, version: str) -> str:
         try:
