@@ -332,6 +332,16 @@ class LimitsConfig(_Strict):
     body_timeout_s: float = Field(10.0, gt=0, le=600, description="408 when a body has not arrived by then")
 
 
+class ParseLimits(_Strict):
+    """Each uploaded document is parsed in a child process of its own under these limits (rag/parsing.py):
+    a file over one fails alone, naming the file and the limit, and the manager keeps answering."""
+
+    slots: int = Field(2, ge=1, le=32, description="documents parsed at once by one manager replica")
+    cpu_s: int = Field(30, ge=1, le=3600, description="CPU seconds to load and split one document")
+    wall_s: float = Field(60.0, gt=0, le=7200, description="seconds before a document's parser is stopped")
+    memory_mb: int = Field(1024, ge=256, le=65536, description="address space of one document's parser")
+
+
 class KnowledgeBaseSettings(_Strict):
     """Knowledge bases managed over HTTP: what an upload may carry and how long a request waits for it.
 
@@ -346,6 +356,7 @@ class KnowledgeBaseSettings(_Strict):
                           "after that, 202 and the job to poll")
     keep_versions: int = Field(3, ge=1, le=1000, description="index versions kept besides those still in use")
     embed_batch: int = Field(256, ge=1, le=8192, description="chunks per call to the Embedder while ingesting")
+    parsing: ParseLimits = ParseLimits()
 
 
 class GatewayConfig(_Strict):

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import stat
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
@@ -48,6 +49,18 @@ DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024  # whole files are read into memory; f
 # Real documents nest a handful of levels; the limit keeps parsing and rendering far from Python's
 # recursion limit (about 1000 frames, and rendering takes two per level).
 MAX_JSON_DEPTH = 64
+# html2text's cost grows with the square of the nesting (60 KB of unclosed <ol><li> took it 50 s); real
+# pages nest a few dozen elements.
+MAX_MARKUP_DEPTH = 512
+MAX_UNPACKED_BYTES = 256 * 1024 * 1024  # a DOCX's zip entries, all together: a zip bomb is refused unread
+MAX_ZIP_ENTRIES = 10_000
+MAX_PDF_PAGES = 2_000
+# Elements that are never open around others (void ones), or that a browser closes by itself: they do not
+# deepen the nesting even when left unclosed, which sloppy pages do all the time.
+_NOT_NESTING = frozenset({
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr",
+    "p", "li", "dt", "dd", "tr", "td", "th", "option", "optgroup", "thead", "tbody", "tfoot", "colgroup",
+    "caption", "rb", "rt", "rp", "html", "head", "body"})
 
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -112,19 +125,31 @@ def _load_text(data: bytes, path: Path, metadata: dict[str, Any]) -> list[Docume
     return _single(_decode(data, path), metadata)
 
 
-class _TitleParser(HTMLParser):
-    """Collects the text of the first <title> element; html2text drops the <head>."""
+class _TooDeep(Exception):
+    pass
+
+
+class _MarkupScan(HTMLParser):
+    """Collects the text of the first <title> element (html2text drops the <head>) and refuses markup
+    nested deeper than `MAX_MARKUP_DEPTH`, before html2text ever sees it."""
 
     def __init__(self) -> None:
         super().__init__()
         self._inside = False
+        self._open: list[str] = []
         self.title = ""
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._inside = tag == "title" and not self.title
+        if tag not in _NOT_NESTING:
+            self._open.append(tag)
+            if len(self._open) > MAX_MARKUP_DEPTH:
+                raise _TooDeep
 
     def handle_endtag(self, tag: str) -> None:
         self._inside = False
+        if tag in self._open:  # an end tag closes whatever was left open inside its element
+            del self._open[len(self._open) - 1 - self._open[::-1].index(tag):]
 
     def handle_data(self, data: str) -> None:
         if self._inside:
@@ -133,20 +158,29 @@ class _TitleParser(HTMLParser):
 
 def _load_html(data: bytes, path: Path, metadata: dict[str, Any]) -> list[Document]:
     markup = _decode(data, path)
+    scan = _MarkupScan()
+    try:
+        scan.feed(markup)
+        scan.close()
+    except _TooDeep:
+        raise _error(path, f"markup nested deeper than {MAX_MARKUP_DEPTH} elements") from None
     converter = html2text.HTML2Text()
     # Link targets, image names and emphasis markers are noise in retrieved passages.
     converter.ignore_links = converter.ignore_images = converter.ignore_emphasis = True
     converter.body_width = 0  # hard wrapping would split sentences across lines
-    titles = _TitleParser()
-    titles.feed(markup)
-    title = " ".join(titles.title.split())
+    title = " ".join(scan.title.split())
     return _single(converter.handle(markup), metadata, **({"title": title} if title else {}))
 
 
 def _load_pdf(data: bytes, path: Path, metadata: dict[str, Any]) -> list[Document]:
     # pypdf raises many unrelated exception types on damaged or encrypted files.
     try:
-        pages = [page.extract_text() or "" for page in PdfReader(io.BytesIO(data)).pages]
+        reader = PdfReader(io.BytesIO(data))
+        if len(reader.pages) > MAX_PDF_PAGES:
+            raise _error(path, f"has {len(reader.pages)} pages; the limit for one document is {MAX_PDF_PAGES}")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except UnsupportedDocumentError:
+        raise
     except Exception as exc:
         raise _error(path, f"cannot read PDF ({type(exc).__name__}: {exc})") from exc
     return [_doc(text, metadata, page=number)
@@ -165,7 +199,23 @@ def _docx_lines(document: DocxDocument) -> Iterable[str]:
             yield block.text
 
 
+def _check_zip(data: bytes, path: Path) -> None:
+    """Refuses an archive whose entries would unpack past the limits, from its directory alone. The
+    sizes it declares are the ones zipfile then holds each entry to."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise _error(path, f"cannot read DOCX ({type(exc).__name__}: {exc})") from exc
+    unpacked = sum(entry.file_size for entry in entries)
+    if len(entries) > MAX_ZIP_ENTRIES or unpacked > MAX_UNPACKED_BYTES:
+        raise _error(path, f"unpacks to more than the limit for one document ({len(entries)} entries, "
+                           f"{unpacked} bytes; the limits are {MAX_ZIP_ENTRIES} entries and "
+                           f"{MAX_UNPACKED_BYTES} bytes)")
+
+
 def _load_docx(data: bytes, path: Path, metadata: dict[str, Any]) -> list[Document]:
+    _check_zip(data, path)
     # python-docx surfaces zip, XML and package errors as different exception types.
     try:
         lines = list(_docx_lines(docx.Document(io.BytesIO(data))))

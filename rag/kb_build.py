@@ -6,8 +6,10 @@ files, and embeds only chunks whose text (by SHA-256) the previous version did n
 change costs one file's embedding and a deletion costs none.
 
 Nothing already stored changes until the new version is ready: incoming files are staged and split
-first (a file that cannot be read refuses the whole change), originals move into `content/` only after
-embedding succeeded, and deleted originals go only after the new version is published.
+first (a file that cannot be read refuses the whole change, or with `skip_unreadable` fails alone and
+is reported while the rest is indexed; a stored file keeps its last indexed version), originals move
+into `content/` only after embedding succeeded, and deleted originals go only after the new version is
+published.
 """
 
 from __future__ import annotations
@@ -23,17 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from langchain_core.documents import Document
 
 from rag import kb_store
 from rag.config import PipelineConfig, SplitterConfig
 from rag.documents import DEFAULT_MAX_FILE_BYTES, _read_bytes, iter_files, load_file, split_documents
-from rag.errors import ConflictError, DocumentNotFoundError, IndexMismatchError, InvalidRequestError
+from rag.errors import (
+    ConflictError,
+    DocumentNotFoundError,
+    IndexMismatchError,
+    InvalidRequestError,
+    UnsupportedDocumentError,
+)
 from rag.index import Chunk, ExtraWriter, Manifest, clean_staging, list_versions, publish_index, read_version
 
 # (stage, done, total): "load" counts files, "embed" counts chunks.
 Progress = Callable[[str, int, int], None]
 Embed = Callable[[list[str]], np.ndarray]
 Source = Path | bytes  # a file to read, or bytes received over HTTP
+# (file, folder it is named relative to, splitter, max bytes) -> its chunks; rag.parsing.Parser is one.
+Parse = Callable[[Path, Path, SplitterConfig, int], list[Document]]
 INCOMING_PREFIX = ".incoming-"  # where a build stages the files it was given
 
 
@@ -46,6 +57,7 @@ class Changes:
     full: bool = False  # embed every chunk again, reusing no vector
     override: bool = True  # False: a file that exists with other content is a conflict
     keep_originals: bool = False  # deleted files leave the index but keep their original (delete_content=false)
+    skip_unreadable: bool = False  # a file that cannot be indexed fails alone (BuildResult.failed)
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class BuildResult:
     changed: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     stale_staging_removed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # file -> why it was not indexed (skip_unreadable)
 
 
 @dataclass
@@ -69,7 +82,7 @@ class _Previous:
 def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, changes: Changes, *, embed: Embed,
                           splitter: SplitterConfig | None = None, progress: Progress | None = None,
                           max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, extra: ExtraWriter | None = None,
-                          batch_size: int = 256) -> BuildResult:
+                          batch_size: int = 256, parse: Parse | None = None) -> BuildResult:
     """Apply `changes` and publish the next version (or nothing, when nothing changed)."""
     with kb_store.writer(kb_root, kb):
         removed = len(clean_staging(kb_root, kb))
@@ -85,7 +98,13 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
             todo = _to_process(files, staged, previous.manifest, changes, splitter or config.splitter)
             if not todo and not changes.delete and previous.manifest is not None:
                 return BuildResult(previous.manifest, created=False, stale_staging_removed=removed)
-            new_chunks = _split(kb_root, kb, incoming, todo, staged, max_file_bytes, progress)
+            new_chunks, failed = _split(kb_root, kb, incoming, todo, staged, max_file_bytes, progress,
+                                        parse or _parse_here, changes.skip_unreadable)
+            if failed:
+                files, todo, staged = _without_failed(failed, files, todo, staged, previous.manifest)
+                if not todo and not changes.delete and previous.manifest is not None:
+                    return BuildResult(previous.manifest, created=False, stale_staging_removed=removed,
+                                       failed=failed)
             chunks, vectors, embedded = _assemble(files, new_chunks, previous, embed, progress, batch_size)
             _move_into_content(kb_root, kb, incoming, staged)
             info = _files_info(files, previous.manifest, new_chunks, staged, todo, kb_root, kb)
@@ -98,7 +117,7 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
             kb_store.original_path(kb_root, kb, name).unlink(missing_ok=True)
         kb_store.ensure_meta(kb_root, kb, config.embedding.model)  # a switch of model (full rebuild) included
         return BuildResult(manifest, True, embedded, len(chunks) - embedded, tuple(sorted(todo)),
-                           tuple(changes.delete), removed)
+                           tuple(changes.delete), removed, failed)
 
 
 def _load_previous(kb_root: Path, kb: str, config: PipelineConfig, full: bool) -> _Previous:
@@ -172,23 +191,48 @@ def _to_process(files: set[str], staged: dict[str, str], manifest: Manifest | No
     return todo
 
 
+def _parse_here(path: Path, root: Path, splitter: SplitterConfig, max_bytes: int) -> list[Document]:
+    return split_documents(load_file(path, root, max_bytes=max_bytes), splitter)
+
+
 def _split(kb_root: Path, kb: str, incoming: Path, todo: dict[str, SplitterConfig], staged: dict[str, str],
-           max_file_bytes: int, progress: Progress | None) -> dict[str, list[Chunk]]:
+           max_file_bytes: int, progress: Progress | None, parse: Parse,
+           skip_unreadable: bool) -> tuple[dict[str, list[Chunk]], dict[str, str]]:
     out: dict[str, list[Chunk]] = {}
+    failed: dict[str, str] = {}
     content = kb_store.content_directory(kb_root, kb)
     for done, name in enumerate(sorted(todo), 1):
         root = incoming if name in staged else content
         path = root.joinpath(*name.split("/"))
         if not path.is_file():
             raise DocumentNotFoundError(f"the original of {name!r} is missing from {content}; upload it again")
-        docs = split_documents(load_file(path, root, max_bytes=max_file_bytes), todo[name])
-        out[name] = [Chunk(d.page_content, name, {k: v for k, v in d.metadata.items() if k != "source"})
-                     for d in docs]
-        if not out[name]:
-            raise InvalidRequestError(f"file {name!r} contains no text to index")
+        try:
+            docs = parse(path, root, todo[name], max_file_bytes)
+            if not docs:
+                raise InvalidRequestError(f"file {name!r} contains no text to index")
+        except (UnsupportedDocumentError, InvalidRequestError) as exc:
+            if not skip_unreadable:
+                raise
+            failed[name] = str(exc)
+        else:
+            out[name] = [Chunk(d.page_content, name, {k: v for k, v in d.metadata.items() if k != "source"})
+                         for d in docs]
         if progress:
             progress("load", done, len(todo))
-    return out
+    return out, failed
+
+
+def _without_failed(failed: dict[str, str], files: set[str], todo: dict[str, SplitterConfig],
+                    staged: dict[str, str], manifest: Manifest | None
+                    ) -> tuple[set[str], dict[str, SplitterConfig], dict[str, str]]:
+    """The change without the files that failed: a new one stays out, a stored one keeps its indexed version."""
+    known = set(_known_files(manifest))
+    kept = {name for name in files if name not in failed or name in known}
+    if not kept:
+        reasons = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items())[:5])
+        raise UnsupportedDocumentError(f"no file could be indexed ({reasons})")
+    return (kept, {n: s for n, s in todo.items() if n not in failed},
+            {n: d for n, d in staged.items() if n not in failed})
 
 
 def _assemble(files: set[str], new_chunks: dict[str, list[Chunk]], previous: _Previous, embed: Embed,

@@ -102,4 +102,4 @@ class KnowledgeBaseManager:
         return self.service.job(job_id)
 
     def __del__(self) -> None:
-        self._life.stop(lambda: None)
+        self._life.stop(self.service.parser.close)

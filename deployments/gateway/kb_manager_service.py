@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from rag.index import Manifest, list_versions, version_directory
 from rag.kb_build import Changes, Embed, update_knowledge_base
 from rag.kb_jobs import Job, JobBoard, without_server_paths
 from rag.language import choose_mode
+from rag.parsing import Parser
 
 logger = logging.getLogger("rag.knowledge_bases")
 
@@ -63,6 +64,7 @@ class KnowledgeBaseService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._after_publish = after_publish
+        self.parser = Parser(settings.parsing)
 
     async def _prune(self, root: Path, kb: str, config: PipelineConfig) -> None:
         """Old index versions go, except what a deployed version's config names (a pin, a rollout's pin)
@@ -202,10 +204,11 @@ class KnowledgeBaseService:
             try:
                 if not kb_store.exists(root, kb):  # deleted while this job waited for the lock: not recreated
                     raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} was deleted before this job ran")
+                # Over HTTP a file that cannot be indexed fails alone (Chatchat's failed_files); the rest lands.
                 result = await asyncio.to_thread(
-                    update_knowledge_base, root, kb, config, changes, embed=embed, splitter=splitter,
-                    progress=job.progress, max_file_bytes=self.settings.max_file_bytes,
-                    batch_size=self.settings.embed_batch)
+                    update_knowledge_base, root, kb, config, replace(changes, skip_unreadable=True), embed=embed,
+                    splitter=splitter, progress=job.progress, max_file_bytes=self.settings.max_file_bytes,
+                    batch_size=self.settings.embed_batch, parse=self.parser)
                 if result.created and self._after_publish:
                     await self._prune(root, kb, config)
             except Exception as exc:
@@ -221,9 +224,12 @@ class KnowledgeBaseService:
                 job.result = {"index_version": result.manifest.version, "published": result.created,
                               "chunks": result.manifest.count, "embedded": result.embedded,
                               "reused": result.reused, "changed_files": list(result.changed),
-                              "deleted_files": list(result.deleted)}
-                logger.info("event=KB_JOB_DONE job=%s kb=%s kind=%s version=%d embedded=%d reused=%d", job.id, kb,
-                            job.kind, result.manifest.version, result.embedded, result.reused)
+                              "deleted_files": list(result.deleted),
+                              "failed_files": {name: without_server_paths(why, root)
+                                               for name, why in result.failed.items()}}
+                logger.info("event=KB_JOB_DONE job=%s kb=%s kind=%s version=%d embedded=%d reused=%d failed=%d",
+                            job.id, kb, job.kind, result.manifest.version, result.embedded, result.reused,
+                            len(result.failed))
             finally:
                 job.finished_at = time.time()
 

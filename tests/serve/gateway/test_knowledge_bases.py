@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from rag.client import sse_events, stream_chat
+from tests.rag.files import DEEP_MARKUP, docx_bomb
 from tests.support.service import LocalService
 
 pytestmark = pytest.mark.cluster
@@ -53,12 +54,16 @@ def uploaded(service: LocalService) -> str:
         assert created.status_code == 200 and created.json()["code"] == 200, created.text
         load = LoadGenerator(service.gateway, concurrency=2, max_seconds=120, api_key=service.api_key).start()
         try:
-            response = _upload(http, "manuals", MANUAL)
+            # Two hostile files beside the good ones: each fails alone, parsed in its own limited process.
+            response = _upload(http, "manuals", {**MANUAL, "tags.html": DEEP_MARKUP, "bomb.docx": docx_bomb()})
         finally:
             result = load.stop()
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     assert data["state"] == "done" and data["served"] is True and set(data["changed_files"]) == set(MANUAL)
+    assert set(data["failed_files"]) == {"tags.html", "bomb.docx"}, data["failed_files"]
+    assert "nested deeper than" in data["failed_files"]["tags.html"]
+    assert "unpacks to more than" in data["failed_files"]["bomb.docx"]
     assert result.answers and not result.failed and not result.truncated and not result.errors, \
         (result.failed[:3], result.truncated[:3], result.errors[:3])
     return "manuals"
