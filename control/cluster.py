@@ -22,7 +22,7 @@ import httpx
 
 from control.document import ServeDocument, load_serve_config
 from control.evaluation import evaluate
-from control.serve_config import check_serve_config
+from control.serve_config import GATEWAY_BUILDER, check_serve_config, is_app
 from rag.golden import GoldenItem
 
 DASHBOARD = "http://127.0.0.1:8265"
@@ -123,9 +123,15 @@ def _safe_apps(dashboard: str = DASHBOARD) -> dict[str, Any]:
 
 
 def remove_all_apps(config_path: str | Path, timeout_s: float = 180, dashboard: str = DASHBOARD) -> None:
-    """Deploy the same config with no applications: Serve drains and removes them (unlike
-    `serve shutdown`, which cuts streams in flight)."""
-    apply({**ServeDocument.load(config_path).plain(), "applications": []}, dashboard)
+    """Deploy the same config with fewer applications, then none: Serve drains and removes them (unlike
+    `serve shutdown`, which cuts streams in flight). The gateway goes first: its knowledge-base manager
+    lets running jobs finish in its drain, which needs the pipelines' Embedders still there."""
+    plain = ServeDocument.load(config_path).plain()
+    gateways = {app["name"] for app in plain["applications"] if is_app(app, GATEWAY_BUILDER)}
+    apply({**plain, "applications": [app for app in plain["applications"] if app["name"] not in gateways]},
+          dashboard)
+    wait_until(lambda: not gateways & set(_safe_apps(dashboard)), timeout_s, "the gateway to drain and stop")
+    apply({**plain, "applications": []}, dashboard)
     wait_until(lambda: not _safe_apps(dashboard), timeout_s, "the applications to drain and stop")
 
 

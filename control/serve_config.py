@@ -71,17 +71,20 @@ def stream_drain_problems(serve_config: dict[str, Any]) -> list[str]:
 
 def _gateway_drain_problems(app: dict[str, Any], longest_stream: float) -> list[str]:
     # An upload request waits up to knowledge_base.wait_s for its job (10 s more for the reply): a drain
-    # must outlast that too, in the Gateway and in the KnowledgeBases manager it waits on.
+    # must outlast that too, in the Gateway and in the KnowledgeBases manager it waits on, which also
+    # gives running jobs stop_drain_s before recording them as interrupted.
     gateway = validate(GatewayConfig, app.get("args"), f"args of application {app.get('name')!r}")
     timeouts, problems = _graceful_timeouts(app), []
-    needs = {GATEWAY_DEPLOYMENT: max(longest_stream, gateway.knowledge_base.wait_s + 10),
-             KB_MANAGER_DEPLOYMENT: gateway.knowledge_base.wait_s + 10}
+    settings = gateway.knowledge_base
+    needs = {GATEWAY_DEPLOYMENT: max(longest_stream, settings.wait_s + 10),
+             KB_MANAGER_DEPLOYMENT: max(settings.wait_s, settings.stop_drain_s) + 10}
     for name, bound in needs.items():
         timeout = timeouts.get(name, SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
         if timeout <= bound:
             problems.append(f"application {app.get('name')!r}: {name}.graceful_shutdown_timeout_s ({timeout:g}) must "
                             f"be above {bound:g}: the longest stream of any version plus its drain margin, and "
-                            f"knowledge_base.wait_s ({gateway.knowledge_base.wait_s:g}) + 10")
+                            f"knowledge_base.wait_s ({settings.wait_s:g}) or stop_drain_s "
+                            f"({settings.stop_drain_s:g}) + 10")
     return problems
 
 

@@ -357,6 +357,8 @@ class KnowledgeBaseSettings(_Strict):
     keep_versions: int = Field(3, ge=1, le=1000, description="index versions kept besides those still in use")
     embed_batch: int = Field(256, ge=1, le=8192, description="chunks per call to the Embedder while ingesting")
     parsing: ParseLimits = ParseLimits()
+    stop_drain_s: float = Field(100.0, ge=0, le=3600, description="a stopping manager lets running jobs finish "
+                                "this long, then records them as interrupted (below its graceful_shutdown_timeout_s)")
 
 
 class GatewayConfig(_Strict):

@@ -7,9 +7,11 @@ change costs one file's embedding and a deletion costs none.
 
 Nothing already stored changes until the new version is ready: incoming files are staged and split
 first (a file that cannot be read refuses the whole change, or with `skip_unreadable` fails alone and
-is reported while the rest is indexed; a stored file keeps its last indexed version), originals move
-into `content/` only after embedding succeeded, and deleted originals go only after the new version is
-published.
+is reported while the rest is indexed; a stored file keeps its last indexed version), and originals
+move into `content/` and deleted ones go only after the new version is published, so `content/` holds
+what the newest version indexed. A build killed between publishing and moving leaves its originals in
+its incoming folder; the next writer moves the ones the newest version indexes and drops the rest, and
+`indexed_original` finds them there meanwhile.
 """
 
 from __future__ import annotations
@@ -37,9 +39,18 @@ from rag.errors import (
     InvalidRequestError,
     UnsupportedDocumentError,
 )
-from rag.index import Chunk, ExtraWriter, Manifest, clean_staging, list_versions, publish_index, read_version
+from rag.index import (
+    Chunk,
+    ExtraWriter,
+    Manifest,
+    clean_staging,
+    list_versions,
+    publish_index,
+    read_version,
+    version_directory,
+)
 
-# (stage, done, total): "load" counts files, "embed" counts chunks.
+# (stage, done, total): "load" counts files, "embed" counts chunks, "published" gives the new version number.
 Progress = Callable[[str, int, int], None]
 Embed = Callable[[list[str]], np.ndarray]
 Source = Path | bytes  # a file to read, or bytes received over HTTP
@@ -86,13 +97,12 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
     """Apply `changes` and publish the next version (or nothing, when nothing changed)."""
     with kb_store.writer(kb_root, kb):
         removed = len(clean_staging(kb_root, kb))
-        # This KB's one writer is us: an incoming folder left here is a killed build's, used by nothing.
-        for stale in kb_store.kb_directory(kb_root, kb).glob(f"{INCOMING_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _settle_leftovers(kb_root, kb)
         kb_store.remove_trash(kb_root)
         previous = _load_previous(kb_root, kb, config, changes.full)
         files = _file_set(kb_root, kb, previous.manifest, changes)
         incoming = kb_store.kb_directory(kb_root, kb) / f"{INCOMING_PREFIX}{uuid.uuid4().hex}"
+        published = moved = False
         try:
             staged = _stage(incoming, changes.add, max_file_bytes)
             todo = _to_process(files, staged, previous.manifest, changes, splitter or config.splitter)
@@ -106,13 +116,18 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
                     return BuildResult(previous.manifest, created=False, stale_staging_removed=removed,
                                        failed=failed)
             chunks, vectors, embedded = _assemble(files, new_chunks, previous, embed, progress, batch_size)
-            _move_into_content(kb_root, kb, incoming, staged)
-            info = _files_info(files, previous.manifest, new_chunks, staged, todo, kb_root, kb)
+            info = _files_info(files, previous.manifest, new_chunks, staged, todo, kb_root, kb, incoming)
             manifest = publish_index(kb_root, kb, chunks, vectors, embedding_model=config.embedding.model,
                                      fingerprint=_fingerprint(info, config.embedding.model),
                                      splitter=config.splitter.model_dump(), files=info, extra=extra)
+            published = True
+            if progress:
+                progress("published", manifest.version, manifest.version)
+            _move_into_content(kb_root, kb, incoming, staged)
+            moved = True
         finally:
-            shutil.rmtree(incoming, ignore_errors=True)
+            if moved or not published:  # else its originals are the published version's: the next writer's
+                shutil.rmtree(incoming, ignore_errors=True)
         for name in () if changes.keep_originals else changes.delete:
             kb_store.original_path(kb_root, kb, name).unlink(missing_ok=True)
         kb_store.ensure_meta(kb_root, kb, config.embedding.model)  # a switch of model (full rebuild) included
@@ -268,16 +283,56 @@ def _move_into_content(kb_root: Path, kb: str, incoming: Path, staged: dict[str,
         os.replace(incoming.joinpath(*name.split("/")), target)
 
 
+def _settle_leftovers(kb_root: Path, kb: str) -> None:
+    """Incoming folders left by killed builds (this KB's one writer is us, so nothing else uses them):
+    originals the newest version indexes move into `content/`; the rest was never published."""
+    leftovers = sorted(kb_store.kb_directory(kb_root, kb).glob(f"{INCOMING_PREFIX}*"))
+    if not leftovers:
+        return
+    versions = list_versions(kb_root, kb)
+    indexed = Manifest.read(version_directory(kb_root, kb, versions[-1])).files if versions else {}
+    for folder in leftovers:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+            name = path.relative_to(folder).as_posix()
+            target = kb_store.original_path(kb_root, kb, name)
+            if name in indexed and indexed[name].get("sha256") == _file_hash(path) and \
+                    not (target.is_file() and _file_hash(target) == indexed[name].get("sha256")):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def indexed_original(kb_root: Path, kb: str, name: str, sha256: str | None) -> bytes:
+    """The bytes of `name` that the newest version indexed (`sha256`, from its manifest): normally the one
+    in `content/`; after a build was killed between publishing and moving, the one it left incoming."""
+    stored = kb_store.read_original(kb_root, kb, name) if kb_store.original_path(kb_root, kb, name).is_file() \
+        else None
+    if sha256 is None or (stored is not None and hashlib.sha256(stored).hexdigest() == sha256):
+        if stored is None:
+            raise DocumentNotFoundError(f"knowledge base {kb!r} has no original of {name!r}")
+        return stored
+    for folder in sorted(kb_store.kb_directory(kb_root, kb).glob(f"{INCOMING_PREFIX}*")):
+        candidate = folder.joinpath(*name.split("/"))
+        try:
+            data = candidate.read_bytes()
+        except OSError:  # not there, or its build just moved or removed it
+            continue
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return data
+    raise DocumentNotFoundError(f"the original of {name!r} in knowledge base {kb!r} does not match its index; "
+                                "upload it again")
+
+
 def _files_info(files: set[str], manifest: Manifest | None, new_chunks: dict[str, list[Chunk]],
                 staged: dict[str, str], todo: dict[str, SplitterConfig], kb_root: Path,
-                kb: str) -> dict[str, dict[str, object]]:
+                kb: str, incoming: Path) -> dict[str, dict[str, object]]:
     before = manifest.files if manifest else {}
     info: dict[str, dict[str, object]] = {}
     for name in sorted(files):
         if name not in todo and name in before:
             info[name] = before[name]
             continue
-        path = kb_store.original_path(kb_root, kb, name)
+        path = incoming.joinpath(*name.split("/")) if name in staged else kb_store.original_path(kb_root, kb, name)
         digest = staged.get(name) or _file_hash(path)
         info[name] = {"sha256": digest, "size": path.stat().st_size, "chunks": len(new_chunks.get(name, [])),
                       "updated_at": time.time(), "splitter": todo[name].model_dump()}

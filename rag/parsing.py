@@ -68,10 +68,14 @@ class Parser:
         return [Document(page_content=text, metadata=metadata) for text, metadata in reply["chunks"]]
 
     def close(self) -> None:
+        """Stops the idle servers (a busy one ends with its caller: it exits when its input closes)."""
         while not self._idle.empty():
             server = self._idle.get_nowait()
             if server is not None:
                 server.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _Server:

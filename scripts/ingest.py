@@ -53,6 +53,8 @@ class ProgressBars:
         self._bars: dict[str, tqdm] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in ("load", "embed"):  # "published": the summary line says which version
+            return
         bar = self._bars.get(stage) or self._bars.setdefault(stage, tqdm(total=total, desc=stage, unit="item"))
         bar.update(done - bar.n)
         if done >= total:

@@ -95,11 +95,13 @@ class KnowledgeBaseManager:
         with self._life.in_flight.track():
             return await self.service.submit(kind, kb, changes, splitter, versions)
 
-    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
-        return await self.service.wait(job_id, timeout_s)
+    async def wait(self, job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
+        return await self.service.wait(job_id, timeout_s, versions)
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.service.job(job_id)
+    async def job(self, job_id: str, versions: list[str]) -> dict[str, Any]:
+        return await self.service.job(job_id, versions)
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        # Serve awaits this after the drain of requests; jobs are not requests, so they get their own.
+        await self.service.stop(self.service.settings.stop_drain_s)
         self._life.stop(self.service.parser.close)

@@ -28,8 +28,8 @@ from rag.errors import (
     ServiceUnavailableError,
 )
 from rag.index import Manifest, list_versions, version_directory
-from rag.kb_build import Changes, Embed, update_knowledge_base
-from rag.kb_jobs import Job, JobBoard, without_server_paths
+from rag.kb_build import Changes, Embed, indexed_original, update_knowledge_base
+from rag.kb_jobs import Job, JobBoard, interrupted, without_server_paths
 from rag.language import choose_mode
 from rag.parsing import Parser
 
@@ -65,6 +65,7 @@ class KnowledgeBaseService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._after_publish = after_publish
         self.parser = Parser(settings.parsing)
+        self._stopping = False
 
     async def _prune(self, root: Path, kb: str, config: PipelineConfig) -> None:
         """Old index versions go, except what a deployed version's config names (a pin, a rollout's pin)
@@ -154,10 +155,12 @@ class KnowledgeBaseService:
         check_kb_name(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
-        listed = {f["file_name"] for f in await asyncio.to_thread(_files, root, kb)}
-        if kb_store.check_file_name(name, nested=True) not in listed:
+        listed = {f["file_name"]: f for f in await asyncio.to_thread(_files, root, kb)}
+        row = listed.get(kb_store.check_file_name(name, nested=True))
+        if row is None:
             raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} has no file {name[:80]!r}")
-        return await asyncio.to_thread(kb_store.read_original, root, kb, name)
+        # The bytes the served index was built from (an original not indexed, delete_content=false: as stored).
+        return await asyncio.to_thread(indexed_original, root, kb, name, row.get("sha256") if row["in_db"] else None)
 
     async def submit(self, kind: str, kb: str, changes: Changes, splitter: dict[str, int] | None,
                      versions: list[str]) -> str:
@@ -168,16 +171,20 @@ class KnowledgeBaseService:
         if not kb_store.exists(root, kb):
             raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}; create it first")
         chosen = _splitter(config.splitter, splitter)
-        job = self.jobs.create(kb, kind)
+        if self._stopping:
+            raise ServiceUnavailableError("the knowledge-base manager is stopping; send the change again shortly")
+        job = self.jobs.create(kb, kind, root)
         job.files_total = len(changes.add) + len(changes.reindex)
         task = asyncio.create_task(self._run(job, root, kb, config, changes, chosen, self._stages.embedder(version)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job.id
 
-    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
+    async def wait(self, job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         """The job's view once it finished or `timeout_s` passed; a failed job raises its error."""
-        job = self._job(job_id)
+        job = self.jobs.get(job_id)
+        if job is None:  # started by a manager before a restart: its record says how it ended
+            return await self.job(job_id, versions)
         deadline = time.monotonic() + timeout_s
         while not job.finished and time.monotonic() < deadline:
             await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
@@ -185,14 +192,29 @@ class KnowledgeBaseService:
             raise job.exception
         return job.view()
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self._job(job_id).view()
-
-    def _job(self, job_id: str) -> Job:
+    async def job(self, job_id: str, versions: list[str]) -> dict[str, Any]:
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is not None:
+            return job.view()
+        recorded = await asyncio.to_thread(self.jobs.recorded, await self.kb_root(versions), job_id)
+        if recorded is None:
             raise KnowledgeBaseNotFoundError(f"no job {job_id[:40]!r} (jobs are kept for a while after they end)")
-        return job
+        return recorded
+
+    async def stop(self, drain_s: float) -> None:
+        """Refuse new jobs, give running and queued ones `drain_s` to finish, and record the rest as
+        interrupted, so that a client polling after the restart learns what happened."""
+        self._stopping = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=drain_s)
+        for job in self.jobs.unfinished():
+            public = interrupted(job.view())
+            job.state, job.status, job.error = public["state"], public["status"], public.get("error")
+            job.interrupted, job.finished_at = True, time.time()
+            job.result = {**job.result, **{k: public[k] for k in ("index_version", "published", "note") if k in public}}
+            await asyncio.to_thread(job.save)
+            logger.warning("event=KB_JOB_INTERRUPTED job=%s kb=%s published_version=%s", job.id,
+                           job.knowledge_base, job.published_version)
 
     def _lock(self, kb: str) -> asyncio.Lock:
         return self._locks.setdefault(kb, asyncio.Lock())
@@ -200,7 +222,10 @@ class KnowledgeBaseService:
     async def _run(self, job: Job, root: Path, kb: str, config: PipelineConfig, changes: Changes,
                    splitter: SplitterConfig, embed: Embed) -> None:
         async with self._lock(kb):
+            if self._stopping:  # stop() records it as interrupted before it started
+                return
             job.state, job.started_at = "running", time.time()
+            await asyncio.to_thread(job.save)
             try:
                 if not kb_store.exists(root, kb):  # deleted while this job waited for the lock: not recreated
                     raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} was deleted before this job ran")
@@ -232,6 +257,7 @@ class KnowledgeBaseService:
                             len(result.failed))
             finally:
                 job.finished_at = time.time()
+                await asyncio.to_thread(job.save)
 
 
 def _describe_all(config: PipelineConfig) -> list[dict[str, Any]]:

@@ -59,7 +59,8 @@ class KnowledgeBaseRequests:
         return await self._bounded(self._manager.call(method, *args, self._serving_versions()), self._timeout_s)
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        view: dict[str, Any] = await self._bounded(self._manager.call("job", job_id), JOB_LOOKUP_S)
+        view: dict[str, Any] = await self._bounded(self._manager.call("job", job_id, self._serving_versions()),
+                                                   JOB_LOOKUP_S)
         return view
 
     async def _bounded(self, call: Awaitable[Any], timeout_s: float) -> Any:
@@ -74,7 +75,8 @@ class KnowledgeBaseRequests:
         if not wait:
             return 202, kb_body({"job_id": job_id}, f"{what} started", 202)
         bound = self.settings.wait_s
-        view = await self._bounded(self._manager.call("wait", job_id, bound), bound + MANAGER_SLACK_S)
+        view = await self._bounded(self._manager.call("wait", job_id, bound, self._serving_versions()),
+                                   bound + MANAGER_SLACK_S)
         if view["state"] != "done":
             return 202, kb_body(view, f"{what} is still running; poll /knowledge_base/jobs/{job_id}", 202)
         if view.get("published"):
@@ -103,7 +105,8 @@ class KnowledgeBaseRequests:
         last: tuple[Any, ...] | None = None
         while True:
             try:
-                view = await self._bounded(self._manager.call("wait", job_id, JOB_POLL_S), JOB_POLL_S + MANAGER_SLACK_S)
+                view = await self._bounded(self._manager.call("wait", job_id, JOB_POLL_S, self._serving_versions()),
+                                           JOB_POLL_S + MANAGER_SLACK_S)
             except Exception as exc:  # the stream has begun: the failure becomes its last event
                 status, message = public_status(exc)
                 yield {"code": status, "msg": message, "job": {"job_id": job_id}}

