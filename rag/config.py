@@ -374,8 +374,11 @@ class GatewayConfig(_Strict):
     # Keys live in a file (a Kubernetes secret mounts as one), never in this config; one key per line so
     # two can be live during a rotation. Relative paths are taken from the project root.
     api_key_file: Path = Path("var/api_key")
-    # Serve every route without a key: only for a gateway on loopback (check_serve_config refuses others).
+    # Serve every route without a key: only for a gateway on loopback (check_serve_config refuses others;
+    # the running gateway also answers only requests from this machine, under these names, not cross-site).
     allow_unauthenticated: bool = False
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"], min_length=1,
+                                     description="Host names a gateway without keys answers to")
     limits: LimitsConfig = LimitsConfig()
     knowledge_base: KnowledgeBaseSettings = KnowledgeBaseSettings()
     # Where `rollout start` keeps its state (next to the config it changes): GET /rollout shows it to the

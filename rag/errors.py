@@ -51,6 +51,10 @@ class UpstreamTimeoutError(ServiceUnavailableError):
     """A stage did not answer within the gateway's deadline for that hop."""
 
 
+class ForbiddenError(RagError):
+    """Not allowed from where it came: another site's page, a name the gateway does not answer to."""
+
+
 class ConflictError(RagError):
     """The request conflicts with what is stored (a KB that exists, a file that would be overwritten)."""
 

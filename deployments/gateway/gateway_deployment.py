@@ -33,8 +33,9 @@ logger = logging.getLogger("rag.gateway")
 
 def _guard_settings(config: GatewayConfig) -> GuardSettings:
     if config.allow_unauthenticated:
-        logger.warning("event=AUTH mode=none reason=allow_unauthenticated: every route is open to anyone "
-                       "who can reach the gateway")
+        logger.warning("event=AUTH mode=none reason=allow_unauthenticated: every route is open to requests "
+                       "from this machine under the names %s, changes from other sites' pages refused",
+                       ", ".join(config.allowed_hosts))
         keys = None
     else:
         keys = ApiKeys(config.api_key_path)
@@ -42,7 +43,8 @@ def _guard_settings(config: GatewayConfig) -> GuardSettings:
     upload = "/knowledge_base/upload_docs"
     uploads = {upload: max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes)}
     return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown, uploads,
-                         config.limits.body_timeout_s, {upload: config.knowledge_base.upload_timeout_s})
+                         config.limits.body_timeout_s, {upload: config.knowledge_base.upload_timeout_s},
+                         frozenset(name.lower() for name in config.allowed_hosts))
 
 
 @serve.deployment(name="Gateway")

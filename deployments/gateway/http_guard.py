@@ -2,6 +2,12 @@
 deadline), all checked before FastAPI parses anything, so an unauthenticated, oversized or never-ending
 body costs no parsing and holds no slot for long. Open routes (probes, the console's files) read no body.
 
+Without keys (`allow_unauthenticated`, meant for a gateway on loopback) the key cannot stand between a
+web page and the API, so the door checks where a request comes from instead: only from this machine
+(whatever address the proxy was bound to), only under a name the gateway answers to (`allowed_hosts`: a
+page whose name was rebound to 127.0.0.1 sends its own), and nothing state-changing from another site's
+page (`Origin`, `Sec-Fetch-Site`), which a browser sends on its own and a page cannot forge.
+
 A plain ASGI middleware (not a FastAPI dependency): FastAPI reads and parses the body before any
 dependency runs, and the body-size limit must come first.
 """
@@ -9,16 +15,25 @@ dependency runs, and the body-size limit must come first.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rag.auth import ApiKeys
-from rag.errors import AuthenticationError, BodyTimeoutError, InvalidRequestError, RagError, RequestTooLargeError
+from rag.errors import (
+    AuthenticationError,
+    BodyTimeoutError,
+    ForbiddenError,
+    InvalidRequestError,
+    RagError,
+    RequestTooLargeError,
+)
 
 REQUEST_ID_HEADER = "x-request-id"
 # Probes carry only a status word, and the console's page and assets are public files (the page asks for
@@ -42,6 +57,7 @@ class GuardSettings:
     body_bytes_by_path: Mapping[str, int] = field(default_factory=dict)
     body_timeout_s: float = 10.0
     body_timeout_by_path: Mapping[str, float] = field(default_factory=dict)
+    allowed_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost", "::1"})  # checked only without keys
 
     def body_limit(self, path: str) -> int:
         return self.body_bytes_by_path.get(path, self.max_body_bytes)
@@ -72,6 +88,9 @@ class HttpGuard:
         if not given:
             send = _with_request_id(send, request_id)
         settings, path = self.settings, scope["path"]
+        if settings.keys is None and (keyless := _keyless_refusal(scope, settings.allowed_hosts, is_open(path))):
+            await self.refuse(keyless, request_id, path)(scope, receive, send)
+            return
         if is_open(path):
             # Open routes take no body, so none is read: waiting for one a client never sends would hold
             # one of the gateway's request slots for nothing (80 such requests starved keyed chats).
@@ -90,6 +109,46 @@ class HttpGuard:
             await self.refuse(refusal, request_id, path)(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _keyless_refusal(scope: Scope, allowed_hosts: frozenset[str], open_route: bool) -> ForbiddenError | None:
+    """Why a request to a gateway without keys is refused, or None."""
+    host = _host_name(_header(scope, b"host") or "")
+    if host not in allowed_hosts:
+        return ForbiddenError(f"this gateway runs without API keys and answers only to "
+                              f"{', '.join(sorted(allowed_hosts))}, not to {host[:100]!r}")
+    if open_route:  # probes and the console's files: a status word and public files, for anyone local
+        return None
+    client = (scope.get("client") or ("",))[0]
+    if not _is_loopback(client):
+        return ForbiddenError("this gateway runs without API keys, so it answers only requests from this machine")
+    if scope.get("method", "GET") in _SAFE_METHODS:
+        return None
+    origin, fetch_site = _header(scope, b"origin"), _header(scope, b"sec-fetch-site")
+    own = {f"http://{_header(scope, b'host')}", f"https://{_header(scope, b'host')}"}
+    if (origin is not None and origin not in own) or fetch_site not in (None, "same-origin", "none"):
+        return ForbiddenError("this gateway runs without API keys and refuses changes from a cross-site page "
+                              f"(Origin {str(origin)[:100]!r}, Sec-Fetch-Site {str(fetch_site)[:20]!r})")
+    return None
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    try:
+        name = urlsplit(f"//{host}").hostname
+    except ValueError:  # "[::1" and the like
+        return ""
+    return (name or "").lower()
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # not an address (a unix socket, a test client's name)
+        return False
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -9,6 +9,7 @@ from rag.errors import (
     AuthenticationError,
     BodyTimeoutError,
     ConflictError,
+    ForbiddenError,
     IndexMismatchError,
     InvalidRequestError,
     KnowledgeBaseNotFoundError,
@@ -22,6 +23,7 @@ from rag.errors import (
 # First match wins: subclasses before their bases.
 STATUS_BY_ERROR: dict[type[RagError], int] = {
     AuthenticationError: 401,
+    ForbiddenError: 403,
     RequestTooLargeError: 413,
     BodyTimeoutError: 408,
     InvalidRequestError: 400,

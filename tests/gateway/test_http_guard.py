@@ -142,3 +142,47 @@ def test_a_keyed_body_that_never_arrives_is_a_408_at_the_gateways_deadline(tmp_p
     # without the key, no body is waited for at all
     status, _, took = _asgi_call(guard, "/echo", {"content-length": "100"})
     assert status == 401 and took < 0.25
+
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _open_gateway(client: tuple[str, int] = ("127.0.0.1", 5555)) -> TestClient:
+    """A gateway configured without keys (allow_unauthenticated), as a browser on this machine reaches it."""
+    settings = GuardSettings(None, max_body_bytes=1024, errors_shown=3, allowed_hosts=LOOPBACK_NAMES)
+    app = _app()
+    app.add_middleware(HttpGuard, settings=settings, refuse=error_response)
+    return TestClient(app, base_url="http://127.0.0.1:8000", client=client)
+
+
+def test_without_keys_a_rebound_name_or_a_cross_site_page_cannot_change_anything() -> None:
+    client = _open_gateway()
+    assert client.post("/echo", content=b"{}").json() == {"bytes": 2}
+    same_site = {"origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}
+    assert client.post("/echo", content=b"{}", headers=same_site).status_code == 200
+    assert client.post("/echo", content=b"{}", headers={"host": "localhost:8000",
+                                                        "origin": "http://localhost:8000"}).status_code == 200
+    # DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1.
+    rebound = client.get("/health", headers={"host": "evil.example:8000"})
+    assert rebound.status_code == 403 and "evil.example" in rebound.json()["error"]["message"]
+    assert client.post("/echo", content=b"{}", headers={"host": "evil.example"}).status_code == 403
+    # A page of another site posting a form or a fetch: refused, whatever it sends.
+    for headers in ({"origin": "http://evil.example"}, {"origin": "null"}, {"origin": "http://127.0.0.1:9999"},
+                    {"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}):
+        refused = client.post("/upload", content=b"x", headers=headers)
+        assert refused.status_code == 403 and "cross-site" in refused.json()["error"]["message"], headers
+    assert client.get("/health", headers={"origin": "http://evil.example"}).status_code == 200  # reads nothing
+
+
+def test_without_keys_only_this_machine_is_served_whatever_address_the_proxy_binds() -> None:
+    remote = _open_gateway(client=("10.1.2.3", 40000))
+    refused = remote.post("/echo", content=b"{}")
+    assert refused.status_code == 403 and "this machine" in refused.json()["error"]["message"]
+    assert remote.get("/health").status_code == 200  # probes stay open: they carry only a status word
+    assert _open_gateway(client=("::1", 40000)).post("/echo", content=b"{}").status_code == 200
+
+
+def test_with_keys_neither_the_host_nor_the_origin_matters(guarded: tuple[TestClient, str]) -> None:
+    client, key = guarded
+    headers = {"authorization": f"Bearer {key}", "host": "rag.example.com", "origin": "https://app.example.com"}
+    assert client.post("/echo", content=b"{}", headers=headers).status_code == 200
