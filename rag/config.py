@@ -356,6 +356,11 @@ class KnowledgeBaseSettings(_Strict):
                           "after that, 202 and the job to poll")
     keep_versions: int = Field(3, ge=1, le=1000, description="index versions kept besides those still in use")
     embed_batch: int = Field(256, ge=1, le=8192, description="chunks per call to the Embedder while ingesting")
+    max_chunks_per_upload: int = Field(20_000, ge=1, le=10_000_000, description="chunks one upload may add "
+                                       "(about 20 minutes of embedding on 2 cores); a larger one is refused")
+    max_jobs_per_kb: int = Field(4, ge=1, le=1000, description="jobs queued or running per knowledge base; "
+                                 "more get 503 with Retry-After")
+    max_jobs: int = Field(16, ge=1, le=10_000, description="jobs queued or running in all")
     parsing: ParseLimits = ParseLimits()
     stop_drain_s: float = Field(100.0, ge=0, le=3600, description="a stopping manager lets running jobs finish "
                                 "this long, then records them as interrupted (below its graceful_shutdown_timeout_s)")

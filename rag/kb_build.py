@@ -69,6 +69,7 @@ class Changes:
     override: bool = True  # False: a file that exists with other content is a conflict
     keep_originals: bool = False  # deleted files leave the index but keep their original (delete_content=false)
     skip_unreadable: bool = False  # a file that cannot be indexed fails alone (BuildResult.failed)
+    max_chunks: int | None = None  # more new chunks than this refuse the change before anything is embedded
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
                 if not todo and not changes.delete and previous.manifest is not None:
                     return BuildResult(previous.manifest, created=False, stale_staging_removed=removed,
                                        failed=failed)
+            _check_size(new_chunks, changes.max_chunks)
             chunks, vectors, embedded = _assemble(files, new_chunks, previous, embed, progress, batch_size)
             info = _files_info(files, previous.manifest, new_chunks, staged, todo, kb_root, kb, incoming)
             manifest = publish_index(kb_root, kb, chunks, vectors, embedding_model=config.embedding.model,
@@ -235,6 +237,15 @@ def _split(kb_root: Path, kb: str, incoming: Path, todo: dict[str, SplitterConfi
         if progress:
             progress("load", done, len(todo))
     return out, failed
+
+
+def _check_size(new_chunks: dict[str, list[Chunk]], limit: int | None) -> None:
+    total = sum(map(len, new_chunks.values()))
+    if limit is not None and total > limit:
+        largest = sorted(new_chunks.items(), key=lambda item: -len(item[1]))[:3]
+        named = ", ".join(f"{name}: {len(chunks)}" for name, chunks in largest)
+        raise InvalidRequestError(f"this upload splits into {total} chunks ({named}); the limit for one upload is "
+                                  f"{limit}: send fewer files at once, or a larger chunk_size")
 
 
 def _without_failed(failed: dict[str, str], files: set[str], todo: dict[str, SplitterConfig],

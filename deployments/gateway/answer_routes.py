@@ -13,11 +13,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, StreamingResponse
-from ray.serve.exceptions import BackPressureError
 
 from deployments.gateway.answer_service import AnswerStream, GatewayService
+from deployments.gateway.serve_handles import is_overload
 from deployments.gateway.services import Services
-from deployments.gateway.statuses import documented, status_for
+from deployments.gateway.statuses import bounded, documented, status_for
 from rag.api import (
     ChatCompletionRequest,
     CompletionFormatter,
@@ -27,7 +27,7 @@ from rag.api import (
     error_body,
 )
 from rag.constants import EVALUATE_HEADER
-from rag.errors import OverloadedError, RagError, UpstreamTimeoutError
+from rag.errors import RagError
 from rag.records import AnswerStart, Question
 
 logger = logging.getLogger("rag.gateway")
@@ -42,14 +42,8 @@ ANSWER_ERRORS = documented(400, 401, 404, 413, 422, 500, 503, 504)
 READ_ERRORS = documented(401, 500, 503, 504)
 
 
-async def bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
-    """One hop with a deadline; a full queue downstream is an immediate 503, not a 500."""
-    try:
-        return await asyncio.wait_for(call, timeout_s)
-    except TimeoutError:
-        raise UpstreamTimeoutError(f"{what} took longer than {timeout_s:g}s") from None
-    except BackPressureError:
-        raise OverloadedError(f"{what}: the service is at capacity; retry shortly") from None
+def _hop(call: Awaitable[T], timeout_s: float, what: str) -> Awaitable[T]:
+    return bounded(call, timeout_s, what, is_overload)
 
 
 async def _answer(service: GatewayService, question: Question, key: str | None, stream: bool,
@@ -108,7 +102,7 @@ async def kb_chat(body: KbChatRequest, services: Services) -> StreamingResponse 
 async def search_docs(body: SearchDocsRequest, services: Services) -> JSONResponse:
     services.first_traffic()
     cfg = services.answers.config
-    version, docs = await bounded(services.answers.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
+    version, docs = await _hop(services.answers.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
                                   "the search")
     return JSONResponse(docs, headers={VERSION_HEADER: version})
 
@@ -123,7 +117,7 @@ async def embeddings(body: EmbeddingRequest, services: Services) -> dict[str, An
 
 @router.get("/v1/models", responses=READ_ERRORS)
 async def list_models(services: Services) -> dict[str, Any]:
-    models = await bounded(services.answers.models(), services.answers.config.request_timeout_s,
+    models = await _hop(services.answers.models(), services.answers.config.request_timeout_s,
                            "listing the models")
     return {"object": "list", "data": models}
 

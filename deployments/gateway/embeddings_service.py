@@ -17,13 +17,12 @@ from typing import Any, TypeVar
 
 from deployments.gateway.answer_service import VersionHandles
 from deployments.gateway.expiring import Expiring
+from deployments.gateway.statuses import bounded
 from rag.api import EmbeddingRequest, embedding_response
 from rag.errors import (
     InvalidRequestError,
     KnowledgeBaseNotFoundError,
-    OverloadedError,
     ServiceUnavailableError,
-    UpstreamTimeoutError,
 )
 
 T = TypeVar("T")
@@ -60,16 +59,8 @@ class EmbeddingsService:
             vectors.extend(await self._hop(handle.embed_many.remote(texts[start:start + SLICE])))
         return vectors
 
-    async def _hop(self, call: Awaitable[T]) -> T:
-        """One call to a stage, with its deadline; a full queue there is a 503 to retry, not a 500."""
-        try:
-            return await asyncio.wait_for(call, self._hop_timeout_s)
-        except TimeoutError:
-            raise UpstreamTimeoutError(f"the Embedder took longer than {self._hop_timeout_s:g}s") from None
-        except Exception as exc:
-            if self._handles.is_overload(exc):
-                raise OverloadedError("the embedding: the service is at capacity; retry shortly") from None
-            raise
+    def _hop(self, call: Awaitable[T]) -> Awaitable[T]:
+        return bounded(call, self._hop_timeout_s, "the Embedder", self._handles.is_overload)
 
     async def _choose(self, model: str) -> tuple[Any, dict[str, Any]]:
         """The heaviest serving version whose Embedder runs `model`, or whose Retriever serves KB `model`."""

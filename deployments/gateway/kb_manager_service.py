@@ -24,6 +24,7 @@ from rag.errors import (
     ConflictError,
     InvalidRequestError,
     KnowledgeBaseNotFoundError,
+    OverloadedError,
     RagError,
     ServiceUnavailableError,
 )
@@ -173,6 +174,14 @@ class KnowledgeBaseService:
         chosen = _splitter(config.splitter, splitter)
         if self._stopping:
             raise ServiceUnavailableError("the knowledge-base manager is stopping; send the change again shortly")
+        waiting = self.jobs.unfinished()  # queued jobs hold their files in memory: their number is bounded
+        for_kb = sum(1 for job in waiting if job.knowledge_base == kb)
+        if for_kb >= self.settings.max_jobs_per_kb or len(waiting) >= self.settings.max_jobs:
+            raise OverloadedError(f"{for_kb} jobs are queued or running for knowledge base {kb!r} and {len(waiting)} "
+                                  f"in all (limits {self.settings.max_jobs_per_kb} and {self.settings.max_jobs}); "
+                                  "retry once one has finished")
+        if kind == "upload_docs":
+            changes = replace(changes, max_chunks=self.settings.max_chunks_per_upload)
         job = self.jobs.create(kb, kind, root)
         job.files_total = len(changes.add) + len(changes.reindex)
         task = asyncio.create_task(self._run(job, root, kb, config, changes, chosen, self._stages.embedder(version)))

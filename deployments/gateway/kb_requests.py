@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from deployments.gateway.answer_service import VersionHandles
-from deployments.gateway.statuses import public_status
+from deployments.gateway.statuses import bounded, public_status
 from rag.config import KnowledgeBaseSettings
-from rag.errors import UpstreamTimeoutError
 from rag.kb_api import kb_body
 
 SERVED_WAIT_S = 5.0  # after publishing, how long an answer waits for a Retriever to report the new version
@@ -63,11 +62,8 @@ class KnowledgeBaseRequests:
                                                    JOB_LOOKUP_S)
         return view
 
-    async def _bounded(self, call: Awaitable[Any], timeout_s: float) -> Any:
-        try:
-            return await asyncio.wait_for(call, timeout_s)
-        except TimeoutError:
-            raise UpstreamTimeoutError(f"the knowledge-base manager took longer than {timeout_s:g}s") from None
+    def _bounded(self, call: Awaitable[Any], timeout_s: float) -> Awaitable[Any]:
+        return bounded(call, timeout_s, "the knowledge-base manager")
 
     async def finish(self, job_id: str, wait: bool, what: str) -> tuple[int, dict[str, Any]]:
         """(status, body) for a submitted job: 200 once done and (if it published) served, else 202 with

@@ -57,13 +57,17 @@ class ServeHandles:
             self._wakes[(version, stage)] = self._stage(version, stage).ping.remote()
 
     def is_overload(self, exc: BaseException) -> bool:
-        """A full queue at some stage, however deep in Ray's error wrappers it arrives."""
-        seen: BaseException | None = exc
-        for _ in range(10):  # Ray's wrappers nest a few levels; a cycle must not loop forever
-            if seen is None:
-                return False
-            if isinstance(seen, BackPressureError):
-                return True
-            cause = getattr(seen, "cause", None)
-            seen = cause if isinstance(cause, BaseException) else seen.__cause__
-        return False
+        return is_overload(exc)
+
+
+def is_overload(exc: BaseException) -> bool:
+    """A full queue at some stage, however deep in Ray's error wrappers it arrives."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # Ray's wrappers nest a few levels; a cycle must not loop forever
+        if seen is None:
+            return False
+        if isinstance(seen, BackPressureError):
+            return True
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    return False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from rag.api import ErrorBody
 from rag.errors import (
@@ -13,6 +15,7 @@ from rag.errors import (
     IndexMismatchError,
     InvalidRequestError,
     KnowledgeBaseNotFoundError,
+    OverloadedError,
     RagError,
     RequestTooLargeError,
     ServiceUnavailableError,
@@ -41,6 +44,27 @@ PUBLIC_FAILURE = {
     500: "internal error: the gateway could not complete the request",
     504: "a stage of the service did not answer in time",
 }
+
+
+T = TypeVar("T")
+
+
+def never(_: BaseException) -> bool:
+    return False
+
+
+async def bounded(call: Awaitable[T], timeout_s: float, what: str,
+                  overloaded: Callable[[BaseException], bool] = never) -> T:
+    """One hop with a deadline: past it, 504 to retry; a full queue downstream (as `overloaded` tells from
+    the error) an immediate 503 to retry, not a 500."""
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except TimeoutError:
+        raise UpstreamTimeoutError(f"{what} took longer than {timeout_s:g}s") from None
+    except Exception as exc:
+        if overloaded(exc):
+            raise OverloadedError(f"{what}: the service is at capacity; retry shortly") from None
+        raise
 
 
 def status_for(exc: BaseException) -> int:

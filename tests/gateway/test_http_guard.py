@@ -11,9 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
-from deployments.gateway.answer_routes import bounded
 from deployments.gateway.http_app import error_response
 from deployments.gateway.http_guard import GuardSettings, HttpGuard
+from deployments.gateway.serve_handles import is_overload
+from deployments.gateway.statuses import bounded
 from rag.auth import ApiKeys, create_key_file, read_client_key
 from rag.errors import IndexMismatchError, OverloadedError, UpstreamTimeoutError
 
@@ -85,6 +86,8 @@ def test_full_queue_and_slow_hop_become_503_and_504_with_retry_after() -> None:
         await asyncio.sleep(5)
 
     with pytest.raises(OverloadedError):
+        asyncio.run(bounded(full(), 1.0, "the search", is_overload))
+    with pytest.raises(BackPressureError):  # a hop that cannot be overloaded passes the error on
         asyncio.run(bounded(full(), 1.0, "the search"))
     with pytest.raises(UpstreamTimeoutError):
         asyncio.run(bounded(slow(), 0.05, "the search"))

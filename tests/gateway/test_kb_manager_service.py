@@ -16,6 +16,7 @@ from rag.errors import (
     ConflictError,
     InvalidRequestError,
     KnowledgeBaseNotFoundError,
+    OverloadedError,
     ServiceUnavailableError,
     UnsupportedDocumentError,
 )
@@ -352,3 +353,44 @@ def test_a_job_whose_manager_stopped_after_publishing_reads_as_done(tmp_path: Pa
     assert "published index version 4" in view["note"]
     again = JobBoard().recorded(tmp_path, job.id)  # the record was rewritten: the answer does not change
     assert again is not None and again["state"] == "done" and again["finished_at"] == view["finished_at"]
+
+
+def test_jobs_waiting_are_bounded_per_knowledge_base_and_in_all(tmp_path: Path) -> None:
+    stages = FakeStages({"v1": _config(tmp_path)})
+    service = KnowledgeBaseService(KnowledgeBaseSettings(max_jobs_per_kb=2, max_jobs=3), stages)
+    gate = _gated(stages)
+
+    async def scenario() -> None:
+        for kb in ("docs", "other"):
+            await service.create(kb, "", None, ["v1"])
+        jobs = [await service.submit("upload_docs", "docs", Changes(add={f"{i}.md": _doc(f"t{i}")}), None, ["v1"])
+                for i in range(2)]
+        with pytest.raises(OverloadedError, match=r"2 jobs are queued or running for knowledge base 'docs'"):
+            await service.submit("upload_docs", "docs", Changes(add={"x.md": _doc("x")}), None, ["v1"])
+        jobs.append(await service.submit("upload_docs", "other", Changes(add={"y.md": _doc("y")}), None, ["v1"]))
+        with pytest.raises(OverloadedError, match="3 in all"):
+            await service.submit("upload_docs", "other", Changes(add={"z.md": _doc("z")}), None, ["v1"])
+        gate.set()
+        for job in jobs:
+            assert (await service.wait(job, 30, ["v1"]))["state"] == "done"
+        await service.wait(await service.submit("upload_docs", "docs", Changes(add={"x.md": _doc("x")}), None,
+                                                ["v1"]), 30, ["v1"])  # room again once they finished
+
+    run(scenario())
+
+
+def test_an_upload_that_splits_into_too_many_chunks_is_refused_with_the_numbers(tmp_path: Path) -> None:
+    service = KnowledgeBaseService(KnowledgeBaseSettings(max_chunks_per_upload=5),
+                                   FakeStages({"v1": _config(tmp_path)}))
+
+    async def scenario() -> str:
+        await service.create("docs", "", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"big.md": _doc("big", 40),
+                                                                     "small.md": b"one line"}), None, ["v1"])
+        with pytest.raises(InvalidRequestError) as refused:
+            await service.wait(job, 30, ["v1"])
+        return str(refused.value)
+
+    message = run(scenario())
+    assert "limit for one upload is 5" in message and "big.md: " in message and "chunk_size" in message
+    assert run(service.list_files("docs", ["v1"])) == []
