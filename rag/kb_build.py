@@ -31,7 +31,7 @@ from langchain_core.documents import Document
 
 from rag import kb_store
 from rag.config import PipelineConfig, SplitterConfig
-from rag.documents import DEFAULT_MAX_FILE_BYTES, _read_bytes, iter_files, load_file, split_documents
+from rag.documents import DEFAULT_MAX_FILE_BYTES, copy_document, iter_files, load_file, split_documents
 from rag.errors import (
     ConflictError,
     DocumentNotFoundError,
@@ -70,6 +70,7 @@ class Changes:
     keep_originals: bool = False  # deleted files leave the index but keep their original (delete_content=false)
     skip_unreadable: bool = False  # a file that cannot be indexed fails alone (BuildResult.failed)
     max_chunks: int | None = None  # more new chunks than this refuse the change before anything is embedded
+    spool: Path | None = None  # the folder `add`'s files were streamed to (an upload): removed when the job ends
 
 
 @dataclass(frozen=True)
@@ -180,13 +181,18 @@ def _stage(incoming: Path, add: dict[str, Source], max_file_bytes: int) -> dict[
     """Write every incoming file under `incoming`; returns name -> sha256."""
     digests = {}
     for name, source in add.items():
-        data = source if isinstance(source, bytes) else _read_bytes(source, max_file_bytes)
-        if len(data) > max_file_bytes:
+        if isinstance(source, bytes) and len(source) > max_file_bytes:
             raise InvalidRequestError(f"file {name!r} is larger than the {max_file_bytes}-byte limit")
         target = incoming.joinpath(*kb_store.check_file_name(name, nested=True).split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        digests[name] = hashlib.sha256(data).hexdigest()
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+            digests[name] = hashlib.sha256(source).hexdigest()
+        else:  # a file on disk (the CLI's, or an upload the gateway spooled) is copied, never read whole
+            try:
+                digests[name] = copy_document(source, target, max_file_bytes)
+            except UnsupportedDocumentError as exc:  # named as the client named it, not by its spool path
+                raise UnsupportedDocumentError(f"{name}: {str(exc).removeprefix(f'{source}: ')}") from None
     return digests
 
 

@@ -3,7 +3,7 @@ the lock that makes one writer at a time.
 
 Layout under `<kb_root>/<kb>/`: `kb.json` (description and embedding model, written at creation),
 `content/` (the originals, so an index can be rebuilt and a file downloaded), `v<N>/` (index versions,
-`rag.index`), `.writer.lock`.
+`rag.index`), `.writer.lock`. Beside the KBs, `<kb_root>/.spool/` holds uploads on their way in.
 
 File names come from clients (multipart uploads) and become paths, so every name is checked by
 `check_file_name` before anything is built from it: one path component (the CLI's nested folders give
@@ -20,7 +20,7 @@ import shutil
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,6 +158,50 @@ def remove_trash(kb_root: Path) -> list[str]:
     for path in trash:
         shutil.rmtree(path, ignore_errors=True)
     return [p.name for p in trash if not p.exists()]
+
+
+SPOOL = ".spool"  # uploads streamed to disk by a gateway, each in its own folder until its job ends
+
+
+def new_spool(kb_root: Path) -> Path:
+    """A fresh folder for one upload's files. Under `kb_root`, which every node that builds or serves
+    shares, so a gateway on one node writes where the manager on another reads."""
+    folder = Path(kb_root) / SPOOL / uuid.uuid4().hex
+    folder.mkdir(parents=True, mode=0o700)
+    return folder
+
+
+def check_spool(kb_root: Path, folder: Path, files: Iterable[Path]) -> None:
+    """Refuse a spool folder (and files) that is not one `new_spool` made under `kb_root`: a path handed
+    between processes is checked before anything is read from it or removed."""
+    spools = (Path(kb_root) / SPOOL).resolve()
+    folder = Path(folder)
+    if folder.resolve().parent != spools or folder.is_symlink():
+        raise InvalidRequestError("an upload's files must come from the knowledge-base spool folder")
+    if any(Path(f).resolve().parent != folder.resolve() for f in files):
+        raise InvalidRequestError("an upload's files must lie in its own spool folder")
+
+
+def remove_spool(kb_root: Path, folder: Path) -> None:
+    check_spool(kb_root, folder, ())
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_spools(kb_root: Path, older_than_s: float, keep: set[Path]) -> list[str]:
+    """Remove the spool folders older than `older_than_s` that no job holds (`keep`): what a gateway or
+    manager that stopped mid-upload left. Returns the names removed."""
+    base = Path(kb_root) / SPOOL
+    if not base.is_dir():
+        return []
+    cutoff, removed = time.time() - older_than_s, []
+    for folder in base.iterdir():
+        try:
+            if folder.is_dir() and not folder.is_symlink() and folder not in keep and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        except FileNotFoundError:  # removed by another sweep meanwhile
+            continue
+    return removed
 
 
 def read_original(kb_root: Path, kb: str, name: str) -> bytes:

@@ -44,7 +44,7 @@ def _guard_settings(config: GatewayConfig) -> GuardSettings:
     uploads = {upload: max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes)}
     return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown, uploads,
                          config.limits.body_timeout_s, {upload: config.knowledge_base.upload_timeout_s},
-                         frozenset(name.lower() for name in config.allowed_hosts))
+                         frozenset(name.lower() for name in config.allowed_hosts), frozenset({upload}))
 
 
 @serve.deployment(name="Gateway")

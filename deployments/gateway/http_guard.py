@@ -1,6 +1,8 @@
 """The gateway's door: a request id on every request, the API key, and the body (its size, and its
 deadline), all checked before FastAPI parses anything, so an unauthenticated, oversized or never-ending
 body costs no parsing and holds no slot for long. Open routes (probes, the console's files) read no body.
+An upload is not gathered here: it passes through to its route as it arrives (which writes it to disk),
+under the same size limit and deadline.
 
 Without keys (`allow_unauthenticated`, meant for a gateway on loopback) the key cannot stand between a
 web page and the API, so the door checks where a request comes from instead: only from this machine
@@ -58,6 +60,9 @@ class GuardSettings:
     body_timeout_s: float = 10.0
     body_timeout_by_path: Mapping[str, float] = field(default_factory=dict)
     allowed_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost", "::1"})  # checked only without keys
+    # Routes whose body passes through to the route as it arrives (uploads, which stream to disk), under
+    # the same limit and deadline, instead of being gathered in memory first.
+    streamed_paths: frozenset[str] = frozenset()
 
     def body_limit(self, path: str) -> int:
         return self.body_bytes_by_path.get(path, self.max_body_bytes)
@@ -101,6 +106,12 @@ class HttpGuard:
                                                   "<key>'"), request_id, path)(scope, receive, send)
             return
         deadline = settings.body_deadline(path)
+        if path in settings.streamed_paths:
+            if refusal := _declared_refusal(scope, settings.body_limit(path)):
+                await self.refuse(refusal, request_id, path)(scope, receive, send)
+                return
+            await self.app(scope, _bounded(receive, settings.body_limit(path), deadline), send)
+            return
         try:
             body, refusal = await asyncio.wait_for(_read_body(scope, receive, settings.body_limit(path)), deadline)
         except TimeoutError:
@@ -170,10 +181,8 @@ def _with_request_id(send: Send, request_id: str) -> Send:
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> tuple[bytes, RagError | None]:
     """The whole body, or a refusal once it is known to exceed `limit`: from Content-Length before a
     byte is read, else by counting what streams in (a chunked body has no length)."""
-    too_large = RequestTooLargeError(f"the request body is larger than the limit of {limit} bytes")
-    declared = _header(scope, b"content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        return b"", too_large if declared.isdigit() else InvalidRequestError("invalid Content-Length header")
+    if refusal := _declared_refusal(scope, limit):
+        return b"", refusal
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -183,10 +192,48 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> tuple[bytes,
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return b"", too_large
+            return b"", _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks), None
+
+
+def _too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(f"the request body is larger than the limit of {limit} bytes")
+
+
+def _declared_refusal(scope: Scope, limit: int) -> RagError | None:
+    """A Content-Length over `limit` (or not a number) is refused before a byte is read."""
+    declared = _header(scope, b"content-length")
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        return InvalidRequestError("invalid Content-Length header")
+    return _too_large(limit) if int(declared) > limit else None
+
+
+def _bounded(receive: Receive, limit: int, deadline_s: float) -> Receive:
+    """`receive` for a route that reads the body as it streams in: the body's messages raise 413 past
+    `limit` bytes and 408 past `deadline_s` from now (the route's error handling answers); once the body
+    is complete, messages (a disconnect) pass as they come, with no deadline."""
+    loop = asyncio.get_running_loop()
+    until, size, complete = loop.time() + deadline_s, 0, False
+
+    async def receiving() -> Message:
+        nonlocal size, complete
+        if complete:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(until - loop.time(), 0))
+        except TimeoutError:
+            raise BodyTimeoutError(f"the request body did not arrive within {deadline_s:g}s") from None
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _too_large(limit)
+            complete = not message.get("more_body", False)
+        return message
+    return receiving
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

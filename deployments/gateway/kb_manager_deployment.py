@@ -90,6 +90,9 @@ class KnowledgeBaseManager:
     async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
         return await self.service.download(kb, name, versions)
 
+    async def spool(self, versions: list[str]) -> str:
+        return await self.service.spool(versions)
+
     async def submit(self, kind: str, kb: str, changes: Changes, splitter: dict[str, int] | None,
                      versions: list[str]) -> str:
         with self._life.in_flight.track():

@@ -35,6 +35,7 @@ from rag.language import choose_mode
 from rag.parsing import Parser
 
 logger = logging.getLogger("rag.knowledge_bases")
+SPOOL_SLACK_S = 600.0  # a spool folder this much older than the longest upload belongs to no upload
 
 
 class Stages(Protocol):
@@ -64,6 +65,7 @@ class KnowledgeBaseService:
         self._stages = stages
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spools: set[Path] = set()  # the spool folders of jobs not ended yet
         self._after_publish = after_publish
         self.parser = Parser(settings.parsing)
         self._stopping = False
@@ -163,18 +165,34 @@ class KnowledgeBaseService:
         # The bytes the served index was built from (an original not indexed, delete_content=false: as stored).
         return await asyncio.to_thread(indexed_original, root, kb, name, row.get("sha256") if row["in_db"] else None)
 
+    async def spool(self, versions: list[str]) -> str:
+        """A new folder for one upload's files (the gateway streams them there and submits their paths),
+        after removing what stopped uploads left behind."""
+        root = await self.kb_root(versions)
+        stale_s = self.settings.upload_timeout_s + SPOOL_SLACK_S  # an upload still arriving is younger
+        removed = await asyncio.to_thread(kb_store.sweep_spools, root, stale_s, self._spools)
+        if removed:
+            logger.info("event=KB_SPOOLS_REMOVED count=%d", len(removed))
+        return str(await asyncio.to_thread(kb_store.new_spool, root))
+
     async def submit(self, kind: str, kb: str, changes: Changes, splitter: dict[str, int] | None,
                      versions: list[str]) -> str:
-        """Check what can be checked now (the KB, the splitter), then run the change as a job."""
+        """Check what can be checked now (the KB, the splitter), then run the change as a job. A job
+        owns its spool folder from here on, and removes it when it ends, whatever the outcome."""
         check_kb_name(kb)
         version, config = await self._choose(versions, kb)
         root = config.retrieval.kb_root_path
+        paths = [p for p in changes.add.values() if not isinstance(p, bytes)]
+        if paths or changes.spool is not None:  # files come by path only from an upload's own spool
+            if changes.spool is None:
+                raise InvalidRequestError("files sent by path must lie in an upload's spool folder")
+            kb_store.check_spool(root, changes.spool, paths)
         if not kb_store.exists(root, kb):
             raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}; create it first")
         chosen = _splitter(config.splitter, splitter)
         if self._stopping:
             raise ServiceUnavailableError("the knowledge-base manager is stopping; send the change again shortly")
-        waiting = self.jobs.unfinished()  # queued jobs hold their files in memory: their number is bounded
+        waiting = self.jobs.unfinished()  # queued jobs hold their files on disk: their number is bounded
         for_kb = sum(1 for job in waiting if job.knowledge_base == kb)
         if for_kb >= self.settings.max_jobs_per_kb or len(waiting) >= self.settings.max_jobs:
             raise OverloadedError(f"{for_kb} jobs are queued or running for knowledge base {kb!r} and {len(waiting)} "
@@ -184,6 +202,8 @@ class KnowledgeBaseService:
             changes = replace(changes, max_chunks=self.settings.max_chunks_per_upload)
         job = self.jobs.create(kb, kind, root)
         job.files_total = len(changes.add) + len(changes.reindex)
+        if changes.spool is not None:
+            self._spools.add(changes.spool)
         task = asyncio.create_task(self._run(job, root, kb, config, changes, chosen, self._stages.embedder(version)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -230,6 +250,15 @@ class KnowledgeBaseService:
 
     async def _run(self, job: Job, root: Path, kb: str, config: PipelineConfig, changes: Changes,
                    splitter: SplitterConfig, embed: Embed) -> None:
+        try:
+            await self._build(job, root, kb, config, changes, splitter, embed)
+        finally:
+            if changes.spool is not None:
+                await asyncio.to_thread(kb_store.remove_spool, root, changes.spool)
+                self._spools.discard(changes.spool)
+
+    async def _build(self, job: Job, root: Path, kb: str, config: PipelineConfig, changes: Changes,
+                     splitter: SplitterConfig, embed: Embed) -> None:
         async with self._lock(kb):
             if self._stopping:  # stop() records it as interrupted before it started
                 return

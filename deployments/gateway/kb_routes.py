@@ -7,6 +7,7 @@ No `from __future__ import annotations` here: FastAPI must see real annotation o
 
 import json
 import mimetypes
+import pathlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -15,14 +16,13 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile as StarletteUpload
 
 from deployments.gateway.kb_requests import KnowledgeBaseRequests
 from deployments.gateway.services import KbRequests, Services
 from deployments.gateway.statuses import documented
-from rag import golden, kb_store
-from rag.config import KnowledgeBaseSettings, check_kb_name
-from rag.errors import InvalidRequestError, RequestTooLargeError
+from deployments.gateway.uploads import discard, receive_upload
+from rag import golden
+from rag.config import check_kb_name
 from rag.kb_api import (
     UPLOAD_BODY,
     CreateKnowledgeBase,
@@ -34,7 +34,7 @@ from rag.kb_api import (
     UploadForm,
     kb_body,
 )
-from rag.kb_build import Changes, Source
+from rag.kb_build import Changes
 
 router = APIRouter(prefix="/knowledge_base", tags=["knowledge bases"])
 _ERRORS = [400, 401, 404, 409, 413, 422, 500, 503, 504]
@@ -119,38 +119,22 @@ async def download_doc(knowledge_base_name: Annotated[str, Query(min_length=1, m
 @router.post("/upload_docs", responses=_documented(_JOB), openapi_extra=UPLOAD_BODY)
 async def upload_docs(request: Request, kbs: KbRequests) -> JSONResponse:
     """Multipart: `files` (many), `knowledge_base_name`, `override`, `chunk_size`, `chunk_overlap`, `wait`.
-    Parsed by hand so that a part without a file name is a 400 naming the problem, not a schema error."""
-    limits = kbs.settings
-    async with request.form(max_files=limits.max_files + 1, max_fields=50) as form:
-        fields = {k: v for k, v in form.multi_items() if k != "files" and isinstance(v, str)}
+    The files stream to a spool folder the manager made and its job removes; parsed by hand so that a
+    part without a file name is a 400 naming the problem, not a schema error."""
+    spool = pathlib.Path(await kbs.call("spool"))
+    try:
+        upload = await receive_upload(request, spool, kbs.settings)
         try:
-            body = UploadForm.model_validate(fields)
+            body = UploadForm.model_validate(upload.fields)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
         check_kb_name(body.knowledge_base_name)
-        received = await _read_files(form.getlist("files"), limits)
-    changes = Changes(add=received, override=body.override)
-    job_id = await kbs.call("submit", "upload_docs", body.knowledge_base_name, changes, body.splitter())
-    return _finished(*await kbs.finish(job_id, body.wait, f"upload of {len(received)} file(s)"))
-
-
-async def _read_files(files: list[Any], limits: KnowledgeBaseSettings) -> dict[str, Source]:
-    if not files:
-        raise InvalidRequestError("no files to upload: send them as multipart parts named 'files'")
-    if len(files) > limits.max_files:
-        raise InvalidRequestError(f"{len(files)} files in one upload; the limit is {limits.max_files}")
-    received: dict[str, Source] = {}
-    for upload in files:
-        if not isinstance(upload, StarletteUpload):
-            raise InvalidRequestError("each 'files' part must be a file with a file name")
-        name = kb_store.check_file_name(upload.filename or "")
-        if name in received:
-            raise InvalidRequestError(f"file {name!r} is sent twice in one upload")
-        data = await upload.read(limits.max_file_bytes + 1)
-        if len(data) > limits.max_file_bytes:
-            raise RequestTooLargeError(f"file {name!r} is larger than the {limits.max_file_bytes}-byte limit")
-        received[name] = data
-    return received
+        changes = Changes(add=dict(upload.files), override=body.override, spool=spool)
+        job_id = await kbs.call("submit", "upload_docs", body.knowledge_base_name, changes, body.splitter())
+    except BaseException:  # not submitted: nobody else will remove the folder
+        await discard(spool)
+        raise
+    return _finished(*await kbs.finish(job_id, body.wait, f"upload of {len(upload.files)} file(s)"))
 
 
 @router.post("/delete_docs", responses=_documented(_JOB))

@@ -20,9 +20,11 @@ from deployments.gateway.http_guard import GuardSettings
 from deployments.gateway.kb_requests import KnowledgeBaseRequests
 from deployments.gateway.readiness import Readiness
 from deployments.gateway.services import GatewayServices
+from rag import kb_store
 from rag.auth import ApiKeys, create_key_file, read_client_key
 from rag.config import GatewayConfig, KnowledgeBaseSettings, TrafficConfig
-from rag.errors import KnowledgeBaseNotFoundError
+from rag.errors import KnowledgeBaseNotFoundError, OverloadedError
+from rag.kb_build import Changes
 from rag.lifecycle import InFlight
 from tests.gateway.test_answer_service import FakeMetrics
 
@@ -69,10 +71,25 @@ class FakeHandles:
 
 
 class FakeManager:
-    """The KnowledgeBases manager: `list_knowledge_bases` answers two KBs, `list_files` knows no KB."""
+    """The KnowledgeBases manager: `list_knowledge_bases` answers two KBs, `list_files` knows no KB; uploads
+    get spool folders under `kb_root` and `submit` records what it was handed (or raises `refusal`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kb_root: Path) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.kb_root = kb_root
+        self.spools: list[Path] = []
+        self.submitted: list[tuple[str, Changes, dict[str, bytes]]] = []
+        self.refusal: Exception | None = None
+
+    async def spool(self, versions: list[str]) -> str:
+        self.spools.append(kb_store.new_spool(self.kb_root))
+        return str(self.spools[-1])
+
+    async def submit(self, kind: str, kb: str, changes: Changes, splitter: Any, versions: list[str]) -> str:
+        if self.refusal is not None:
+            raise self.refusal
+        self.submitted.append((kb, changes, {n: Path(p).read_bytes() for n, p in changes.add.items()}))
+        return "job-1"
 
     def call(self, method: str, *args: Any) -> Any:
         self.calls.append((method, args))
@@ -103,7 +120,7 @@ def gateway(tmp_path: Path) -> Gateway:
     handles = FakeHandles()
     answers = GatewayService(GatewayConfig(), FakeMetrics(), InFlight(), handles)
     answers.set_traffic(TrafficConfig(weights={"v1": 100}))
-    manager = FakeManager()
+    manager = FakeManager(tmp_path / "kb")
     readiness = [Readiness(False, ["v1/Generator"])]
     stats: dict[str, Any] = {"versions": {"v1": {"requests": 12, "errors": 1}}, "replicas": 2}
 
@@ -120,8 +137,10 @@ def gateway(tmp_path: Path) -> Gateway:
         answers=answers,
         embeddings=EmbeddingsService(handles, answers.serving_versions),
         knowledge_bases=KnowledgeBaseRequests(manager, handles, answers.serving_versions,
-                                              KnowledgeBaseSettings(), request_timeout_s=1.0),
-        guard=GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=64 * 1024, errors_shown=2),
+                                              KnowledgeBaseSettings(max_file_bytes=4096, max_files=3),
+                                              request_timeout_s=1.0),
+        guard=GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=64 * 1024, errors_shown=2,
+                            body_bytes_by_path={UPLOAD: 32 * 1024}, streamed_paths=frozenset({UPLOAD})),
         readiness=lambda: readiness[-1],
         merged_stats=merged_stats,
         first_traffic=first_traffic,
@@ -231,6 +250,54 @@ def test_a_knowledge_base_the_manager_does_not_know_is_404_in_both_shapes(gatewa
     assert body["code"] == 404 and body["msg"] == "no knowledge base 'nope'" and body["data"] is None
     assert body["error"] == {"message": "no knowledge base 'nope'", "type": "invalid_request_error", "param": None,
                              "code": 404}
+
+
+UPLOAD = "/knowledge_base/upload_docs"
+
+
+def _upload(gateway: Gateway, files: list[tuple[str, tuple[str, bytes]]], **fields: str) -> Any:
+    return gateway.client.post(UPLOAD, headers=gateway.auth, files=files,
+                               data={"knowledge_base_name": "docs", "wait": "false", **fields})
+
+
+def test_an_upload_reaches_the_manager_as_files_in_its_spool_folder(gateway: Gateway) -> None:
+    response = _upload(gateway, [("files", ("a.md", b"# alpha\n" * 100)), ("files", ("b.txt", b"beta"))],
+                       override="true")
+    assert response.status_code == 202 and response.json()["data"] == {"job_id": "job-1"}
+    [(kb, changes, received)] = gateway.manager.submitted
+    assert kb == "docs" and changes.override and changes.spool == gateway.manager.spools[0]
+    assert received == {"a.md": b"# alpha\n" * 100, "b.txt": b"beta"}  # the bytes sent, read from disk
+    assert all(Path(p).parent == changes.spool for p in changes.add.values())  # paths, not bytes
+
+
+@pytest.mark.parametrize(("files", "fields", "status", "words"), [
+    ([("files", ("big.md", b"x" * 5000))], {}, 413, "'big.md' is larger than the 4096-byte limit"),
+    ([("files", ("a.md", b"a")), ("files", ("a.md", b"b"))], {}, 400, "sent twice"),
+    ([("files", (f"{i}.md", b"a")) for i in range(4)], {}, 400, "Maximum number of files is 3"),
+    ([("files", ("tool.exe", b"MZ"))], {}, 400, "tool.exe"),
+    ([("other", ("a.md", b"a"))], {}, 400, "no files to upload"),
+    ([("files", ("a.md", b"a"))], {"knowledge_base_name": "../etc"}, 400, "knowledge base name"),
+])
+def test_a_refused_upload_leaves_no_spool_and_submits_nothing(gateway: Gateway, files: Any, fields: dict[str, str],
+                                                              status: int, words: str) -> None:
+    response = _upload(gateway, files, **fields)
+    assert response.status_code == status and words in response.json()["msg"], response.json()
+    assert gateway.manager.submitted == [] and not any(p.exists() for p in gateway.manager.spools)
+
+
+def test_an_upload_the_manager_refuses_leaves_no_spool(gateway: Gateway) -> None:
+    gateway.manager.refusal = OverloadedError("4 jobs are queued")
+    response = _upload(gateway, [("files", ("a.md", b"alpha"))])
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert not gateway.manager.spools[0].exists()
+
+
+def test_an_upload_that_is_not_multipart_or_too_large_is_refused_before_a_spool(gateway: Gateway) -> None:
+    response = gateway.client.post(UPLOAD, headers=gateway.auth, json={"knowledge_base_name": "docs"})
+    assert response.status_code == 400 and "multipart/form-data" in response.json()["msg"]
+    assert not any(p.exists() for p in gateway.manager.spools)
+    response = _upload(gateway, [("files", ("a.md", b"x" * 40_000))])
+    assert response.status_code == 413 and "32768 bytes" in response.json()["msg"]
 
 
 def test_a_body_with_many_invalid_fields_names_only_the_first_problems(gateway: Gateway) -> None:

@@ -16,7 +16,7 @@ from deployments.gateway.http_guard import GuardSettings, HttpGuard
 from deployments.gateway.serve_handles import is_overload
 from deployments.gateway.statuses import bounded
 from rag.auth import ApiKeys, create_key_file, read_client_key
-from rag.errors import IndexMismatchError, OverloadedError, UpstreamTimeoutError
+from rag.errors import IndexMismatchError, OverloadedError, RagError, UpstreamTimeoutError
 
 
 def _app() -> FastAPI:
@@ -28,6 +28,16 @@ def _app() -> FastAPI:
 
     app.post("/echo")(echo)
     app.post("/upload")(echo)
+
+    @app.post("/stream")
+    async def stream(request: Request) -> dict[str, int]:  # reads its body as it arrives, like upload_docs
+        pieces = request.app.state.pieces = []
+        async for piece in request.stream():
+            if piece:
+                pieces.append(len(piece))
+        return {"pieces": len(pieces), "bytes": sum(pieces)}
+
+    app.add_exception_handler(RagError, lambda request, exc: error_response(exc, "req-t", request.url.path))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -125,7 +135,8 @@ def _asgi_call(guard: HttpGuard, path: str, headers: dict[str, str]) -> tuple[in
 def _body_guard(tmp_path: Path) -> tuple[HttpGuard, str]:
     create_key_file(tmp_path / "key")
     settings = GuardSettings(ApiKeys(tmp_path / "key"), max_body_bytes=4096, errors_shown=3, body_timeout_s=0.3,
-                             body_timeout_by_path={"/upload": 1.0})
+                             body_timeout_by_path={"/upload": 1.0, "/stream": 0.5},
+                             streamed_paths=frozenset({"/stream"}))
     return HttpGuard(_app(), settings, error_response), read_client_key(tmp_path / "key")
 
 
@@ -145,6 +156,45 @@ def test_a_keyed_body_that_never_arrives_is_a_408_at_the_gateways_deadline(tmp_p
     # without the key, no body is waited for at all
     status, _, took = _asgi_call(guard, "/echo", {"content-length": "100"})
     assert status == 401 and took < 0.25
+
+
+def test_a_streamed_route_reads_its_body_as_it_arrives_under_the_same_limit_and_deadline(tmp_path: Path) -> None:
+    guard, key = _body_guard(tmp_path)
+    auth = [(b"authorization", f"Bearer {key}".encode())]
+    app = guard.app
+
+    async def run(pieces: list[bytes], in_step: bool, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        """With `in_step` the client sends a piece only once the route has read the one before: a guard
+        that gathered the body before calling the route would never get the second piece (408)."""
+        queue = list(pieces)
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            sent_so_far = len(pieces) - len(queue)
+            while in_step and sent_so_far and len(getattr(app.state, "pieces", [])) < sent_so_far:
+                await asyncio.sleep(0.01)
+            if not queue:
+                await asyncio.sleep(3600)
+            piece = queue.pop(0)
+            return {"type": "http.request", "body": piece, "more_body": bool(queue)}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/stream", "query_string": b"", "headers": auth + headers,
+                 "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5555)}
+        await asyncio.wait_for(guard(scope, receive, send), 5)
+        status = next(int(m["status"]) for m in sent if m["type"] == "http.response.start")  # type: ignore[call-overload]
+        return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")  # type: ignore[misc]
+
+    status, body = asyncio.run(run([b"a" * 1000, b"b" * 1000, b"c" * 1000], True, []))
+    assert status == 200 and body == b'{"pieces":3,"bytes":3000}'
+    status, body = asyncio.run(run([b"a" * 3000, b"b" * 3000], False, []))  # counted: no Content-Length
+    assert status == 413 and b"4096 bytes" in body
+    status, body = asyncio.run(run([b"a"], False, [(b"content-length", b"5000")]))  # declared: refused unread
+    assert status == 413
+    status, body, took = _asgi_call(guard, "/stream", {"authorization": f"Bearer {key}", "content-length": "100"})
+    assert status == 408 and b"within 0.5s" in body and 0.4 < took < 1.5
 
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})

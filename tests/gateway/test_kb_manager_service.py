@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -394,3 +395,82 @@ def test_an_upload_that_splits_into_too_many_chunks_is_refused_with_the_numbers(
     message = run(scenario())
     assert "limit for one upload is 5" in message and "big.md: " in message and "chunk_size" in message
     assert run(service.list_files("docs", ["v1"])) == []
+
+
+def _spooled(folder: Path, files: dict[str, bytes]) -> dict[str, Path | bytes]:
+    """What the gateway hands over for an upload: each file written into the spool folder."""
+    paths: dict[str, Path | bytes] = {}
+    for i, (name, data) in enumerate(files.items()):
+        path = folder / f"{i:05d}"
+        path.write_bytes(data)
+        paths[name] = path
+    return paths
+
+
+def test_an_uploads_spool_folder_is_indexed_and_removed_when_its_job_ends_whatever_the_outcome(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> tuple[Path, Path, dict[str, Any]]:
+        await service.create("docs", "", None, ["v1"])
+        good, bad = Path(await service.spool(["v1"])), Path(await service.spool(["v1"]))
+        assert good.parent == bad.parent == tmp_path / ".spool" and good != bad
+        job = await service.submit("upload_docs", "docs", Changes(add=_spooled(good, {"a.md": _doc("alpha")}),
+                                                                 spool=good), None, ["v1"])
+        view = await service.wait(job, 30, ["v1"])
+        failing = await service.submit("upload_docs", "docs", Changes(add=_spooled(bad, {"a.md": _doc("other")}),
+                                                                      override=False, spool=bad), None, ["v1"])
+        with pytest.raises(ConflictError):  # other content under a stored name, without override
+            await service.wait(failing, 30, ["v1"])
+        return good, bad, view
+
+    good, bad, view = run(scenario())
+    assert view["state"] == "done" and view["changed_files"] == ["a.md"]
+    assert run(service.download("docs", "a.md", ["v1"])) == _doc("alpha")
+    assert not good.exists() and not bad.exists()
+    assert [f["file_name"] for f in run(service.list_files("docs", ["v1"]))] == ["a.md"]
+
+
+def test_files_by_path_come_only_from_an_uploads_own_spool_folder(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+    secret = tmp_path / "secret.md"
+    secret.write_bytes(b"# not for upload\n")
+
+    async def scenario() -> None:
+        await service.create("docs", "", None, ["v1"])
+        spool = Path(await service.spool(["v1"]))
+        for changes in (Changes(add={"s.md": secret}),  # a path with no spool
+                        Changes(add={"s.md": secret}, spool=spool),  # a path outside the spool
+                        Changes(add={"s.md": spool / "x"}, spool=tmp_path / "docs")):  # a folder that is no spool
+            with pytest.raises(InvalidRequestError, match="spool folder"):
+                await service.submit("upload_docs", "docs", changes, None, ["v1"])
+
+    run(scenario())
+    assert run(service.list_files("docs", ["v1"])) == []
+
+
+def test_spool_folders_no_job_holds_are_swept_once_older_than_any_upload(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+    stale, fresh = Path(run(service.spool(["v1"]))), Path(run(service.spool(["v1"])))
+    (stale / "00000").write_bytes(b"left by a stopped upload")
+    old = os.stat(stale).st_mtime - service.settings.upload_timeout_s - 601
+    os.utime(stale, (old, old))
+    newest = Path(run(service.spool(["v1"])))
+    assert not stale.exists() and fresh.exists() and newest.exists()
+
+
+def test_every_manager_method_the_gateway_calls_is_served_by_the_deployment() -> None:
+    """The gateway reaches the manager by method name (`call("spool", ...)`): a name the Serve deployment
+    lacks fails only on a cluster, so the names are checked here, from the gateway's source."""
+    import ast
+
+    from deployments.gateway import kb_manager_deployment
+
+    called = set()
+    for path in Path(kb_manager_deployment.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "call"
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                called.add(node.args[0].value)
+    served = kb_manager_deployment.KnowledgeBaseManager.func_or_class
+    assert {"spool", "submit", "wait", "job", "create"} <= called
+    assert sorted(name for name in called if not callable(getattr(served, name, None))) == []

@@ -3,12 +3,13 @@ limit) and the links it follows, each named in one clear error."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from rag.documents import MAX_JSON_DEPTH, iter_files, load_directory, load_file
+from rag.documents import MAX_JSON_DEPTH, copy_document, iter_files, load_directory, load_file
 from rag.errors import UnsupportedDocumentError
 from tests.rag.files import write
 
@@ -119,3 +120,15 @@ def test_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
     assert load_file(path, tmp_path, max_bytes=1001)[0].page_content == "x" * 1001
     with pytest.raises(UnsupportedDocumentError, match="1000-byte limit"):
         load_directory(tmp_path, max_bytes=1000)
+
+
+def test_a_document_is_copied_a_block_at_a_time_with_its_digest_and_refused_past_the_limit(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several blocks and a partial one
+    (tmp_path / "in.pdf").write_bytes(data)
+    assert copy_document(tmp_path / "in.pdf", tmp_path / "out.pdf", len(data)) == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "out.pdf").read_bytes() == data
+    with pytest.raises(UnsupportedDocumentError, match=f"larger than the {len(data) - 1}-byte limit"):
+        copy_document(tmp_path / "in.pdf", tmp_path / "again.pdf", len(data) - 1)
+    os.mkfifo(tmp_path / "pipe.pdf")
+    with pytest.raises(UnsupportedDocumentError, match="not a regular file"):
+        copy_document(tmp_path / "pipe.pdf", tmp_path / "p.pdf", 1024)

@@ -89,6 +89,19 @@ def test_unchanged_upload_publishes_nothing(root: Path) -> None:
     assert not again.created and list_versions(root, "kb") == [first.manifest.version]
 
 
+def test_files_given_by_path_are_copied_and_one_over_the_limit_is_named_as_sent(root: Path, tmp_path: Path) -> None:
+    spooled = tmp_path / "00000"
+    spooled.write_bytes(_doc("alpha"))
+    built = update_knowledge_base(root, "kb", CONFIG, Changes(add={"a.md": spooled}), embed=CountingEmbedder())
+    assert kb_store.read_original(root, "kb", "a.md") == _doc("alpha") and spooled.exists()
+    assert built.manifest.files["a.md"]["sha256"] == hashlib.sha256(_doc("alpha")).hexdigest()
+    spooled.write_bytes(_doc("beta") * 20)
+    with pytest.raises(UnsupportedDocumentError, match=r"^b\.md: larger than the 1024-byte limit"):
+        update_knowledge_base(root, "kb", CONFIG, Changes(add={"b.md": spooled}), embed=CountingEmbedder(),
+                              max_file_bytes=1024)
+    assert list_versions(root, "kb") == [1]
+
+
 def test_override_false_refuses_other_content_and_changes_nothing(root: Path) -> None:
     embed = CountingEmbedder()
     _update(root, embed, add={"a.md": _doc("alpha")})
