@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rag.config import LimitsConfig
 from rag.errors import InvalidRequestError
@@ -57,7 +57,9 @@ Messages = Annotated[list[ChatMessage], Field(max_length=LIMITS.max_messages)]
 
 class ChatCompletionRequest(_Request):
     model: Name
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages)]
+    # At least one from the user: the last of them is the question (see to_question).
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages, json_schema_extra={
+        "contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}})]
     stream: bool = False
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
@@ -73,10 +75,17 @@ class ChatCompletionRequest(_Request):
         """What pins a request to one version while several are live: the conversation, else the user."""
         return self.conversation_id or self.user
 
+    @model_validator(mode="after")
+    def _asks_something(self) -> ChatCompletionRequest:
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("messages: at least one message must have role 'user' (the question)")
+        return self
+
     def to_question(self, knowledge_base: str, limits: LimitsConfig, max_history: int) -> Question:
-        *earlier, last = self.messages
-        if last.role != "user":
-            raise InvalidRequestError(f"the last message must have role 'user', got {last.role!r}")
+        """The last user message is the question and what comes before it the history; messages after it
+        (an assistant prefill, a trailing system note) have no place in a retrieval prompt and are left out."""
+        asked = max(i for i, m in enumerate(self.messages) if m.role == "user")
+        earlier, last = self.messages[:asked], self.messages[asked]
         max_new_tokens = self.max_completion_tokens or self.max_tokens
         enforce(limits, self.messages, max_new_tokens, self.top_k)
         return Question(text=_question_text(last.content, limits.max_question_chars), knowledge_base=knowledge_base,

@@ -322,7 +322,9 @@ class LimitsConfig(_Strict):
     what the schema promises."""
 
     max_body_bytes: int = Field(1_048_576, ge=1024, le=67_108_864, description="413 above this")
-    max_question_chars: int = Field(4000, ge=1, le=4000, description="the question (last user message)")
+    # As long as any message may be: the question is the last user message, and a schema cannot tell the
+    # last message from the others (a pasted log or document is a fair question).
+    max_question_chars: int = Field(16_000, ge=1, le=16_000, description="the question (last user message)")
     max_message_chars: int = Field(16_000, ge=1, le=16_000, description="each message or history turn")
     max_messages: int = Field(64, ge=1, le=64, description="messages of a chat request, history turns of kb_chat")
     max_tokens: int = Field(4096, ge=1, le=4096)

@@ -15,6 +15,10 @@ class KnowledgeBaseNotFoundError(RagError):
     """The named knowledge base, or the asked-for version of it, does not exist."""
 
 
+class VersionNotFoundError(KnowledgeBaseNotFoundError):
+    """A pipeline version that is not deployed (asked for by name, as an evaluation does)."""
+
+
 class UnsupportedDocumentError(RagError):
     """A file whose type no loader handles, or whose content cannot be read."""
 

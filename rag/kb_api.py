@@ -11,32 +11,40 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from rag.api import Name, _Request
-from rag.config import VERSION_PATTERN
-from rag.golden import MEASURES
+from rag.config import KB_NAME_PATTERN, VERSION_PATTERN
+from rag.golden import MAX_ITEMS, MEASURES, GoldenItem
 
 GoldenMeasure = Literal["recall@1", "recall@3", "recall@5", "mrr", "citation_rate", "words_rate"]
 
-FileName = Annotated[str, Field(min_length=1, max_length=1024)]
-FileNames = Annotated[list[FileName], Field(min_length=1, max_length=10_000)]
+FileName = Annotated[str, Field(min_length=1, max_length=1024)]  # nested names (the CLI's folders) included
+# Every body these routes allow fits their body limit (FILE_LIST_BODY_BYTES, 1,000 names of 1,024
+# characters, each up to 12 bytes as JSON escapes): a schema-valid request is never a 413.
+FileNames = Annotated[list[FileName], Field(min_length=1, max_length=1000)]
+FILE_LIST_BODY_BYTES = 16 * 1024 * 1024
+# The pattern every stored knowledge base's name has, stated in the schema so that a client (or a fuzzer)
+# knows before it asks; names on the question routes stay free-form (an unknown one is a 404 there).
+KbName = Annotated[str, Field(min_length=1, max_length=63, pattern=KB_NAME_PATTERN)]
+# JSON booleans only: 0 or "no" for `wait` is a client bug to report, not a guess to make.
+Flag = Annotated[bool, Field(strict=True)]
 
 
 class CreateKnowledgeBase(_Request):
-    knowledge_base_name: Name
+    knowledge_base_name: KbName
     kb_info: Annotated[str, Field(max_length=4000)] = ""
     vector_store_type: Name | None = Field(None, description="accepted for Chatchat clients; always faiss here")
     embed_model: Name | None = Field(None, description="default: the serving version's embedding model")
 
 
 class KnowledgeBaseRef(_Request):
-    knowledge_base_name: Name
+    knowledge_base_name: KbName
 
 
 class EvalSet(_Request):
     """A knowledge base's golden set, replaced whole: each item a question, the file(s) that answer it and,
     optionally, words the answer should contain (see `rag.golden`)."""
 
-    knowledge_base_name: Name
-    items: list[dict[str, Any]] = Field(max_length=500, description="[] removes the set")
+    knowledge_base_name: KbName
+    items: list[GoldenItem] = Field(max_length=MAX_ITEMS, description="[] removes the set")
 
 
 class EvalResults(_Request):
@@ -44,34 +52,36 @@ class EvalResults(_Request):
     `rag_golden_score` gauge for Prometheus."""
 
     # Checked like a KB's and a version's own names (the route checks the KB's): they become metric labels.
-    knowledge_base_name: Name
+    knowledge_base_name: KbName
     version: Annotated[str, Field(pattern=VERSION_PATTERN)]
-    scores: dict[GoldenMeasure, Annotated[float, Field(ge=0, le=1)] | None] = Field(max_length=len(MEASURES))
+    scores: dict[GoldenMeasure, Annotated[float, Field(ge=0, le=1, strict=True)] | None] = Field(
+        max_length=len(MEASURES))
 
 
 class DeleteDocs(_Request):
-    knowledge_base_name: Name
+    knowledge_base_name: KbName
     file_names: FileNames
-    delete_content: bool = Field(False, description="also delete the stored originals")
-    wait: bool = Field(True, description="answer once the new index version serves; false: a job id at once")
+    delete_content: Flag = Field(False, description="also delete the stored originals")
+    wait: Flag = Field(True, description="answer once the new index version serves; false: a job id at once")
 
 
 class UpdateDocs(_Request):
-    knowledge_base_name: Name
+    knowledge_base_name: KbName
     file_names: FileNames
     chunk_size: ChunkSize | None = None
     chunk_overlap: ChunkOverlap | None = None
-    wait: bool = True
+    wait: Flag = True
 
 
 ChunkSize = Annotated[int, Field(ge=50, le=20_000)]
-ChunkOverlap = Annotated[int, Field(ge=0, le=19_999)]
+ChunkOverlap = Annotated[int, Field(ge=0, le=19_999, description="one not smaller than chunk_size is lowered to "
+                                                                  "half of chunk_size")]
 
 
 class UploadForm(_Request):
     """The form fields of `upload_docs` besides its files."""
 
-    knowledge_base_name: Name
+    knowledge_base_name: KbName
     override: bool = False
     chunk_size: ChunkSize | None = None
     chunk_overlap: ChunkOverlap | None = None

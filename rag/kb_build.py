@@ -71,6 +71,16 @@ class Changes:
     skip_unreadable: bool = False  # a file that cannot be indexed fails alone (BuildResult.failed)
     max_chunks: int | None = None  # more new chunks than this refuse the change before anything is embedded
     spool: Path | None = None  # the folder `add`'s files were streamed to (an upload): removed when the job ends
+    refused: dict[str, str] = field(default_factory=dict)  # files of the upload not taken (a type), and why
+
+
+class NothingIndexedError(UnsupportedDocumentError):
+    """Every file of a change into a KB with no index yet failed alone: nothing to publish. `failed` says
+    why for each (a caller that reports failures per file, as the HTTP API does, answers with them)."""
+
+    def __init__(self, message: str, failed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 @dataclass(frozen=True)
@@ -262,7 +272,7 @@ def _without_failed(failed: dict[str, str], files: set[str], todo: dict[str, Spl
     kept = {name for name in files if name not in failed or name in known}
     if not kept:
         reasons = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items())[:5])
-        raise UnsupportedDocumentError(f"no file could be indexed ({reasons})")
+        raise NothingIndexedError(f"no file could be indexed ({reasons})", failed)
     return (kept, {n: s for n, s in todo.items() if n not in failed},
             {n: d for n, d in staged.items() if n not in failed})
 

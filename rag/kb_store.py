@@ -48,20 +48,27 @@ def _shown(name: str) -> str:
     return repr(name[:_SHOWN] + ("..." if len(name) > _SHOWN else ""))
 
 
-def check_file_name(name: object, *, nested: bool = False) -> str:
+def check_file_name(name: object, *, nested: bool = False, any_type: bool = False) -> str:
     """The normalised name of a document, or `InvalidRequestError` naming it. `nested` allows
-    folder/name (the CLI's source folders), each part checked the same way."""
+    folder/name (the CLI's source folders), each part checked the same way; `any_type` checks only that
+    the name is safe, not that its type is one a loader reads."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidRequestError("a file name is empty")
     normal = unicodedata.normalize("NFC", name.strip())
     parts = normal.split("/") if nested else [normal]
     for part in parts:
         _check_part(part, name)
-    suffix = Path(parts[-1]).suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise InvalidRequestError(f"file {_shown(name)}: type {suffix or '(none)'!r} is not supported; "
-                                  f"supported: {' '.join(sorted(SUPPORTED_SUFFIXES))}")
+    if not any_type and (why := unsupported_type(parts[-1])):
+        raise InvalidRequestError(f"file {_shown(name)}: {why}")
     return normal
+
+
+def unsupported_type(name: str) -> str | None:
+    """Why a file of this name cannot be indexed (its type), or None."""
+    suffix = Path(name).suffix.lower()
+    if suffix in SUPPORTED_SUFFIXES:
+        return None
+    return f"type {suffix or '(none)'!r} is not supported; supported: {' '.join(sorted(SUPPORTED_SUFFIXES))}"
 
 
 def _check_part(part: str, name: str) -> None:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from deployments.gateway.answer_service import AnswerStream, GatewayService
 from deployments.gateway.serve_handles import is_overload
 from deployments.gateway.services import Services
-from deployments.gateway.statuses import bounded, documented, status_for
+from deployments.gateway.statuses import SSE_EVENTS, bounded, documented, status_for
 from rag.api import (
     ChatCompletionRequest,
     CompletionFormatter,
@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {
     200: {"description": "an SSE stream of `chat.completion.chunk`s (`stream: true`) or one JSON body",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}, "application/json": {}}}}
+                        "content": {"text/event-stream": {"schema": SSE_EVENTS}, "application/json": {}}}}
 ANSWER_ERRORS = documented(400, 401, 404, 413, 422, 500, 503, 504)
 READ_ERRORS = documented(401, 500, 503, 504)
 

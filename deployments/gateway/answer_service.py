@@ -26,6 +26,7 @@ from rag.errors import (
     OverloadedError,
     RagError,
     ServiceUnavailableError,
+    VersionNotFoundError,
 )
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
@@ -193,7 +194,7 @@ class GatewayService:
         no copy, and not counted as user traffic."""
         self.refuse_if_draining()
         if version not in self.traffic.weights:
-            raise InvalidRequestError(f"version {version[:64]!r} is not deployed; deployed: "
+            raise VersionNotFoundError(f"version {version[:64]!r} is not deployed; deployed: "
                                       f"{sorted(self.traffic.weights)}")
         if version not in self.ready_versions():
             raise ServiceUnavailableError(f"version {version!r} is not serving yet; retry shortly")

@@ -27,6 +27,7 @@ from deployments.stages.replica_lifecycle import ReplicaLifecycle
 from rag.auth import ApiKeys
 from rag.config import GatewayConfig, TrafficConfig, validate
 from rag.constants import resolve_path
+from rag.kb_api import FILE_LIST_BODY_BYTES
 
 logger = logging.getLogger("rag.gateway")
 
@@ -41,7 +42,9 @@ def _guard_settings(config: GatewayConfig) -> GuardSettings:
         keys = ApiKeys(config.api_key_path)
         logger.info("event=AUTH mode=api_key file=%s", config.api_key_path)
     upload = "/knowledge_base/upload_docs"
-    uploads = {upload: max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes)}
+    uploads = {upload: max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes),
+               **{f"/knowledge_base/{route}": max(FILE_LIST_BODY_BYTES, config.limits.max_body_bytes)
+                  for route in ("delete_docs", "update_docs")}}
     return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown, uploads,
                          config.limits.body_timeout_s, {upload: config.knowledge_base.upload_timeout_s},
                          frozenset(name.lower() for name in config.allowed_hosts), frozenset({upload}))

@@ -6,6 +6,7 @@ scheme. Built inside the replica (late-bound ingress), so nothing here reaches S
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.gateway import answer_routes, console_routes, kb_routes
 from deployments.gateway.http_guard import OPEN_PATHS, HttpGuard
 from deployments.gateway.services import GatewayServices
-from deployments.gateway.statuses import PUBLIC_FAILURE, root_cause, status_for
+from deployments.gateway.statuses import DESCRIPTIONS, PUBLIC_FAILURE, root_cause, status_for
 from rag.api import error_body, summarize_problems
 from rag.errors import OverloadedError, RagError
 from rag.kb_api import kb_body
@@ -43,15 +44,22 @@ def build_http_app(services: GatewayServices) -> FastAPI:
     return app
 
 
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's description plus the bearer scheme the guard enforces (all routes but the probes)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"apiKey": []}]
-        for path in OPEN_PATHS:
-            for operation in schema["paths"].get(path, {}).values():
-                operation["security"] = []
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                if path in OPEN_PATHS:
+                    operation["security"] = []
+                else:  # the guard answers 401 before any route runs, so FastAPI does not know it
+                    operation["responses"].setdefault("401", {"description": DESCRIPTIONS[401],
+                                                              "content": _ERROR_CONTENT})
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -96,9 +104,27 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # FastAPI's and Starlette's own refusals (an unparsable body, no such route, method not allowed) in
-    # the same OpenAI shape as every other error, keeping their headers (Allow on a 405).
+    # the same OpenAI shape as every other error, keeping their headers.
+    headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+    if exc.status_code == 405:  # Starlette's Allow names the first route of the path; a path may have several
+        headers["allow"] = ", ".join(_methods_of(request))
     return JSONResponse(_shaped(error_body(str(exc.detail)[:200], exc.status_code), request.url.path),
-                        status_code=exc.status_code, headers=exc.headers)
+                        status_code=exc.status_code, headers=headers)
+
+
+def _methods_of(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (routers included in the app nest theirs)."""
+    def flat(routes: Iterable[Any]) -> Iterator[Any]:
+        for route in routes:
+            nested = getattr(getattr(route, "original_router", None), "routes", None)
+            yield from flat(nested) if nested is not None else (route,)
+
+    methods: set[str] = set()
+    for route in flat(request.app.routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods - {"HEAD"})
 
 
 async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -84,7 +84,7 @@ class KnowledgeBaseManager:
     async def read_eval_set(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
         return await self.service.read_eval_set(kb, versions)
 
-    async def write_eval_set(self, kb: str, items: list[dict[str, Any]], versions: list[str]) -> int:
+    async def write_eval_set(self, kb: str, items: list[dict[str, Any]], versions: list[str]) -> dict[str, Any]:
         return await self.service.write_eval_set(kb, items, versions)
 
     async def download(self, kb: str, name: str, versions: list[str]) -> bytes:

@@ -29,7 +29,7 @@ from rag.errors import (
     ServiceUnavailableError,
 )
 from rag.index import Manifest, list_versions, version_directory
-from rag.kb_build import Changes, Embed, indexed_original, update_knowledge_base
+from rag.kb_build import Changes, Embed, NothingIndexedError, indexed_original, update_knowledge_base
 from rag.kb_jobs import Job, JobBoard, interrupted, without_server_paths
 from rag.language import choose_mode
 from rag.parsing import Parser
@@ -107,17 +107,22 @@ class KnowledgeBaseService:
         return await asyncio.to_thread(_describe_all, config)
 
     async def create(self, kb: str, kb_info: str, embed_model: str | None, versions: list[str]) -> dict[str, Any]:
+        """A new, empty KB. An `embed_model` no serving version runs (a Chatchat client always sends its
+        own configured one) is not refused: the KB embeds with the heaviest serving version's model, and
+        the answer's `note` says so; `embed_model` in the answer and in kb.json is the model really used."""
         check_kb_name(kb)
         configs = [await self._stages.config(v) for v in versions] if versions else []
         models = sorted({c.embedding.model for c in configs})
         if not configs:
             raise ServiceUnavailableError("no pipeline version is serving yet; retry shortly")
-        model = embed_model or configs[0].embedding.model
-        if model not in models:
-            raise InvalidRequestError(f"embed_model {model!r} is not run by any serving version; use one of {models}")
+        model = embed_model if embed_model in models else configs[0].embedding.model
         async with self._lock(kb):
             meta = await asyncio.to_thread(kb_store.create, configs[0].retrieval.kb_root_path, kb, kb_info, model)
-        return {"knowledge_base_name": meta.name, "kb_info": meta.kb_info, "embed_model": meta.embed_model}
+        created = {"knowledge_base_name": meta.name, "kb_info": meta.kb_info, "embed_model": meta.embed_model}
+        if embed_model not in (None, model):
+            created["note"] = (f"embed_model {embed_model[:80]!r} is not run by any serving version (they run "
+                               f"{', '.join(models)}), so this knowledge base embeds with {model!r}")
+        return created
 
     async def delete(self, kb: str, versions: list[str]) -> None:
         """Refused (409) while a serving version names the KB: its replicas would keep answering from
@@ -144,22 +149,24 @@ class KnowledgeBaseService:
         items = await asyncio.to_thread(golden.read_items, root, kb)
         return [i.model_dump() for i in items]
 
-    async def write_eval_set(self, kb: str, items: list[dict[str, Any]], versions: list[str]) -> int:
-        """Replace the KB's golden set (validated first: a bad item leaves the stored set as it was)."""
+    async def write_eval_set(self, kb: str, items: list[dict[str, Any]], versions: list[str]) -> dict[str, Any]:
+        """Replace the KB's golden set (validated first: a bad item leaves the stored set as it was); says
+        which named files the KB does not hold, since those questions can only score 0."""
         check_kb_name(kb)
         checked = golden.check_items(items)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
         async with self._lock(kb):
             await asyncio.to_thread(golden.write_items, root, kb, checked)
-        return len(checked)
+        stored = {row["file_name"] for row in await asyncio.to_thread(_files, root, kb)}
+        return {"count": len(checked), "files_not_in_kb": golden.files_not_in(checked, stored)}
 
     async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
         check_kb_name(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
         listed = {f["file_name"]: f for f in await asyncio.to_thread(_files, root, kb)}
-        row = listed.get(kb_store.check_file_name(name, nested=True))
+        row = listed.get(_stored_name(name))
         if row is None:
             raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} has no file {name[:80]!r}")
         # The bytes the served index was built from (an original not indexed, delete_content=false: as stored).
@@ -274,6 +281,13 @@ class KnowledgeBaseService:
                     batch_size=self.settings.embed_batch, parse=self.parser)
                 if result.created and self._after_publish:
                     await self._prune(root, kb, config)
+            except NothingIndexedError as exc:  # every file failed alone: done, with each one's reason
+                job.state, job.status = "done", 200
+                job.result = {"index_version": None, "published": False, "chunks": 0, "embedded": 0, "reused": 0,
+                              "changed_files": [], "deleted_files": [],
+                              "failed_files": _failed_files(changes, exc.failed, root)}
+                logger.info("event=KB_JOB_DONE job=%s kb=%s kind=%s version=none failed=%d", job.id, kb, job.kind,
+                            len(exc.failed))
             except Exception as exc:
                 # The client sees the library's own words without server paths; anything else (an OSError,
                 # a bug) only as a 500 that points to the log, where the whole error is.
@@ -288,14 +302,27 @@ class KnowledgeBaseService:
                               "chunks": result.manifest.count, "embedded": result.embedded,
                               "reused": result.reused, "changed_files": list(result.changed),
                               "deleted_files": list(result.deleted),
-                              "failed_files": {name: without_server_paths(why, root)
-                                               for name, why in result.failed.items()}}
+                              "failed_files": _failed_files(changes, result.failed, root)}
                 logger.info("event=KB_JOB_DONE job=%s kb=%s kind=%s version=%d embedded=%d reused=%d failed=%d",
                             job.id, kb, job.kind, result.manifest.version, result.embedded, result.reused,
                             len(result.failed))
             finally:
                 job.finished_at = time.time()
                 await asyncio.to_thread(job.save)
+
+
+def _failed_files(changes: Changes, failed: dict[str, str], root: Path) -> dict[str, str]:
+    """Chatchat's failed_files: what the gateway did not take (a type) and what the build could not index."""
+    return {**changes.refused, **{name: without_server_paths(why, root) for name, why in failed.items()}}
+
+
+def _stored_name(name: str) -> str | None:
+    """`name` as a stored file would be named, or None when no stored file can have it (asking for one
+    is then simply not found)."""
+    try:
+        return kb_store.check_file_name(name, nested=True)
+    except InvalidRequestError:
+        return None
 
 
 def _describe_all(config: PipelineConfig) -> list[dict[str, Any]]:
@@ -313,10 +340,15 @@ def _describe_all(config: PipelineConfig) -> list[dict[str, Any]]:
 
 
 def _splitter(default: SplitterConfig, asked: dict[str, int] | None) -> SplitterConfig:
+    """The splitter an upload asks for. An overlap not smaller than the chunk (which the schema cannot
+    forbid: it compares two fields) is lowered to half the chunk, as the README says, not refused."""
     if not asked:
         return default
+    chosen = {**default.model_dump(), **asked}
+    if chosen["chunk_overlap"] >= chosen["chunk_size"]:
+        chosen["chunk_overlap"] = chosen["chunk_size"] // 2
     try:
-        return SplitterConfig(**{**default.model_dump(), **asked})
+        return SplitterConfig(**chosen)
     except ValidationError as exc:
         raise InvalidRequestError(f"chunk_size/chunk_overlap: {exc.errors()[0]['msg']}") from None
 

@@ -19,10 +19,9 @@ from pydantic import ValidationError
 
 from deployments.gateway.kb_requests import KnowledgeBaseRequests
 from deployments.gateway.services import KbRequests, Services
-from deployments.gateway.statuses import documented
+from deployments.gateway.statuses import SSE_EVENTS, documented
 from deployments.gateway.uploads import discard, receive_upload
-from rag import golden
-from rag.config import check_kb_name
+from rag.config import KB_NAME_PATTERN, check_kb_name
 from rag.kb_api import (
     UPLOAD_BODY,
     CreateKnowledgeBase,
@@ -37,6 +36,7 @@ from rag.kb_api import (
 from rag.kb_build import Changes
 
 router = APIRouter(prefix="/knowledge_base", tags=["knowledge bases"])
+KbNameQuery = Annotated[str, Query(min_length=1, max_length=63, pattern=KB_NAME_PATTERN)]
 _ERRORS = [400, 401, 404, 409, 413, 422, 500, 503, 504]
 _JOB: dict[int | str, Any] = {
     202: {"description": "still running after `wait_s` (or `wait=false`): poll `/knowledge_base/jobs/{id}`"}}
@@ -64,7 +64,8 @@ async def list_knowledge_bases(kbs: KbRequests) -> dict[str, Any]:
 @router.post("/create_knowledge_base", responses=_documented())
 async def create_knowledge_base(body: CreateKnowledgeBase, kbs: KbRequests) -> dict[str, Any]:
     created = await kbs.call("create", body.knowledge_base_name, body.kb_info, body.embed_model)
-    return kb_body(created, f"created knowledge base {body.knowledge_base_name}")
+    note = f"; {created['note']}" if "note" in created else ""
+    return kb_body(created, f"created knowledge base {body.knowledge_base_name}{note}")
 
 
 @router.post("/delete_knowledge_base", responses=_documented())
@@ -74,13 +75,13 @@ async def delete_knowledge_base(body: KnowledgeBaseRef, kbs: KbRequests) -> dict
 
 
 @router.get("/list_files", responses=_documented())
-async def list_files(knowledge_base_name: Annotated[str, Query(min_length=1, max_length=128)],
+async def list_files(knowledge_base_name: KbNameQuery,
                      kbs: KbRequests) -> dict[str, Any]:
     return kb_body(await kbs.call("list_files", knowledge_base_name))
 
 
 @router.get("/eval_set", responses=_documented())
-async def read_eval_set(knowledge_base_name: Annotated[str, Query(min_length=1, max_length=128)],
+async def read_eval_set(knowledge_base_name: KbNameQuery,
                         kbs: KbRequests) -> dict[str, Any]:
     """The KB's golden set (`data.items`, empty when it has none): what `scripts.evaluate` and a rollout run."""
     items = await kbs.call("read_eval_set", knowledge_base_name)
@@ -89,10 +90,11 @@ async def read_eval_set(knowledge_base_name: Annotated[str, Query(min_length=1, 
 
 @router.post("/eval_set", responses=_documented())
 async def write_eval_set(body: EvalSet, kbs: KbRequests) -> dict[str, Any]:
-    """Replace the KB's golden set whole; a bad item is a 400 naming it, and the stored set stays as it was."""
-    golden.check_items(body.items)  # here first: a clear 400 without a trip to the manager
-    count = await kbs.call("write_eval_set", body.knowledge_base_name, body.items)
-    return kb_body({"count": count}, f"stored {count} evaluation questions for {body.knowledge_base_name}")
+    """Replace the KB's golden set whole; a bad item is a 422 naming it, and the stored set stays as it was."""
+    stored = await kbs.call("write_eval_set", body.knowledge_base_name, [item.model_dump() for item in body.items])
+    missing = stored["files_not_in_kb"]
+    note = f"; {len(missing)} named file(s) are not in it: see files_not_in_kb" if missing else ""
+    return kb_body(stored, f"stored {stored['count']} evaluation questions for {body.knowledge_base_name}{note}")
 
 
 @router.post("/eval_results", responses=_documented())
@@ -107,7 +109,7 @@ async def report_eval_results(body: EvalResults, services: Services) -> dict[str
 
 @router.get("/download_doc", response_model=None, responses=_documented(
     {200: {"description": "the original bytes", "content": {"application/octet-stream": {}}}}))
-async def download_doc(knowledge_base_name: Annotated[str, Query(min_length=1, max_length=128)],
+async def download_doc(knowledge_base_name: KbNameQuery,
                        file_name: Annotated[str, Query(min_length=1, max_length=1024)],
                        kbs: KbRequests) -> Response:
     data = await kbs.call("download", knowledge_base_name, file_name)
@@ -129,7 +131,12 @@ async def upload_docs(request: Request, kbs: KbRequests) -> JSONResponse:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
         check_kb_name(body.knowledge_base_name)
-        changes = Changes(add=dict(upload.files), override=body.override, spool=spool)
+        if not upload.files:  # every file of a type no loader reads: nothing to build, as Chatchat answers
+            await discard(spool)
+            await kbs.call("list_files", body.knowledge_base_name)  # still a 404 for a KB that does not exist
+            return _finished(200, kb_body({"failed_files": upload.refused, "changed_files": []},
+                                          "no file of this upload can be indexed; see failed_files"))
+        changes = Changes(add=dict(upload.files), override=body.override, spool=spool, refused=upload.refused)
         job_id = await kbs.call("submit", "upload_docs", body.knowledge_base_name, changes, body.splitter())
     except BaseException:  # not submitted: nobody else will remove the folder
         await discard(spool)
@@ -163,7 +170,7 @@ async def job(job_id: Annotated[str, Path(min_length=1, max_length=64)], kbs: Kb
 
 @router.post("/recreate_vector_store", response_model=None, responses=_documented(
     {200: {"description": "SSE progress events `{code, msg, total, finished, job}`, then `data: [DONE]`",
-           "content": {"text/event-stream": {"schema": {"type": "string"}}}}}))
+           "content": {"text/event-stream": {"schema": SSE_EVENTS}}}}))
 async def recreate_vector_store(body: KnowledgeBaseRef, kbs: KbRequests) -> StreamingResponse:
     job_id = await kbs.call("submit", "recreate_vector_store", body.knowledge_base_name,
                            Changes(rescan=True, full=True), None)

@@ -88,6 +88,11 @@ def public_status(exc: BaseException) -> tuple[int, str]:
     return status, str(cause)
 
 
+# An SSE response is described event by event: each has a `data` line (JSON, or `[DONE]` at the end).
+SSE_EVENTS: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in statuses}
 

@@ -29,11 +29,13 @@ MAX_FIELDS = 50  # the form's own fields are a handful (knowledge_base_name, ove
 class Upload:
     fields: dict[str, str]
     files: dict[str, Path]  # the client's file name -> where its bytes are
+    refused: dict[str, str]  # files of a type no loader reads -> why: they fail alone (Chatchat's failed_files)
 
 
 async def receive_upload(request: Request, folder: Path, limits: KnowledgeBaseSettings) -> Upload:
     """The form's fields, and its `files` parts written under `folder`. Refused (400/413) with the
-    reason: not multipart, no files, too many, a bad or repeated name, a file over `max_file_bytes`."""
+    reason: not multipart, no files, too many, an unsafe or repeated name, a file over `max_file_bytes`.
+    A file of a type no loader reads is not a refusal: it fails alone, as an unreadable one does."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise InvalidRequestError("send the upload as multipart/form-data, the files as parts named 'files'")
     parser = _SpoolingParser(request, folder, limits)
@@ -43,28 +45,31 @@ async def receive_upload(request: Request, folder: Path, limits: KnowledgeBaseSe
         raise InvalidRequestError(f"invalid multipart upload: {exc.message}") from None
     try:
         fields = {k: v for k, v in form.multi_items() if k != "files" and isinstance(v, str)}
-        files = _named_files(form.getlist("files"), parser.paths)
+        files, refused = _named_files(form.getlist("files"), parser.paths)
     finally:
         await form.close()
-    return Upload(fields, files)
+    return Upload(fields, files, refused)
 
 
 async def discard(folder: Path) -> None:
     await asyncio.to_thread(shutil.rmtree, folder, True)
 
 
-def _named_files(parts: list[Any], paths: dict[int, Path]) -> dict[str, Path]:
+def _named_files(parts: list[Any], paths: dict[int, Path]) -> tuple[dict[str, Path], dict[str, str]]:
     if not parts:
         raise InvalidRequestError("no files to upload: send them as multipart parts named 'files'")
     files: dict[str, Path] = {}
+    refused: dict[str, str] = {}
     for part in parts:
         if not isinstance(part, UploadFile):
             raise InvalidRequestError("each 'files' part must be a file with a file name")
-        name = kb_store.check_file_name(part.filename or "")
-        if name in files:
-            raise InvalidRequestError(f"file {name!r} is sent twice in one upload")
-        files[name] = paths[id(part)]
-    return files
+        name = kb_store.check_file_name(part.filename or "", any_type=True)
+        # A name sent twice: the later part wins, as a file saved twice over in one folder would.
+        if why := kb_store.unsupported_type(name):
+            refused[name] = why
+        else:
+            files[name] = paths[id(part)]
+    return files, refused
 
 
 class _SpoolingParser(MultiPartParser):

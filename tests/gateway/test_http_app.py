@@ -99,7 +99,9 @@ class FakeManager:
         return [{"knowledge_base_name": "samples", "kb_info": "demo"}, {"knowledge_base_name": "docs", "kb_info": ""}]
 
     async def list_files(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
-        raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}")
+        if kb != "docs":
+            raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}")
+        return []
 
 
 @dataclass
@@ -261,8 +263,8 @@ def _upload(gateway: Gateway, files: list[tuple[str, tuple[str, bytes]]], **fiel
 
 
 def test_an_upload_reaches_the_manager_as_files_in_its_spool_folder(gateway: Gateway) -> None:
-    response = _upload(gateway, [("files", ("a.md", b"# alpha\n" * 100)), ("files", ("b.txt", b"beta"))],
-                       override="true")
+    response = _upload(gateway, [("files", ("a.md", b"# alpha\n" * 100)), ("files", ("b.txt", b"first")),
+                                 ("files", ("b.txt", b"beta"))], override="true")  # a name twice: the last wins
     assert response.status_code == 202 and response.json()["data"] == {"job_id": "job-1"}
     [(kb, changes, received)] = gateway.manager.submitted
     assert kb == "docs" and changes.override and changes.spool == gateway.manager.spools[0]
@@ -272,17 +274,29 @@ def test_an_upload_reaches_the_manager_as_files_in_its_spool_folder(gateway: Gat
 
 @pytest.mark.parametrize(("files", "fields", "status", "words"), [
     ([("files", ("big.md", b"x" * 5000))], {}, 413, "'big.md' is larger than the 4096-byte limit"),
-    ([("files", ("a.md", b"a")), ("files", ("a.md", b"b"))], {}, 400, "sent twice"),
     ([("files", (f"{i}.md", b"a")) for i in range(4)], {}, 400, "Maximum number of files is 3"),
-    ([("files", ("tool.exe", b"MZ"))], {}, 400, "tool.exe"),
+    ([("files", ("dir/tool.md", b"a"))], {}, 400, "path separators"),
     ([("other", ("a.md", b"a"))], {}, 400, "no files to upload"),
-    ([("files", ("a.md", b"a"))], {"knowledge_base_name": "../etc"}, 400, "knowledge base name"),
+    ([("files", ("a.md", b"a"))], {"knowledge_base_name": "../etc"}, 422, "knowledge_base_name: String should match"),
 ])
 def test_a_refused_upload_leaves_no_spool_and_submits_nothing(gateway: Gateway, files: Any, fields: dict[str, str],
                                                               status: int, words: str) -> None:
     response = _upload(gateway, files, **fields)
     assert response.status_code == status and words in response.json()["msg"], response.json()
     assert gateway.manager.submitted == [] and not any(p.exists() for p in gateway.manager.spools)
+
+
+def test_a_file_of_a_type_no_loader_reads_fails_alone_in_failed_files(gateway: Gateway) -> None:
+    response = _upload(gateway, [("files", ("a.md", b"alpha")), ("files", ("tool.exe", b"MZ"))])
+    assert response.status_code == 202
+    [(_, changes, received)] = gateway.manager.submitted
+    assert received == {"a.md": b"alpha"} and list(changes.refused) == ["tool.exe"]
+    assert "type '.exe' is not supported" in changes.refused["tool.exe"]
+    only = _upload(gateway, [("files", ("logo.png", b"\x89PNG"))], wait="true")  # nothing to build: no job
+    assert only.status_code == 200 and list(only.json()["data"]["failed_files"]) == ["logo.png"]
+    assert len(gateway.manager.submitted) == 1 and not gateway.manager.spools[-1].exists()
+    unknown = _upload(gateway, [("files", ("logo.png", b"\x89PNG"))], knowledge_base_name="nope")
+    assert unknown.status_code == 404
 
 
 def test_an_upload_the_manager_refuses_leaves_no_spool(gateway: Gateway) -> None:
@@ -363,6 +377,32 @@ def test_openapi_needs_the_key_and_lists_the_bearer_scheme_with_open_probes(gate
     assert schema["paths"]["/health"]["get"]["security"] == []
     assert schema["paths"]["/ready"]["get"]["security"] == []
     assert "security" not in schema["paths"]["/v1/models"]["get"]  # the global bearer requirement applies
+    keyed = [(path, method) for path, operations in schema["paths"].items() for method in operations
+             if path not in ("/health", "/ready", "/")]
+    assert len(keyed) > 15 and all("401" in schema["paths"][p][m]["responses"] for p, m in keyed)
+    assert "401" not in schema["paths"]["/health"]["get"]["responses"]
+
+
+def test_a_method_a_path_does_not_serve_is_a_405_allowing_every_method_it_does(gateway: Gateway) -> None:
+    response = gateway.client.request("OPTIONS", "/knowledge_base/eval_set", headers=gateway.auth)
+    assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+    assert gateway.client.delete("/v1/models", headers=gateway.auth).headers["allow"] == "GET"
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/knowledge_base/delete_docs", {"knowledge_base_name": "docs", "file_names": ["a.md"], "wait": 0}, "wait"),
+    ("/knowledge_base/update_docs", {"knowledge_base_name": "docs", "file_names": ["a.md"], "wait": "no"}, "wait"),
+    ("/knowledge_base/eval_results", {"knowledge_base_name": "docs", "version": "v1", "scores": {"mrr": False}},
+     "scores.mrr"),
+    ("/knowledge_base/eval_set", {"knowledge_base_name": "docs", "items": [{}]}, "items.0.question"),
+    ("/knowledge_base/eval_set", {"knowledge_base_name": "docs", "items": [{"question": " ", "files": ["a.md"]}]},
+     "items.0.question"),
+    ("/knowledge_base/create_knowledge_base", {"knowledge_base_name": "x" * 64}, "knowledge_base_name"),
+])
+def test_what_the_schema_does_not_allow_is_a_422_naming_the_field(gateway: Gateway, path: str, body: dict,
+                                                                  field: str) -> None:
+    response = gateway.client.post(path, headers=gateway.auth, json=body)
+    assert response.status_code == 422 and response.json()["error"]["param"] == f"body.{field}", response.json()
 
 
 def test_golden_scores_are_kept_for_prometheus_and_bad_ones_refused(gateway: Gateway) -> None:

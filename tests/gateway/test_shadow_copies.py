@@ -14,7 +14,7 @@ import pytest
 from deployments.gateway.answer_service import GatewayService
 from rag.api import CompletionFormatter
 from rag.config import GatewayConfig, RolloutConfig, ShadowConfig, TrafficConfig
-from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError
+from rag.errors import KnowledgeBaseNotFoundError, VersionNotFoundError
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEnd, AnswerStart, Passage, Question
 
@@ -228,5 +228,5 @@ def test_an_evaluation_reaches_the_named_version_at_weight_0_uncounted_and_uncop
     events = asyncio.run(evaluate())
     assert events[0].version == "v2" and candidate.answers == 1 and stable.answers == 0
     assert svc.stats.summary() == {}  # no user request, no copy
-    with pytest.raises(InvalidRequestError, match="not deployed"):
+    with pytest.raises(VersionNotFoundError, match="not deployed"):
         asyncio.run(svc.open_evaluation(QUESTION, "v9"))

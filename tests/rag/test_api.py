@@ -95,10 +95,13 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
 
 
 @pytest.mark.parametrize("role", ["assistant", "system", "developer"])
-def test_last_message_must_be_user(role: str) -> None:
-    request = _chat(messages=[{"role": "user", "content": "q"}, {"role": role, "content": "x"}])
-    with pytest.raises(InvalidRequestError, match=repr(role)):
-        request.to_question("kb", _limits(100), 5)
+def test_the_question_is_the_last_user_message_and_what_follows_it_is_left_out(role: str) -> None:
+    request = _chat(messages=[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                              {"role": "user", "content": "q2"}, {"role": role, "content": "prefill"}])
+    question = request.to_question("kb", _limits(100), 5)
+    assert question.text == "q2" and [t.content for t in question.history] == ["q1", "a1"]
+    with pytest.raises(ValidationError, match="at least one message must have role 'user'"):
+        _chat(messages=[{"role": role, "content": "x"}])
 
 
 def test_too_long_question_is_invalid() -> None:
@@ -307,7 +310,9 @@ def test_the_schema_states_the_limits() -> None:
                      f'"maxLength": {LIMITS.max_message_chars}', f'"pattern": {json.dumps(NOT_BLANK)}',
                      f'"maximum": {LIMITS.max_tokens}']:
         assert fragment in schema, fragment
-    assert '"maxLength": 4000' in json.dumps(KbChatRequest.model_json_schema())
+    assert f'"maxLength": {LIMITS.max_question_chars}' in json.dumps(KbChatRequest.model_json_schema())
+    messages = ChatCompletionRequest.model_json_schema()["properties"]["messages"]
+    assert messages["contains"]["properties"]["role"] == {"const": "user"}  # a question is asked
 
 
 def test_validation_errors_are_summarised_not_echoed() -> None:
