@@ -39,6 +39,11 @@ class KnowledgeBaseRef(_Request):
     knowledge_base_name: KbName
 
 
+class UpdateInfo(_Request):
+    knowledge_base_name: KbName
+    kb_info: Annotated[str, Field(max_length=4000)]
+
+
 class EvalSet(_Request):
     """A knowledge base's golden set, replaced whole: each item a question, the file(s) that answer it and,
     optionally, words the answer should contain (see `rag.golden`)."""

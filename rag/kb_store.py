@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rag.documents import SUPPORTED_SUFFIXES
 from rag.errors import ConflictError, DocumentNotFoundError, InvalidRequestError, KnowledgeBaseNotFoundError
-from rag.index import kb_directory, list_versions
+from rag.index import Manifest, kb_directory, list_versions, version_directory
 
 CONTENT = "content"
 _META = "kb.json"
@@ -130,6 +130,19 @@ def read_meta(kb_root: Path, kb: str) -> KnowledgeBaseMeta | None:
     if not path.is_file():
         return None
     return KnowledgeBaseMeta(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def update_info(kb_root: Path, kb: str, kb_info: str) -> KnowledgeBaseMeta:
+    """A new description, the rest of kb.json as it was."""
+    require(kb_root, kb)
+    meta = read_meta(kb_root, kb)
+    if meta is None:  # built by the CLI before kb.json existed: its model is the latest index's
+        versions = list_versions(kb_root, kb)
+        model = Manifest.read(version_directory(kb_root, kb, versions[-1])).embedding_model if versions else ""
+        meta = KnowledgeBaseMeta(kb, "", model, time.time())
+    meta = KnowledgeBaseMeta(meta.name, kb_info, meta.embed_model, meta.created_at)
+    write_atomically(kb_directory(kb_root, kb) / _META, json.dumps(asdict(meta), ensure_ascii=False, indent=2).encode())
+    return meta
 
 
 def ensure_meta(kb_root: Path, kb: str, embed_model: str) -> None:

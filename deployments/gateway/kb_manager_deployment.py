@@ -75,6 +75,9 @@ class KnowledgeBaseManager:
     async def create(self, kb: str, kb_info: str, embed_model: str | None, versions: list[str]) -> dict[str, Any]:
         return await self.service.create(kb, kb_info, embed_model, versions)
 
+    async def update_info(self, kb: str, kb_info: str, versions: list[str]) -> dict[str, Any]:
+        return await self.service.update_info(kb, kb_info, versions)
+
     async def delete(self, kb: str, versions: list[str]) -> None:
         await self.service.delete(kb, versions)
 

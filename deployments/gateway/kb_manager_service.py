@@ -124,6 +124,14 @@ class KnowledgeBaseService:
                                f"{', '.join(models)}), so this knowledge base embeds with {model!r}")
         return created
 
+    async def update_info(self, kb: str, kb_info: str, versions: list[str]) -> dict[str, Any]:
+        """Chatchat's update_info: the KB's description (what an agent reads to choose a KB), nothing else."""
+        check_kb_name(kb)
+        root = await self.kb_root(versions)
+        async with self._lock(kb):
+            meta = await asyncio.to_thread(kb_store.update_info, root, kb, kb_info)
+        return {"knowledge_base_name": meta.name, "kb_info": meta.kb_info, "embed_model": meta.embed_model}
+
     async def delete(self, kb: str, versions: list[str]) -> None:
         """Refused (409) while a serving version names the KB: its replicas would keep answering from
         deleted files until their next start, which would then fail on the missing KB."""

