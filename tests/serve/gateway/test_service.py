@@ -245,8 +245,8 @@ def test_openapi_tells_the_truth(service: LocalService) -> None:
     schema = schemathesis.openapi.from_url(f"{service.gateway}/openapi.json", config=config,
                                            headers=bearer(service.api_key))
     operations = [result.ok() for result in schema.get_all_operations()]
-    # 8 for questions, embeddings and probes, 13 for knowledge bases (3 for golden sets), /rollout
-    assert len(operations) == 22
+    # 8 for questions, embeddings and probes, 14 for knowledge bases (3 for golden sets), /rollout
+    assert len(operations) == 23
     failures: list[str] = []
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
