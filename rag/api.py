@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from rag.config import LimitsConfig
+from rag.config import LimitsConfig, RetrievalConfig
 from rag.errors import InvalidRequestError
 from rag.records import AnswerDelta, AnswerEnd, AnswerEvent, AnswerStart, ChatTurn, Passage, Question
 
@@ -33,10 +36,32 @@ _SPACE = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028
 NOT_BLANK = f"[^{_SPACE}]"
 
 Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX_CHARS)]
-TopK = Annotated[int, Field(ge=1, le=LIMITS.max_top_k)]
-MaxTokens = Annotated[int, Field(ge=1, le=LIMITS.max_tokens)]
-Threshold = Annotated[float, Field(ge=-1, le=1)]
-Temperature = Annotated[float, Field(ge=0, le=2)]
+
+
+def _json_number(value: Any) -> Any:
+    """A JSON number as the schema means it: `true` or `"5"` is not one (pydantic would take them), while
+    5.0 is an integer (which pydantic's strict mode would refuse)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JsonNumber = BeforeValidator(_json_number)
+# JSON booleans only: `0` or `"no"` for `stream` is a client's mistake to report, not a guess to make.
+Flag = Annotated[bool, Field(strict=True)]
+TopK = Annotated[int, Field(ge=1, le=LIMITS.max_top_k), JsonNumber]
+MaxTokens = Annotated[int, Field(ge=1, le=LIMITS.max_tokens), JsonNumber]
+Threshold = Annotated[float, Field(ge=-1, le=1, description="minimum cosine similarity"), JsonNumber]
+# Chatchat's score_threshold (its routes: search_docs, kb_chat, local_kb chat): the distance between the
+# normalised vectors, 0 (same) to 2 (opposite), smaller is closer, 2 keeps everything. For unit vectors
+# distance² = 2 − 2·cosine, so it maps exactly onto the cosine similarity this service filters by.
+Distance = Annotated[float, Field(ge=0, le=2, description="maximum distance between the normalised vectors (0-2, as "
+                                                        "in Chatchat; 2 keeps everything)"), JsonNumber]
+
+
+def cosine_from_distance(distance: float | None) -> float | None:
+    return None if distance is None else 1.0 - distance * distance / 2.0
+Temperature = Annotated[float, Field(ge=0, le=2), JsonNumber]
 Query = Annotated[str, Field(min_length=1, max_length=LIMITS.max_question_chars, pattern=NOT_BLANK)]
 
 
@@ -60,7 +85,7 @@ class ChatCompletionRequest(_Request):
     # At least one from the user: the last of them is the question (see to_question).
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages, json_schema_extra={
         "contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}})]
-    stream: bool = False
+    stream: Flag = False
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
@@ -95,38 +120,94 @@ class ChatCompletionRequest(_Request):
 
 
 class KbChatRequest(_Request):
-    """Langchain-Chatchat's `/chat/kb_chat` body (the fields that apply to a local knowledge base)."""
+    """Langchain-Chatchat's `/chat/kb_chat` body (the fields that apply to a local knowledge base): 0.3's
+    `kb_name`, `mode`, `prompt_name`, `return_direct`, and 0.2's `knowledge_base_name`."""
+
+    # One of the two names is required: said in the schema, so that a client knows before it asks.
+    model_config = ConfigDict(extra="ignore", regex_engine="python-re", json_schema_extra={
+        "anyOf": [{"required": [name], "properties": {name: {"type": "string"}}}
+                  for name in ("kb_name", "knowledge_base_name")]})
 
     query: Query
-    knowledge_base_name: Name
+    kb_name: Name | None = Field(None, description="the knowledge base (Chatchat 0.3)")
+    knowledge_base_name: Name | None = Field(None, description="the knowledge base (Chatchat 0.2)")
+    mode: Literal["local_kb"] = Field("local_kb", description="only local knowledge bases here")
     top_k: TopK | None = None
-    score_threshold: Threshold | None = None
+    score_threshold: Distance | None = None
     history: Messages = Field(default_factory=list)
-    stream: bool = True
+    stream: Flag = True
     model: Name | None = None
     conversation_id: Name | None = None
     temperature: Temperature | None = None
     max_tokens: MaxTokens | None = None
+    prompt_name: Name | None = Field(None, description="accepted; a version's prompt template is in its config")
+    return_direct: Flag = Field(False, description="the retrieved documents only, no generated answer")
+
+    @model_validator(mode="after")
+    def _names_a_kb(self) -> KbChatRequest:
+        if not (self.kb_name or self.knowledge_base_name):
+            raise ValueError("kb_name (or knowledge_base_name) names the knowledge base to answer from")
+        return self
+
+    @property
+    def knowledge_base(self) -> str:
+        return str(self.kb_name or self.knowledge_base_name)
 
     def to_question(self, limits: LimitsConfig, max_history: int) -> Question:
         enforce(limits, self.history, self.max_tokens, self.top_k)
         return Question(text=_question_text(self.query, limits.max_question_chars),
-                        knowledge_base=self.knowledge_base_name, history=_history(self.history, max_history),
-                        top_k=self.top_k, score_threshold=self.score_threshold, max_new_tokens=self.max_tokens,
-                        temperature=self.temperature)
+                        knowledge_base=self.knowledge_base, history=_history(self.history, max_history),
+                        top_k=self.top_k, score_threshold=cosine_from_distance(self.score_threshold),
+                        max_new_tokens=self.max_tokens, temperature=self.temperature)
+
+
+class LocalKbChatRequest(ChatCompletionRequest):
+    """Chatchat 0.3's OpenAI-compatible KB chat (`/knowledge_base/local_kb/{kb}/chat/completions`, what its
+    web UI calls with the openai SDK): OpenAI's body plus Chatchat's `extra_body` fields."""
+
+    score_threshold: Distance | None = None  # Chatchat's scale on Chatchat's route
+    prompt_name: Name | None = Field(None, description="accepted; a version's prompt template is in its config")
+    return_direct: Flag = Field(False, description="the retrieved documents only, no generated answer")
+
+    def to_question(self, knowledge_base: str, limits: LimitsConfig, max_history: int) -> Question:
+        question = super().to_question(knowledge_base, limits, max_history)
+        return replace(question, score_threshold=cosine_from_distance(self.score_threshold))
 
 
 class SearchDocsRequest(_Request):
-    query: Query
+    """Chatchat's search_docs: an empty query finds nothing (as in Chatchat); `file_name` (SQL wildcards
+    `%` and `_`) and `metadata` (first-level keys, equal values) keep only the passages that match."""
+
+    query: Annotated[str, Field(max_length=LIMITS.max_question_chars)] = ""
     knowledge_base_name: Name
     top_k: TopK | None = None
-    score_threshold: Threshold | None = None
+    score_threshold: Distance | None = None
+    file_name: Annotated[str, Field(max_length=1024)] = ""
+    metadata: dict[str, Any] = Field(default_factory=dict, max_length=20)
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.file_name or self.metadata)
 
     def to_question(self, limits: LimitsConfig) -> Question:
+        """The search to run; filtered, it asks for as many passages as a search may return, to filter."""
+        top_k = limits.max_top_k if self.filtered else self.top_k
         enforce(limits, [], None, self.top_k)
         return Question(text=_question_text(self.query, limits.max_question_chars),
-                        knowledge_base=self.knowledge_base_name, top_k=self.top_k,
-                        score_threshold=self.score_threshold)
+                        knowledge_base=self.knowledge_base_name, top_k=top_k,
+                        score_threshold=cosine_from_distance(self.score_threshold))
+
+    def keep(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The passages the filters keep, the best `top_k` of them (a version's default top_k when not
+        asked: the search itself was widened to filter)."""
+        top_k = self.top_k or RetrievalConfig.model_fields["top_k"].default
+        if not self.filtered:
+            return docs
+        pattern = re.compile("".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in self.file_name)
+                             ) if self.file_name else None
+        kept = [d for d in docs if (pattern is None or pattern.fullmatch(str(d["metadata"].get("source", ""))))
+                and all(d["metadata"].get(k) == v for k, v in self.metadata.items())]
+        return kept[:top_k]
 
 
 EMBEDDING_INPUTS = 2048  # as OpenAI's endpoint takes
@@ -140,7 +221,7 @@ class EmbeddingRequest(_Request):
     input: EmbeddingText | Annotated[list[EmbeddingText], Field(min_length=1, max_length=EMBEDDING_INPUTS)]
     model: Name
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=1, le=65_536)] | None = None
+    dimensions: Annotated[int, Field(ge=1, le=65_536), JsonNumber] | None = None
     user: Name | None = None
 
     @property
@@ -212,19 +293,44 @@ def sse(payload: dict[str, Any] | str) -> str:
 SSE_DONE = sse("[DONE]")
 
 
-class CompletionFormatter:
-    """Renders answer events as OpenAI `chat.completion.chunk`s, or folds them into one completion."""
+def chatchat_references(knowledge_base: str, base_url: str) -> Callable[[list[dict[str, Any]]], list[Any]]:
+    """Retrieved passages as Chatchat's kb chat gives them in `docs` (its web UI joins them as markdown):
+    `出处 [n] [file](download link) \n\n text`."""
+    def render(docs: list[dict[str, Any]]) -> list[Any]:
+        references = []
+        for number, doc in enumerate(docs, 1):
+            source = str(doc["metadata"].get("source", ""))
+            link = f"{base_url.rstrip('/')}/knowledge_base/download_doc?" + urlencode(
+                {"knowledge_base_name": knowledge_base, "file_name": source})
+            references.append(f"出处 [{number}] [{source}]({link}) \n\n{doc['page_content']}\n\n")
+        return references
+    return render
 
-    def __init__(self, model: str, docs_key: str = "sources") -> None:
+
+def _as_they_are(docs: list[dict[str, Any]]) -> list[Any]:
+    return list(docs)
+
+
+class CompletionFormatter:
+    """Renders answer events as OpenAI `chat.completion.chunk`s, or folds them into one completion. The
+    first chunk carries the retrieved passages under `docs_key`, each as `render` makes it (search_docs'
+    documents by default; Chatchat's reference strings on its kb-chat routes)."""
+
+    def __init__(self, model: str, docs_key: str = "sources",
+                 render: Callable[[list[dict[str, Any]]], list[Any]] = _as_they_are) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.docs_key = docs_key
+        self.render = render
+
+    def docs(self, passages: Sequence[Passage]) -> list[Any]:
+        return self.render([document_json(p) for p in passages])
 
     def chunk(self, event: AnswerEvent) -> dict[str, Any]:
         if isinstance(event, AnswerStart):
             return self._chunk({"role": "assistant", "content": ""}, None,
-                               {self.docs_key: [document_json(p) for p in event.passages],
+                               {self.docs_key: self.docs(event.passages),
                                 "knowledge_base": event.knowledge_base, "version": event.version})
         if isinstance(event, AnswerDelta):
             return self._chunk({"content": event.text}, None, {})
@@ -241,8 +347,18 @@ class CompletionFormatter:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": end.finish_reason}],
-                "usage": _usage(end), self.docs_key: [document_json(p) for p in start.passages],
+                "usage": _usage(end), self.docs_key: self.docs(start.passages),
                 "knowledge_base": start.knowledge_base, "version": end.version}
+
+    def documents_only(self, docs: list[dict[str, Any]], knowledge_base: str, version: str,
+                       stream: bool) -> dict[str, Any]:
+        """`return_direct`: the retrieved passages and no answer, as one chunk or one completion."""
+        extra = {self.docs_key: self.render(docs), "knowledge_base": knowledge_base, "version": version}
+        if stream:
+            return self._chunk({"role": "assistant", "content": ""}, "stop", extra)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, **extra}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None, extra: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from rag.api import Name, _Request
+from rag.api import Flag, JsonNumber, Name, _Request
 from rag.config import KB_NAME_PATTERN, VERSION_PATTERN
 from rag.golden import MAX_ITEMS, MEASURES, GoldenItem
 
@@ -24,8 +24,6 @@ FILE_LIST_BODY_BYTES = 16 * 1024 * 1024
 # The pattern every stored knowledge base's name has, stated in the schema so that a client (or a fuzzer)
 # knows before it asks; names on the question routes stay free-form (an unknown one is a 404 there).
 KbName = Annotated[str, Field(min_length=1, max_length=63, pattern=KB_NAME_PATTERN)]
-# JSON booleans only: 0 or "no" for `wait` is a client bug to report, not a guess to make.
-Flag = Annotated[bool, Field(strict=True)]
 
 
 class CreateKnowledgeBase(_Request):
@@ -73,8 +71,8 @@ class DeleteDocs(_Request):
 class UpdateDocs(_Request):
     knowledge_base_name: KbName
     file_names: FileNames
-    chunk_size: ChunkSize | None = None
-    chunk_overlap: ChunkOverlap | None = None
+    chunk_size: Annotated[ChunkSize, JsonNumber] | None = None  # JSON here; a form's text in UploadForm
+    chunk_overlap: Annotated[ChunkOverlap, JsonNumber] | None = None
     wait: Flag = True
 
 

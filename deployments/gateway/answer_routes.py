@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.gateway.answer_service import AnswerStream, GatewayService
@@ -19,12 +19,16 @@ from deployments.gateway.serve_handles import is_overload
 from deployments.gateway.services import Services
 from deployments.gateway.statuses import SSE_EVENTS, bounded, documented, status_for
 from rag.api import (
+    SSE_DONE,
     ChatCompletionRequest,
     CompletionFormatter,
     EmbeddingRequest,
     KbChatRequest,
+    LocalKbChatRequest,
     SearchDocsRequest,
+    chatchat_references,
     error_body,
+    sse,
 )
 from rag.constants import EVALUATE_HEADER
 from rag.errors import RagError
@@ -90,21 +94,59 @@ async def chat_completions(body: ChatCompletionRequest, services: Services,
 
 
 @router.post("/chat/kb_chat", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
-async def kb_chat(body: KbChatRequest, services: Services) -> StreamingResponse | JSONResponse:
+async def kb_chat(body: KbChatRequest, request: Request, services: Services) -> StreamingResponse | JSONResponse:
+    """Chatchat's KB chat (0.3's body, 0.2's names too): `docs` in the first chunk are Chatchat's
+    reference strings; `score_threshold` is Chatchat's distance (0-2)."""
     services.first_traffic()
     cfg = services.answers.config
     question = body.to_question(cfg.limits, cfg.max_history_turns)
-    formatter = CompletionFormatter(body.model or body.knowledge_base_name, docs_key="docs")
+    formatter = CompletionFormatter(body.model or body.knowledge_base, docs_key="docs",
+                                    render=chatchat_references(body.knowledge_base, str(request.base_url)))
+    if body.return_direct:
+        return await _documents_only(services.answers, question, body.conversation_id, body.stream, formatter)
     return await _answer(services.answers, question, body.conversation_id, body.stream, formatter, "kb_chat")
+
+
+@router.post("/knowledge_base/local_kb/{knowledge_base_name}/chat/completions", response_model=None,
+             responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
+async def local_kb_chat(knowledge_base_name: Annotated[str, Path(min_length=1, max_length=128)],
+                        body: LocalKbChatRequest, request: Request,
+                        services: Services) -> StreamingResponse | JSONResponse:
+    """Chatchat 0.3's OpenAI-compatible KB chat, as its web UI calls it with the openai SDK (base_url
+    `.../knowledge_base/local_kb/<kb>`, `extra_body` top_k, score_threshold (distance), prompt_name,
+    return_direct): the first chunk carries `docs` (reference strings) and no text."""
+    services.first_traffic()
+    service = services.answers
+    cfg = service.config
+    question = body.to_question(knowledge_base_name, cfg.limits, cfg.max_history_turns)
+    formatter = CompletionFormatter(body.model, docs_key="docs",
+                                    render=chatchat_references(knowledge_base_name, str(request.base_url)))
+    if body.return_direct:
+        return await _documents_only(service, question, body.sticky_key, body.stream, formatter)
+    return await _answer(service, question, body.sticky_key, body.stream, formatter, "local_kb_chat")
+
+
+async def _documents_only(service: GatewayService, question: Question, key: str | None, stream: bool,
+                          formatter: CompletionFormatter) -> StreamingResponse | JSONResponse:
+    """`return_direct`: what the search finds, without generating an answer."""
+    version, docs = await _hop(service.search(question, key), service.config.request_timeout_s, "the search")
+    body = formatter.documents_only(docs, question.knowledge_base, version, stream)
+    headers = {VERSION_HEADER: version}
+    if stream:
+        return StreamingResponse(iter([sse(body), SSE_DONE]), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+    return JSONResponse(body, headers=headers)
 
 
 @router.post("/knowledge_base/search_docs", responses=ANSWER_ERRORS)
 async def search_docs(body: SearchDocsRequest, services: Services) -> JSONResponse:
     services.first_traffic()
     cfg = services.answers.config
+    if not body.query.strip():  # as Chatchat: nothing asked, nothing found
+        return JSONResponse([])
     version, docs = await _hop(services.answers.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
                                   "the search")
-    return JSONResponse(docs, headers={VERSION_HEADER: version})
+    return JSONResponse(body.keep(docs), headers={VERSION_HEADER: version})
 
 
 @router.post("/v1/embeddings", responses=ANSWER_ERRORS)

@@ -339,6 +339,26 @@ def test_update_info_changes_the_description_as_chatchat_names_it(gateway: Gatew
     assert missing.status_code == 404 and missing.json()["code"] == 404
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_chatchats_kb_chat_routes_return_the_documents_only_when_asked(gateway: Gateway, stream: bool) -> None:
+    from rag.client import sse_events
+
+    extra = {"top_k": 2, "score_threshold": 2.0, "prompt_name": "default", "return_direct": True, "stream": stream}
+    for path, body in (("/knowledge_base/local_kb/samples/chat/completions",
+                        {"model": "glm4-chat", "messages": [{"role": "user", "content": "hi"}], **extra}),
+                       ("/chat/kb_chat", {"query": "hi", "mode": "local_kb", "kb_name": "samples", **extra})):
+        response = gateway.client.post(path, headers=gateway.auth, json=body)
+        assert response.status_code == 200, response.text
+        events = list(sse_events(response.iter_lines())) if stream else [response.json(), "[DONE]"]
+        assert len(events) == 2 and events[-1] == "[DONE]"
+        answer = events[0]
+        choice = answer["choices"][0]
+        assert (choice.get("delta") or choice.get("message"))["content"] == "" and choice["finish_reason"] == "stop"
+        assert answer["docs"] == [] and answer["knowledge_base"] == "samples"
+    assert gateway.client.post("/knowledge_base/search_docs", headers=gateway.auth,
+                               json={"knowledge_base_name": "samples", "query": ""}).json() == []
+
+
 def test_a_body_with_many_invalid_fields_names_only_the_first_problems(gateway: Gateway) -> None:
     response = gateway.client.post("/knowledge_base/update_docs", headers=gateway.auth, json={
         "knowledge_base_name": "", "file_names": [], "chunk_size": 1, "chunk_overlap": -1, "wait": "maybe"})

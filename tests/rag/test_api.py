@@ -18,6 +18,7 @@ from rag.api import (
     CompletionFormatter,
     KbChatRequest,
     SearchDocsRequest,
+    chatchat_references,
     document_json,
     error_body,
     sse,
@@ -160,11 +161,30 @@ def test_kb_chat_request_to_question() -> None:
     assert question.knowledge_base == "samples"
     assert question.history == [ChatTurn("system", "d"), ChatTurn("user", "u")]
     assert (question.top_k, question.score_threshold, question.max_new_tokens, question.temperature) == (
-        4, 0.1, 12, 0.5)
+        4, pytest.approx(1 - 0.1 ** 2 / 2), 12, 0.5)  # Chatchat's distance 0.1 as cosine 0.995
     with pytest.raises(ValidationError):
         KbChatRequest.model_validate({"query": "  ", "knowledge_base_name": "samples"})
     with pytest.raises(ValidationError):
         KbChatRequest.model_validate({"query": "q", "knowledge_base_name": ""})
+    with pytest.raises(ValidationError, match="kb_name"):
+        KbChatRequest.model_validate({"query": "q"})
+
+
+def test_kb_chat_takes_chatchat_03s_body_with_a_distance_threshold() -> None:
+    body = {"query": "你好", "mode": "local_kb", "kb_name": "samples", "top_k": 3, "score_threshold": 2.0,
+            "history": [], "stream": True, "model": "glm4-chat", "temperature": 0.7, "max_tokens": 0,
+            "prompt_name": "default", "return_direct": True}
+    with pytest.raises(ValidationError):  # max_tokens 0 is not a budget
+        KbChatRequest.model_validate(body)
+    request = KbChatRequest.model_validate({**body, "max_tokens": None})
+    question = request.to_question(_limits(100), max_history=10)
+    assert question.knowledge_base == "samples" and question.score_threshold == -1.0  # 2.0 keeps everything
+    assert request.return_direct and request.knowledge_base == "samples"
+    assert KbChatRequest.model_json_schema()["anyOf"] == [  # a name, not null
+        {"required": ["kb_name"], "properties": {"kb_name": {"type": "string"}}},
+        {"required": ["knowledge_base_name"], "properties": {"knowledge_base_name": {"type": "string"}}}]
+    with pytest.raises(ValidationError):
+        KbChatRequest.model_validate({**body, "mode": "search_engine"})
 
 
 def test_search_docs_request() -> None:
@@ -173,8 +193,8 @@ def test_search_docs_request() -> None:
     question = request.to_question(_limits(100))
     assert (question.text, question.knowledge_base, question.top_k, question.score_threshold) == (
         "stop", "samples", 2, None)
-    with pytest.raises(ValidationError):
-        SearchDocsRequest.model_validate({"query": "   ", "knowledge_base_name": "samples"})
+    with pytest.raises(InvalidRequestError):
+        SearchDocsRequest.model_validate({"query": "   ", "knowledge_base_name": "samples"}).to_question(_limits(9))
     with pytest.raises(InvalidRequestError):
         SearchDocsRequest(query="x" * 11, knowledge_base_name="samples").to_question(_limits(10))
 
@@ -344,3 +364,37 @@ def test_embedding_request_takes_a_string_or_a_list_and_answers_in_openais_shape
     assert [d["index"] for d in plain["data"]] == [0, 1] and plain["data"][0]["embedding"] == [0.5, -1.25, 3.0]
     packed = embedding_response(vectors, "samples", 7, "base64")["data"][0]["embedding"]
     assert np.frombuffer(base64.b64decode(packed), dtype="<f4").tolist() == [0.5, -1.25, 3.0]
+
+
+def test_search_docs_filters_by_file_name_wildcards_and_metadata_after_a_widened_search() -> None:
+    request = SearchDocsRequest.model_validate({"query": "q", "knowledge_base_name": "kb", "top_k": 2,
+                                                "score_threshold": 1.0, "file_name": "guide_%.md",
+                                                "metadata": {"lang": "en"}})
+    question = request.to_question(LimitsConfig())
+    assert question.top_k == LimitsConfig().max_top_k and question.score_threshold == pytest.approx(0.5)
+    docs = [{"metadata": {"source": name, "lang": lang}, "page_content": name}
+            for name, lang in [("guide_a.md", "en"), ("guide_b.md", "zh"), ("other.md", "en"), ("guide_c.md", "en"),
+                               ("guide_d.md", "en"), ("guide_.txt", "en")]]
+    assert [d["metadata"]["source"] for d in request.keep(docs)] == ["guide_a.md", "guide_c.md"]
+    unfiltered = SearchDocsRequest.model_validate({"query": "q", "knowledge_base_name": "kb", "top_k": 2})
+    assert unfiltered.to_question(LimitsConfig()).top_k == 2 and unfiltered.keep(docs) == docs
+
+
+def test_chatchat_references_are_its_markdown_strings_with_a_download_link() -> None:
+    render = chatchat_references("samples", "http://127.0.0.1:8000/")
+    refs = render([{"metadata": {"source": "指南 1.md"}, "page_content": "text"}])
+    assert refs == ["出处 [1] [指南 1.md](http://127.0.0.1:8000/knowledge_base/download_doc?knowledge_base_name=samples"
+                    "&file_name=%E6%8C%87%E5%8D%97+1.md) \n\ntext\n\n"]
+
+
+@pytest.mark.parametrize(("field", "value", "accepted"), [
+    ("top_k", 5.0, True), ("top_k", True, False), ("top_k", "5", False), ("temperature", 1, True),
+    ("temperature", False, False), ("score_threshold", "0.5", False), ("stream", 0, False), ("stream", "true", False),
+])
+def test_numbers_and_flags_are_what_json_schema_means(field: str, value: Any, accepted: bool) -> None:
+    body = {"model": "samples", "messages": [{"role": "user", "content": "q"}], field: value}
+    if accepted:
+        assert ChatCompletionRequest.model_validate(body)
+    else:
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate(body)

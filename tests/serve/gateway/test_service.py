@@ -88,9 +88,36 @@ def test_kb_chat_first_event_carries_docs(http: httpx.Client) -> None:
         assert response.status_code == 200
         events = list(sse_events(response.iter_lines()))
     assert len(events[0]["docs"]) == 2 and events[-1] == "[DONE]"
-    assert "ingesting.md" in [d["metadata"]["source"] for d in events[0]["docs"]]
+    assert "[ingesting.md](" in "\n\n".join(events[0]["docs"])  # Chatchat's reference strings, as its UI joins them
     whole = http.post("/chat/kb_chat", json={**body, "stream": False}).json()
     assert whole["choices"][0]["message"]["content"] and len(whole["docs"]) == 2
+
+
+def test_chatchat_03s_kb_chat_body_and_its_web_uis_openai_call(service: LocalService, http: httpx.Client) -> None:
+    from openai import OpenAI
+
+    question = "Which file formats can I ingest?"
+    body = {"query": question, "mode": "local_kb", "kb_name": "samples", "top_k": 2, "score_threshold": 2.0,
+            "history": [], "stream": False, "model": "glm4-chat", "temperature": 0.7, "prompt_name": "default",
+            "return_direct": False}
+    answered = http.post("/chat/kb_chat", json=body)
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"]
+    direct = http.post("/chat/kb_chat", json={**body, "return_direct": True}).json()
+    assert direct["choices"][0]["message"]["content"] == "" and len(direct["docs"]) == 2
+    # What Chatchat's kb_chat page does: the openai SDK on the KB's base_url, docs from the first chunk.
+    client = OpenAI(base_url=f"{service.gateway}/knowledge_base/local_kb/samples", api_key=service.api_key)
+    extra = {"top_k": 2, "score_threshold": 2.0, "temperature": 0.7, "prompt_name": "default", "return_direct": False}
+    docs, text, first = [], "", True
+    for chunk in client.chat.completions.create(messages=[{"role": "user", "content": question}], model="glm4-chat",
+                                                stream=True, extra_body=extra):
+        if first:
+            docs, first = chunk.docs, False  # type: ignore[attr-defined]
+            continue
+        text += chunk.choices[0].delta.content or ""
+    assert len(docs) == 2 and "ingesting.md" in "\n\n".join(docs) and text.strip()
+    only_docs = client.chat.completions.create(messages=[{"role": "user", "content": question}], model="glm4-chat",
+                                               stream=False, extra_body={**extra, "return_direct": True})
+    assert only_docs.choices[0].message.content == "" and len(only_docs.docs) == 2  # type: ignore[attr-defined]
 
 
 def test_chinese_question_finds_the_chinese_faq(http: httpx.Client) -> None:
@@ -102,11 +129,16 @@ def test_chinese_question_finds_the_chinese_faq(http: httpx.Client) -> None:
 def test_search_docs(http: httpx.Client) -> None:
     response = http.post("/knowledge_base/search_docs",
                          json={"query": "What port does the dashboard use?", "knowledge_base_name": "samples",
-                               "top_k": 2, "score_threshold": 0.1})
+                               "top_k": 2, "score_threshold": 1.3, "file_name": "", "metadata": {}})
     assert response.status_code == 200
-    docs = response.json()
-    assert len(docs) == 2 and all(d["score"] >= 0.1 for d in docs)
+    docs = response.json()  # Chatchat's threshold is a distance: 1.3 keeps cosine >= 1 - 1.3² / 2
+    assert len(docs) == 2 and all(d["score"] >= 1 - 1.3 ** 2 / 2 for d in docs)
     assert docs[0]["score"] >= docs[1]["score"]
+    only = http.post("/knowledge_base/search_docs", json={"query": "What port does the dashboard use?",
+                                                           "knowledge_base_name": "samples", "file_name": "%.md",
+                                                           "top_k": 5})
+    assert only.status_code == 200 and only.json() and all(d["metadata"]["source"].endswith(".md") for d in only.json())
+    assert http.post("/knowledge_base/search_docs", json={"knowledge_base_name": "samples"}).json() == []
 
 
 def test_concurrent_streams_all_complete(http: httpx.Client, service: LocalService) -> None:
@@ -245,8 +277,9 @@ def test_openapi_tells_the_truth(service: LocalService) -> None:
     schema = schemathesis.openapi.from_url(f"{service.gateway}/openapi.json", config=config,
                                            headers=bearer(service.api_key))
     operations = [result.ok() for result in schema.get_all_operations()]
-    # 8 for questions, embeddings and probes, 14 for knowledge bases (3 for golden sets), /rollout
-    assert len(operations) == 23
+    # 9 for questions (Chatchat's local_kb chat included), embeddings and probes, 14 for knowledge bases (3 for
+    # golden sets), /rollout
+    assert len(operations) == 24
     failures: list[str] = []
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
