@@ -117,11 +117,18 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
         published = moved = False
         try:
             staged = _stage(incoming, changes.add, max_file_bytes)
+            # Without override, a file stored already stays as it is: over HTTP that fails it alone, as
+            # Chatchat reports it in failed_files; elsewhere other content under its name is a conflict.
+            skipped = _stored_already(staged, previous.manifest) if changes.skip_unreadable and \
+                not changes.override else {}
+            if skipped:
+                files, _, staged = _without_failed(skipped, files, {}, staged, previous.manifest)
             todo = _to_process(files, staged, previous.manifest, changes, splitter or config.splitter)
             if not todo and not changes.delete and previous.manifest is not None:
-                return BuildResult(previous.manifest, created=False, stale_staging_removed=removed)
+                return BuildResult(previous.manifest, created=False, stale_staging_removed=removed, failed=skipped)
             new_chunks, failed = _split(kb_root, kb, incoming, todo, staged, max_file_bytes, progress,
                                         parse or _parse_here, changes.skip_unreadable)
+            failed = {**skipped, **failed}
             if failed:
                 files, todo, staged = _without_failed(failed, files, todo, staged, previous.manifest)
                 if not todo and not changes.delete and previous.manifest is not None:
@@ -262,6 +269,12 @@ def _check_size(new_chunks: dict[str, list[Chunk]], limit: int | None) -> None:
         named = ", ".join(f"{name}: {len(chunks)}" for name, chunks in largest)
         raise InvalidRequestError(f"this upload splits into {total} chunks ({named}); the limit for one upload is "
                                   f"{limit}: send fewer files at once, or a larger chunk_size")
+
+
+def _stored_already(staged: dict[str, str], manifest: Manifest | None) -> dict[str, str]:
+    known = set(_known_files(manifest))
+    return {name: "exists already and was not replaced (override=false); upload with override=true to replace it"
+            for name in staged if name in known}
 
 
 def _without_failed(failed: dict[str, str], files: set[str], todo: dict[str, SplitterConfig],

@@ -18,6 +18,7 @@ from rag.errors import (
     InvalidRequestError,
     KnowledgeBaseNotFoundError,
     OverloadedError,
+    RagError,
     ServiceUnavailableError,
 )
 from rag.kb_build import Changes
@@ -99,15 +100,14 @@ def test_a_failed_job_raises_its_error_to_the_waiter_and_reports_it_when_polled(
         await service.create("docs", "", None, ["v1"])
         await service.wait(await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None,
                                                 ["v1"]), 30, ["v1"])
-        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("other")}, override=False),
-                                   None, ["v1"])
-        with pytest.raises(ConflictError) as raised:
+        job = await service.submit("update_docs", "docs", Changes(reindex=("gone.md",)), None, ["v1"])
+        with pytest.raises(KnowledgeBaseNotFoundError) as raised:
             await service.wait(job, 30, ["v1"])
         return job, str(raised.value)
 
     job, raised = run(scenario())
     view = run(service.job(job, ["v1"]))
-    assert view["state"] == "failed" and view["status"] == 409 and "a.md" in view["error"]
+    assert view["state"] == "failed" and view["status"] == 404 and "gone.md" in view["error"]
     for message in (view["error"], raised):  # the file's name, never where the server keeps it
         assert str(tmp_path) not in message and ".incoming" not in message and not message.startswith("/"), message
 
@@ -418,9 +418,10 @@ def test_an_uploads_spool_folder_is_indexed_and_removed_when_its_job_ends_whatev
         job = await service.submit("upload_docs", "docs", Changes(add=_spooled(good, {"a.md": _doc("alpha")}),
                                                                  spool=good), None, ["v1"])
         view = await service.wait(job, 30, ["v1"])
-        failing = await service.submit("upload_docs", "docs", Changes(add=_spooled(bad, {"a.md": _doc("other")}),
-                                                                      override=False, spool=bad), None, ["v1"])
-        with pytest.raises(ConflictError):  # other content under a stored name, without override
+        vanished = _spooled(bad, {"b.md": _doc("beta")})
+        Path(vanished["b.md"]).unlink()  # type: ignore[arg-type]  # a file the build cannot copy: it fails
+        failing = await service.submit("upload_docs", "docs", Changes(add=vanished, spool=bad), None, ["v1"])
+        with pytest.raises(RagError, match="the build failed inside the service"):
             await service.wait(failing, 30, ["v1"])
         return good, bad, view
 
@@ -520,3 +521,20 @@ def test_update_info_replaces_the_description_and_keeps_the_model(tmp_path: Path
     assert [k["kb_info"] for k in run(service.list_knowledge_bases(["v1"]))] == ["new words"]
     with pytest.raises(KnowledgeBaseNotFoundError):
         run(service.update_info("nope", "x", ["v1"]))
+
+
+def test_without_override_a_stored_file_fails_alone_and_the_rest_is_indexed(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> dict[str, Any]:
+        await service.create("docs", "", None, ["v1"])
+        await service.wait(await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha")}), None,
+                                                ["v1"]), 30, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("other"), "b.md": _doc("beta")},
+                                                                 override=False), None, ["v1"])
+        return await service.wait(job, 30, ["v1"])
+
+    view = run(scenario())
+    assert view["state"] == "done" and view["changed_files"] == ["b.md"]
+    assert "override=true" in view["failed_files"]["a.md"] and list(view["failed_files"]) == ["a.md"]
+    assert run(service.download("docs", "a.md", ["v1"])) == _doc("alpha")  # the stored one stays
