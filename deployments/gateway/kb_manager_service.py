@@ -148,7 +148,7 @@ class KnowledgeBaseService:
         check_kb_name(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
-        return await asyncio.to_thread(_files, root, kb)
+        return _with_chatchat_names(kb, await asyncio.to_thread(_files, root, kb))
 
     async def read_eval_set(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
         check_kb_name(kb)
@@ -322,6 +322,14 @@ class KnowledgeBaseService:
 def _failed_files(changes: Changes, failed: dict[str, str], root: Path) -> dict[str, str]:
     """Chatchat's failed_files: what the gateway did not take (a type) and what the build could not index."""
     return {**changes.refused, **{name: without_server_paths(why, root) for name, why in failed.items()}}
+
+
+def _with_chatchat_names(kb: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each file's details with the fields Chatchat's list_files gives (its web UI shows them) beside ours."""
+    return [{**row, "No": number, "kb_name": kb, "file_version": 1 if row.get("in_db") else 0,
+             "document_loader": "", "text_splitter": "RecursiveCharacterTextSplitter" if row.get("in_db") else "",
+             "create_time": row.get("update_time"), "file_mtime": row.get("update_time"), "custom_docs": False}
+            for number, row in enumerate(rows, 1)]
 
 
 def _stored_name(name: str) -> str | None:

@@ -91,6 +91,9 @@ def test_upload_then_list_and_download_the_original(tmp_path: Path) -> None:
     assert [(f["file_name"], f["file_size"], f["docs_count"]) for f in files] == [("a.md", len(_doc("alpha")),
                                                                                      view["chunks"])]
     assert original == _doc("alpha")
+    chatchat = {k: files[0][k] for k in ("No", "kb_name", "file_version", "in_folder", "in_db", "custom_docs")}
+    assert chatchat == {"No": 1, "kb_name": "docs", "file_version": 1, "in_folder": True, "in_db": True,
+                        "custom_docs": False}  # Chatchat's names beside ours
 
 
 def test_a_failed_job_raises_its_error_to_the_waiter_and_reports_it_when_polled(tmp_path: Path) -> None:
