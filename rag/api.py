@@ -214,6 +214,14 @@ EMBEDDING_INPUTS = 2048  # as OpenAI's endpoint takes
 EmbeddingText = Annotated[str, Field(min_length=1, max_length=LIMITS.max_message_chars, pattern=NOT_BLANK)]
 
 
+class EmbedTexts(_Request):
+    """Chatchat's `/other/embed_texts` body."""
+
+    texts: Annotated[list[EmbeddingText], Field(min_length=1, max_length=EMBEDDING_INPUTS)]
+    embed_model: Name | None = Field(None, description="one no version runs is answered with the served one")
+    to_query: Flag = Field(False, description="give each text the model's query instruction")
+
+
 class EmbeddingRequest(_Request):
     """OpenAI's `POST /v1/embeddings`: `model` is a knowledge base (embedded by the model that serves it)
     or the embedding model's name."""

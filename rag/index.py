@@ -194,10 +194,10 @@ def _publishing(base: Path) -> Iterator[None]:
 
 
 def _check_vectors(chunks: list[Chunk], vectors: np.ndarray) -> np.ndarray:
-    if not chunks:
-        raise InvalidRequestError("refusing to publish an empty index: no chunks")
+    """An empty index is allowed (a KB whose last file was deleted searches to nothing), but it still
+    needs its dimension: vectors of shape (0, dimension)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
+    if vectors.ndim != 2 or vectors.shape[0] != len(chunks) or vectors.shape[1] < 1:
         raise InvalidRequestError(f"{len(chunks)} chunks but vectors of shape {vectors.shape}")
     return vectors
 
@@ -317,6 +317,8 @@ class KnowledgeBaseIndex:
         queries = self._check_queries(vectors)
         if top_k < 1:
             raise InvalidRequestError(f"top_k must be >= 1, got {top_k}")
+        if self.manifest.count == 0:  # a KB whose files were all deleted: nothing to find
+            return [[] for _ in queries]
         scores, ids = self._require().search(queries, min(top_k, self.manifest.count))
         return [self._passages(row_ids, row_scores, score_threshold) for row_ids, row_scores in zip(ids, scores,
                                                                                                    strict=True)]
@@ -329,7 +331,7 @@ class KnowledgeBaseIndex:
 
         `lexical_led`: for text the embedding model does not cover, BM25's order, then the dense
         ranking's after it; the cosine of such text is noise, so no threshold removes a BM25 hit."""
-        if self.lexical is None:
+        if self.lexical is None or self.manifest.count == 0:
             return self.search(vector, top_k, score_threshold)[0]
         query = self._check_queries(vector)
         width = min(max(candidates, top_k), self.manifest.count)

@@ -182,9 +182,8 @@ def _file_set(kb_root: Path, kb: str, manifest: Manifest | None, changes: Change
     if missing:
         raise DocumentNotFoundError(f"knowledge base {kb!r} has no file {', '.join(map(repr, missing[:5]))}")
     files = (known - set(changes.delete)) | set(changes.add)
-    if not files:
-        raise ConflictError(f"this would leave knowledge base {kb!r} without documents; delete the knowledge "
-                            "base instead")
+    if not files and not changes.delete:  # deleting the last files leaves an empty KB, as Chatchat allows
+        raise ConflictError(f"knowledge base {kb!r} holds no documents to rebuild; upload some first")
     return files
 
 
@@ -298,6 +297,8 @@ def _assemble(files: set[str], new_chunks: dict[str, list[Chunk]], previous: _Pr
             pairs += [(c, previous.vector_by_text.get(_text_hash(c.text))) for c in new_chunks[name]]
         else:
             pairs += previous.chunks_by_file.get(name, [])
+    if not pairs and previous.manifest is not None and not new_chunks:  # every file deleted: an empty index
+        return [], np.zeros((0, previous.manifest.dimension), dtype=np.float32), 0
     if not pairs:
         raise InvalidRequestError("the documents contain no text")
     missing = [i for i, (_, vector) in enumerate(pairs) if vector is None]

@@ -269,7 +269,8 @@ class Retriever:
 
 def _warm(name: str, index: KnowledgeBaseIndex) -> None:
     probe = np.full((1, index.manifest.dimension), index.manifest.dimension ** -0.5, dtype=np.float32)
-    if not index.search(probe, 1)[0]:
+    # An empty index (every file deleted) is meant to find nothing; any other must find something.
+    if not index.search(probe, 1)[0] and index.manifest.count:
         raise ServiceUnavailableError(f"warm-up search on knowledge base {name!r} found nothing")
 
 

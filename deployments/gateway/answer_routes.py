@@ -23,6 +23,7 @@ from rag.api import (
     ChatCompletionRequest,
     CompletionFormatter,
     EmbeddingRequest,
+    EmbedTexts,
     KbChatRequest,
     LocalKbChatRequest,
     SearchDocsRequest,
@@ -32,6 +33,7 @@ from rag.api import (
 )
 from rag.constants import EVALUATE_HEADER
 from rag.errors import RagError
+from rag.kb_api import kb_body
 from rag.records import AnswerStart, Question
 
 logger = logging.getLogger("rag.gateway")
@@ -155,6 +157,13 @@ async def embeddings(body: EmbeddingRequest, services: Services) -> dict[str, An
     `encoding_format` float or base64; through the Embedder's batching, a long list in slices (each call to
     the Embedder has its own deadline, so 2,048 texts are not held to one hop's)."""
     return await services.embeddings.create(body)
+
+
+@router.post("/other/embed_texts", responses=ANSWER_ERRORS)
+async def embed_texts(body: EmbedTexts, services: Services) -> dict[str, Any]:
+    """Chatchat's: `{code, msg, data: [[float, ...], ...]}`, the vectors in the order of `texts`."""
+    vectors, model, note = await services.embeddings.chatchat_vectors(body.texts, body.embed_model, body.to_query)
+    return kb_body(vectors, f"embedded {len(vectors)} texts with {model}" + (f"; {note}" if note else ""))
 
 
 @router.get("/v1/models", responses=READ_ERRORS)

@@ -50,8 +50,33 @@ class EmbeddingsService:
             self._hop(handle.count_tokens.remote(texts)))
         return embedding_response(vectors, body.model, tokens, body.encoding_format)
 
-    async def _one_by_one(self, handle: Any, texts: list[str]) -> list[Any]:
-        return list(await self._hop(asyncio.gather(*(handle.embed.remote(t, False) for t in texts))))
+    async def chatchat_vectors(self, texts: list[str], embed_model: str | None,
+                               to_query: bool) -> tuple[list[list[float]], str, str | None]:
+        """Chatchat's `/other/embed_texts`: (vectors, the model that made them, a note when `embed_model`
+        is one no version runs: then the heaviest serving version's model embeds, as for a KB's creation).
+        `to_query` gives each text the model's query instruction, a few texts at a time."""
+        note = None
+        try:
+            handle, info = await self._choose(embed_model) if embed_model else await self._heaviest()
+        except KnowledgeBaseNotFoundError:
+            handle, info = await self._heaviest()
+            note = f"embed_model {str(embed_model)[:64]!r} is not run here; embedded with {info['model']!r}"
+        if to_query:
+            vectors = []
+            for start in range(0, len(texts), FEW):
+                vectors += await self._one_by_one(handle, texts[start:start + FEW], query=True)
+        else:
+            vectors = await (self._one_by_one(handle, texts) if len(texts) <= FEW else self._sliced(handle, texts))
+        return [[float(x) for x in vector] for vector in vectors], str(info["model"]), note
+
+    async def _heaviest(self) -> tuple[Any, dict[str, Any]]:
+        versions = self._serving_versions()
+        if not versions:
+            raise ServiceUnavailableError("no pipeline version is serving yet; retry shortly")
+        return await self._embedder(versions[0])
+
+    async def _one_by_one(self, handle: Any, texts: list[str], query: bool = False) -> list[Any]:
+        return list(await self._hop(asyncio.gather(*(handle.embed.remote(t, query) for t in texts))))
 
     async def _sliced(self, handle: Any, texts: list[str]) -> list[Any]:
         vectors: list[Any] = []

@@ -253,3 +253,16 @@ def test_a_version_redeployed_with_another_model_is_described_again_after_a_whil
         create(svc, input="hello", model="bge-m3")
     assert create(svc, input="hello", model="bge-small")["model"] == "bge-small"
     assert handles.embedders["v2"].described == 2
+
+
+def test_chatchats_embed_texts_answers_an_unserved_model_with_the_served_one_and_can_ask_as_queries() -> None:
+    svc, handles = service(["v2", "v1"], v1=("bge-m3", {}), v2=("minilm", {"docs": 1}))
+    vectors, model, note = asyncio.run(svc.chatchat_vectors(["ab", "abc"], "bge-large-zh-v1.5", False))
+    assert model == "minilm" and vectors == [[2.0] * 3, [3.0] * 3] and "'bge-large-zh-v1.5' is not run here" in note
+    assert handles.embedders["v2"].embedded == [("ab", False), ("abc", False)]
+    vectors, model, note = asyncio.run(svc.chatchat_vectors(["q"] * (FEW + 2), "bge-m3", True))
+    assert model == "bge-m3" and note is None and len(vectors) == FEW + 2
+    assert handles.embedders["v1"].embedded == [("q", True)] * (FEW + 2)  # each with the query instruction
+    many = [f"text {i}" for i in range(SLICE + 1)]
+    vectors, _, _ = asyncio.run(svc.chatchat_vectors(many, None, False))
+    assert len(vectors) == SLICE + 1 and handles.embedders["v2"].slices == [SLICE, 1]

@@ -239,6 +239,14 @@ def test_embeddings_through_the_app(gateway: Gateway) -> None:
     assert body["usage"]["prompt_tokens"] == 7 and body["model"] == "samples"
 
 
+def test_chatchats_embed_texts_through_the_app(gateway: Gateway) -> None:
+    response = gateway.client.post("/other/embed_texts", headers=gateway.auth,
+                                   json={"texts": ["a", "b"], "embed_model": "bge-m3", "to_query": False})
+    assert response.status_code == 200
+    assert response.json()["data"] == [[0.5, 0.25], [0.5, 0.25]] and "with bge-m3" in response.json()["msg"]
+    assert gateway.client.post("/other/embed_texts", headers=gateway.auth, json={"texts": []}).status_code == 422
+
+
 # --- knowledge-base routes ----------------------------------------------------------------------------------
 
 

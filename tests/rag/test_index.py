@@ -246,12 +246,16 @@ def test_close_is_idempotent_and_search_after_close_is_unavailable(tmp_path: Pat
         index.check_health()
 
 
-def test_empty_chunk_list_publishes_nothing(tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequestError, match="empty"):
-        publish_index(tmp_path, "kb", [], np.zeros((0, 384), dtype=np.float32), embedding_model=MODEL,
+def test_an_empty_index_needs_its_dimension_and_finds_nothing(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="shape"):
+        publish_index(tmp_path, "kb", [], np.zeros((0, 0), dtype=np.float32), embedding_model=MODEL,
                       fingerprint="fp")
     assert list_versions(tmp_path, "kb") == []
-    assert not (tmp_path / "kb").exists() or not any((tmp_path / "kb").iterdir())
+    manifest = publish_index(tmp_path, "kb", [], np.zeros((0, 384), dtype=np.float32), embedding_model=MODEL,
+                             fingerprint="fp")  # a KB whose last file was deleted
+    assert (manifest.count, manifest.dimension) == (0, 384)
+    index = KnowledgeBaseIndex.load(tmp_path, "kb")
+    assert index.search(np.ones((2, 384), dtype=np.float32) / np.sqrt(384), 5) == [[], []]
 
 
 def test_vectors_not_matching_chunks_publish_nothing(tmp_path: Path, vectors: np.ndarray) -> None:

@@ -172,11 +172,31 @@ def test_update_and_delete_of_unknown_files_name_them(root: Path) -> None:
             _update(root, embed, **changes)
 
 
-def test_deleting_every_file_is_refused(root: Path) -> None:
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_deleting_every_file_leaves_an_empty_kb_that_finds_nothing_until_files_come_back(root: Path,
+                                                                                        mode: str) -> None:
+    from rag.config import RetrievalConfig
+    from rag.retrieval import Retriever
+
     embed = CountingEmbedder()
-    _update(root, embed, add={"a.md": _doc("alpha")})
-    with pytest.raises(ConflictError, match="delete the knowledge base"):
-        _update(root, embed, delete=("a.md",))
+    first = _update(root, embed, add={"a.md": _doc("alpha")})
+    retriever = Retriever(RetrievalConfig(kb_root=root, knowledge_bases={"kb": "latest"}, device="cpu", mode=mode,
+                                          refresh_interval_s=0.01), CONFIG.embedding.model)
+    retriever.load()
+    query = np.ones(first.manifest.dimension, dtype=np.float32) / np.sqrt(first.manifest.dimension)
+    assert retriever.search("kb", query, 5, None, "alpha")
+    emptied = _update(root, embed, delete=("a.md",))
+    assert emptied.created and emptied.manifest.count == 0 and emptied.manifest.files == {}
+    assert emptied.manifest.dimension == first.manifest.dimension
+    retriever.refresh()  # a serving Retriever follows the KB into its empty version, warm-up included
+    assert retriever.knowledge_bases() == {"kb": emptied.manifest.version}
+    assert retriever.search("kb", query, 5, None, "alpha") == []
+    retriever.warmup()
+    retriever.check_health()
+    with pytest.raises(ConflictError, match="no documents to rebuild"):
+        _update(root, embed, rescan=True, full=True)  # recreate with nothing in content/
+    refilled = _update(root, embed, add={"b.md": _doc("beta")})
+    assert refilled.manifest.count > 0 and list(refilled.manifest.files) == ["b.md"]
 
 
 def test_reindex_with_another_splitter_re_splits_from_the_stored_original(root: Path) -> None:

@@ -155,6 +155,13 @@ def test_delete_a_knowledge_base(http: httpx.Client) -> None:
     assert http.post("/knowledge_base/create_knowledge_base", json={"knowledge_base_name": "scratch"}).status_code \
         == 200
     assert _upload(http, "scratch", {"a.md": "scratch notes about tides"}).status_code == 200
+    # Its last file deleted, the KB stays, empty (as Chatchat allows): found nothing, answered without passages.
+    emptied = http.post("/knowledge_base/delete_docs", json={"knowledge_base_name": "scratch", "file_names": ["a.md"]})
+    assert emptied.status_code == 200 and emptied.json()["data"]["failed_files"] == {}, emptied.text
+    found = http.post("/knowledge_base/search_docs", json={"query": "tides", "knowledge_base_name": "scratch"})
+    assert found.status_code == 200 and found.json() == []
+    asked = http.post("/chat/kb_chat", json={"query": "What about tides?", "kb_name": "scratch", "stream": False})
+    assert asked.status_code == 200 and asked.json()["docs"] == []
     deleted = http.post("/knowledge_base/delete_knowledge_base", json={"knowledge_base_name": "scratch"})
     assert deleted.status_code == 200
     assert "scratch" not in http.get("/knowledge_base/list_knowledge_bases").json()["data"]
