@@ -121,8 +121,13 @@ def create(kb_root: Path, kb: str, kb_info: str, embed_model: str) -> KnowledgeB
         raise ConflictError(f"knowledge base {kb!r} already exists")
     (base / CONTENT).mkdir(parents=True, exist_ok=True)
     meta = KnowledgeBaseMeta(kb, kb_info, embed_model, time.time())
-    write_atomically(base / _META, json.dumps(asdict(meta), ensure_ascii=False, indent=2).encode())
+    _write_meta(kb_root, meta)
     return meta
+
+
+def _write_meta(kb_root: Path, meta: KnowledgeBaseMeta) -> None:
+    write_atomically(kb_directory(kb_root, meta.name) / _META,
+                     json.dumps(asdict(meta), ensure_ascii=False, indent=2).encode())
 
 
 def read_meta(kb_root: Path, kb: str) -> KnowledgeBaseMeta | None:
@@ -141,7 +146,7 @@ def update_info(kb_root: Path, kb: str, kb_info: str) -> KnowledgeBaseMeta:
         model = Manifest.read(version_directory(kb_root, kb, versions[-1])).embedding_model if versions else ""
         meta = KnowledgeBaseMeta(kb, "", model, time.time())
     meta = KnowledgeBaseMeta(meta.name, kb_info, meta.embed_model, meta.created_at)
-    write_atomically(kb_directory(kb_root, kb) / _META, json.dumps(asdict(meta), ensure_ascii=False, indent=2).encode())
+    _write_meta(kb_root, meta)
     return meta
 
 
@@ -152,8 +157,7 @@ def ensure_meta(kb_root: Path, kb: str, embed_model: str) -> None:
     if meta is None or meta.embed_model != embed_model:
         info, created = (meta.kb_info, meta.created_at) if meta else ("", time.time())
         meta = KnowledgeBaseMeta(kb, info, embed_model, created)
-        write_atomically(kb_directory(kb_root, kb) / _META, json.dumps(asdict(meta), ensure_ascii=False,
-                                                                      indent=2).encode())
+        _write_meta(kb_root, meta)
 
 
 _TRASH_PREFIX = ".deleted-"
