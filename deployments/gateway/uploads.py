@@ -1,6 +1,6 @@
 """An upload's files written to disk as they arrive, one file per part in the upload's spool folder, so
-the gateway never holds an upload in memory (a part's bytes pass through in the proxy's small messages)
-and the manager is handed paths, not bytes.
+the gateway adds no copy of an upload (Serve's replica keeps the body's messages once, under
+`max_upload_bytes`) and the manager is handed paths, not bytes.
 
 Starlette's multipart parser does the parsing; this only swaps the in-memory spool it gives each file
 part for a file in the upload's folder, and refuses a file over its size limit the moment it passes it.
