@@ -23,6 +23,7 @@ from rag.config import ConfigError, GatewayConfig, PipelineConfig, validate
 from rag.constants import resolve_path
 from rag.errors import InvalidRequestError
 from rag.index import list_knowledge_bases, resolve_version
+from rag.kb_store import is_temporary
 
 
 def _represent_null(representer: Any, _: None) -> Any:
@@ -182,8 +183,9 @@ class ServeDocument:
         published under its kb_root now."""
         args = _plain(self.versions[name].get("args"))
         retrieval = validate(PipelineConfig, args, f"args of version {name!r}").retrieval
-        return set(retrieval.knowledge_bases) | (set(list_knowledge_bases(retrieval.kb_root_path))
-                                                 if retrieval.discover else set())
+        # Temporary KBs (file chats) come and go within minutes: not what a rollout compares or pins.
+        discovered = {kb for kb in list_knowledge_bases(retrieval.kb_root_path) if not is_temporary(kb)}
+        return set(retrieval.knowledge_bases) | (discovered if retrieval.discover else set())
 
     def follow_latest_like(self, name: str, other: str) -> list[str]:
         """Set version `name` to follow `latest` for every knowledge base that version `other` follows

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urlencode
 
 import numpy as np
@@ -131,7 +131,8 @@ class KbChatRequest(_Request):
     query: Query
     kb_name: Name | None = Field(None, description="the knowledge base (Chatchat 0.3)")
     knowledge_base_name: Name | None = Field(None, description="the knowledge base (Chatchat 0.2)")
-    mode: Literal["local_kb"] = Field("local_kb", description="only local knowledge bases here")
+    mode: Literal["local_kb", "temp_kb"] = Field("local_kb", description="temp_kb: `kb_name` is the id of a "
+                                                 "temporary knowledge base (upload_temp_docs)")
     top_k: TopK | None = None
     score_threshold: Distance | None = None
     history: Messages = Field(default_factory=list)
@@ -153,10 +154,10 @@ class KbChatRequest(_Request):
     def knowledge_base(self) -> str:
         return str(self.kb_name or self.knowledge_base_name)
 
-    def to_question(self, limits: LimitsConfig, max_history: int) -> Question:
+    def to_question(self, knowledge_base: str, limits: LimitsConfig, max_history: int) -> Question:
         enforce(limits, self.history, self.max_tokens, self.top_k)
         return Question(text=_question_text(self.query, limits.max_question_chars),
-                        knowledge_base=self.knowledge_base, history=_history(self.history, max_history),
+                        knowledge_base=knowledge_base, history=_history(self.history, max_history),
                         top_k=self.top_k, score_threshold=cosine_from_distance(self.score_threshold),
                         max_new_tokens=self.max_tokens, temperature=self.temperature)
 
@@ -319,13 +320,31 @@ def _as_they_are(docs: list[dict[str, Any]]) -> list[Any]:
     return list(docs)
 
 
+class AnswerFormatter(Protocol):
+    """How a route shows an answer's events: `chunk` gives one event's payload (None: nothing to send for
+    it), `done` ends the stream."""
+
+    done: str
+    one_event_per_write: bool  # for a client that parses each chunk it receives as one event (Chatchat's)
+
+    def chunk(self, event: AnswerEvent) -> dict[str, Any] | None: ...
+
+    def error_chunk(self, message: str, code: str = "stream_error") -> dict[str, Any]: ...
+
+    def completion(self, events: list[AnswerEvent]) -> dict[str, Any]: ...
+
+
 class CompletionFormatter:
     """Renders answer events as OpenAI `chat.completion.chunk`s, or folds them into one completion. The
     first chunk carries the retrieved passages under `docs_key`, each as `render` makes it (search_docs'
     documents by default; Chatchat's reference strings on its kb-chat routes)."""
 
     def __init__(self, model: str, docs_key: str = "sources",
-                 render: Callable[[list[dict[str, Any]]], list[Any]] = _as_they_are) -> None:
+                 render: Callable[[list[dict[str, Any]]], list[Any]] = _as_they_are, chatchat: bool = False) -> None:
+        # Chatchat's own client (its /chat/kb_chat) parses each chunk it receives as one JSON event: no
+        # [DONE], and one event per write.
+        self.done = "" if chatchat else SSE_DONE
+        self.one_event_per_write = chatchat
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model

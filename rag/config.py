@@ -344,6 +344,19 @@ class ParseLimits(_Strict):
     memory_mb: int = Field(1024, ge=256, le=65536, description="address space of one document's parser")
 
 
+class TemporaryKbSettings(_Strict):
+    """Temporary knowledge bases (Chatchat's file chat): files uploaded to chat over for a while, built like
+    any upload, never listed, and deleted when idle and when the knowledge-base manager restarts."""
+
+    max_count: int = Field(20, ge=1, le=10_000, description="temporary KBs at once; one more gets 503")
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 ** 3, description="one upload_temp_docs body")
+    max_files: int = Field(20, ge=1, le=1000, description="files in one upload_temp_docs request")
+    max_chunks: int = Field(4000, ge=1, le=1_000_000, description="chunks one upload may add (about 4 minutes "
+                            "of embedding on 2 cores)")
+    idle_ttl_s: float = Field(3600.0, ge=10, le=30 * 86_400, description="deleted after this long without a "
+                              "chat, search or upload")
+
+
 class KnowledgeBaseSettings(_Strict):
     """Knowledge bases managed over HTTP: what an upload may carry and how long a request waits for it.
 
@@ -364,6 +377,7 @@ class KnowledgeBaseSettings(_Strict):
                                  "more get 503 with Retry-After")
     max_jobs: int = Field(16, ge=1, le=10_000, description="jobs queued or running in all")
     parsing: ParseLimits = ParseLimits()
+    temporary: TemporaryKbSettings = TemporaryKbSettings()
     stop_drain_s: float = Field(100.0, ge=0, le=3600, description="a stopping manager lets running jobs finish "
                                 "this long, then records them as interrupted (below its graceful_shutdown_timeout_s)")
 

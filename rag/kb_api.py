@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from rag.api import Flag, JsonNumber, Name, _Request
 from rag.config import KB_NAME_PATTERN, VERSION_PATTERN
@@ -101,13 +101,15 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in schema.items() if k not in ("anyOf", "default")}, **(kinds[0] if kinds else {})}
 
 
-# What /openapi.json says upload_docs takes (the route reads the form itself, see kb_routes).
-UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["files", "knowledge_base_name"],
-    "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
-        # A form field is absent or a value, never null: optional fields are left out of `required`.
-        **{k: _not_null(v) for k, v in UploadForm.model_json_schema()["properties"].items()}}}}}}}
+def form_body(form: type[BaseModel], required: list[str] | None = None) -> dict[str, Any]:
+    """What /openapi.json says an upload route takes: `files` and the form's fields (the route reads the
+    form itself, see kb_routes)."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files", *(required or [])],
+        "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
+            # A form field is absent or a value, never null: optional fields are left out of `required`.
+            **{k: _not_null(v) for k, v in form.model_json_schema()["properties"].items()}}}}}}}
 
 
 def kb_body(data: Any = None, msg: str = "success", code: int = 200) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import unicodedata
@@ -34,6 +35,9 @@ _META = "kb.json"
 _WRITER_LOCK = ".writer.lock"
 _MAX_NAME_BYTES = 255  # one path component on every common file system
 _SHOWN = 80
+# Temporary KBs (Chatchat's file chat) live beside the others, so the same build, Retrievers (`discover`)
+# and deletion serve them; their names have this exact form, which create refuses, and listings skip.
+_TEMPORARY = re.compile(r"temp-([0-9a-f]{32})")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,24 @@ def _check_part(part: str, name: str) -> None:
         raise InvalidRequestError(f"file {_shown(name)}: longer than {_MAX_NAME_BYTES} bytes")
 
 
+def is_temporary(kb: str) -> bool:
+    return _TEMPORARY.fullmatch(kb) is not None
+
+
+def temporary_name(temp_id: str) -> str | None:
+    """The KB name of a temporary KB's id (Chatchat's `knowledge_id`), or None when it cannot be one."""
+    name = f"temp-{temp_id}"
+    return name if is_temporary(name) else None
+
+
+def new_temporary_name() -> str:
+    return f"temp-{uuid.uuid4().hex}"
+
+
+def temporary_id(kb: str) -> str:
+    return kb.removeprefix("temp-")
+
+
 def content_directory(kb_root: Path, kb: str) -> Path:
     return kb_directory(kb_root, kb) / CONTENT
 
@@ -101,14 +123,15 @@ def require(kb_root: Path, kb: str) -> Path:
     return kb_directory(kb_root, kb)
 
 
-def list_names(kb_root: Path) -> list[str]:
-    """Every knowledge base: created (kb.json) or ingested (a published version)."""
+def list_names(kb_root: Path, *, temporary: bool = False) -> list[str]:
+    """Every knowledge base: created (kb.json) or ingested (a published version); temporary ones only with
+    `temporary` (they are nobody's to list)."""
     if not kb_root.is_dir():
         return []
     found = []
     for path in kb_root.iterdir():
         try:
-            if path.is_dir() and exists(kb_root, path.name):
+            if path.is_dir() and exists(kb_root, path.name) and (temporary or not is_temporary(path.name)):
                 found.append(path.name)
         except InvalidRequestError:  # a folder whose name is no KB name (staging, trash, a stray dir)
             continue

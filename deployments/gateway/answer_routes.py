@@ -8,7 +8,7 @@ No `from __future__ import annotations` here: FastAPI must see real annotation o
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -16,10 +16,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.gateway.answer_service import AnswerStream, GatewayService
 from deployments.gateway.serve_handles import is_overload
-from deployments.gateway.services import Services
+from deployments.gateway.services import GatewayServices, Services
 from deployments.gateway.statuses import SSE_EVENTS, bounded, documented, status_for
 from rag.api import (
-    SSE_DONE,
+    AnswerFormatter,
     ChatCompletionRequest,
     CompletionFormatter,
     EmbeddingRequest,
@@ -32,8 +32,10 @@ from rag.api import (
     sse,
 )
 from rag.constants import EVALUATE_HEADER
-from rag.errors import RagError
+from rag.errors import KnowledgeBaseNotFoundError, RagError
+from rag.file_chat import FileChatFormatter, FileChatRequest, SearchTempDocs, file_references
 from rag.kb_api import kb_body
+from rag.kb_store import is_temporary
 from rag.records import AnswerStart, Question
 
 logger = logging.getLogger("rag.gateway")
@@ -52,8 +54,21 @@ def _hop(call: Awaitable[T], timeout_s: float, what: str) -> Awaitable[T]:
     return bounded(call, timeout_s, what, is_overload)
 
 
+def _not_temporary(knowledge_base: str) -> str:
+    """A temporary KB answers only on its own routes, by id (where its idle clock is kept)."""
+    if is_temporary(knowledge_base):
+        raise KnowledgeBaseNotFoundError(f"no knowledge base {knowledge_base!r}")
+    return knowledge_base
+
+
+async def _temporary(services: GatewayServices, temp_id: str) -> str:
+    """The KB name of a live temporary KB (404 once it is gone), its idle clock reset."""
+    name: str = await services.knowledge_bases.call("use_temporary", temp_id)
+    return name
+
+
 async def _answer(service: GatewayService, question: Question, key: str | None, stream: bool,
-                  formatter: CompletionFormatter, endpoint: str,
+                  formatter: AnswerFormatter, endpoint: str,
                   evaluate: str | None = None) -> StreamingResponse | JSONResponse:
     started = time.perf_counter()
     endpoint = "evaluation" if evaluate else endpoint
@@ -72,7 +87,7 @@ async def _answer(service: GatewayService, question: Question, key: str | None, 
 
 
 def _streamed(service: GatewayService, version: str, first: AnswerStart, rest: AnswerStream,
-              formatter: CompletionFormatter, started: float, endpoint: str) -> StreamingResponse:
+              formatter: AnswerFormatter, started: float, endpoint: str) -> StreamingResponse:
     return StreamingResponse(service.relay(formatter, version, first, rest, started, endpoint),
                              media_type="text/event-stream",
                              headers={VERSION_HEADER: version, "cache-control": "no-cache"})
@@ -90,7 +105,7 @@ async def chat_completions(body: ChatCompletionRequest, services: Services,
     services.first_traffic()
     service = services.answers
     cfg = service.config
-    question = body.to_question(service.knowledge_base_for(body), cfg.limits, cfg.max_history_turns)
+    question = body.to_question(_not_temporary(service.knowledge_base_for(body)), cfg.limits, cfg.max_history_turns)
     return await _answer(service, question, body.sticky_key, body.stream, CompletionFormatter(body.model),
                          "chat_completions", evaluate)
 
@@ -98,12 +113,18 @@ async def chat_completions(body: ChatCompletionRequest, services: Services,
 @router.post("/chat/kb_chat", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
 async def kb_chat(body: KbChatRequest, request: Request, services: Services) -> StreamingResponse | JSONResponse:
     """Chatchat's KB chat (0.3's body, 0.2's names too): `docs` in the first chunk are Chatchat's
-    reference strings; `score_threshold` is Chatchat's distance (0-2)."""
+    reference strings; `score_threshold` is Chatchat's distance (0-2). `mode: temp_kb` answers from the
+    temporary KB whose id is `kb_name`."""
     services.first_traffic()
     cfg = services.answers.config
-    question = body.to_question(cfg.limits, cfg.max_history_turns)
-    formatter = CompletionFormatter(body.model or body.knowledge_base, docs_key="docs",
-                                    render=chatchat_references(body.knowledge_base, str(request.base_url)))
+    render: Callable[[list[dict[str, Any]]], list[Any]] = file_references
+    if body.mode == "temp_kb":
+        kb = await _temporary(services, body.knowledge_base)
+    else:
+        kb = _not_temporary(body.knowledge_base)
+        render = chatchat_references(kb, str(request.base_url))
+    question = body.to_question(kb, cfg.limits, cfg.max_history_turns)
+    formatter = CompletionFormatter(body.model or body.knowledge_base, docs_key="docs", render=render, chatchat=True)
     if body.return_direct:
         return await _documents_only(services.answers, question, body.conversation_id, body.stream, formatter)
     return await _answer(services.answers, question, body.conversation_id, body.stream, formatter, "kb_chat")
@@ -118,14 +139,54 @@ async def local_kb_chat(knowledge_base_name: Annotated[str, Path(min_length=1, m
     `.../knowledge_base/local_kb/<kb>`, `extra_body` top_k, score_threshold (distance), prompt_name,
     return_direct): the first chunk carries `docs` (reference strings) and no text."""
     services.first_traffic()
-    service = services.answers
-    cfg = service.config
-    question = body.to_question(knowledge_base_name, cfg.limits, cfg.max_history_turns)
-    formatter = CompletionFormatter(body.model, docs_key="docs",
-                                    render=chatchat_references(knowledge_base_name, str(request.base_url)))
+    kb = _not_temporary(knowledge_base_name)
+    return await _kb_completions(services, body, kb, chatchat_references(kb, str(request.base_url)), "local_kb_chat")
+
+
+@router.post("/knowledge_base/temp_kb/{knowledge_id}/chat/completions", response_model=None,
+             responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
+async def temp_kb_chat(knowledge_id: Annotated[str, Path(min_length=1, max_length=64)],
+                       body: LocalKbChatRequest, services: Services) -> StreamingResponse | JSONResponse:
+    """The same over a temporary KB (Chatchat's file chat in its web UI: base_url
+    `.../knowledge_base/temp_kb/<id>`, the id upload_temp_docs answered); 404 once it is gone."""
+    services.first_traffic()
+    kb = await _temporary(services, knowledge_id)
+    return await _kb_completions(services, body, kb, file_references, "temp_kb_chat")
+
+
+async def _kb_completions(services: GatewayServices, body: LocalKbChatRequest, kb: str,
+                          render: Callable[[list[dict[str, Any]]], list[Any]],
+                          endpoint: str) -> StreamingResponse | JSONResponse:
+    service, cfg = services.answers, services.answers.config
+    question = body.to_question(kb, cfg.limits, cfg.max_history_turns)
+    formatter = CompletionFormatter(body.model, docs_key="docs", render=render)
     if body.return_direct:
         return await _documents_only(service, question, body.sticky_key, body.stream, formatter)
-    return await _answer(service, question, body.sticky_key, body.stream, formatter, "local_kb_chat")
+    return await _answer(service, question, body.sticky_key, body.stream, formatter, endpoint)
+
+
+@router.post("/chat/file_chat", response_model=None, responses={**STREAM_OR_JSON, **ANSWER_ERRORS})
+async def file_chat(body: FileChatRequest, services: Services) -> StreamingResponse:
+    """Chatchat's file chat over a temporary KB: SSE events `{"answer": token}`, then `{"docs": [...]}`
+    (`stream: false`: one event with both), without `[DONE]`, as Chatchat's client reads them."""
+    services.first_traffic()
+    service, cfg = services.answers, services.answers.config
+    kb = await _temporary(services, body.knowledge_id)
+    question = body.to_question(kb, cfg.limits, cfg.max_history_turns)
+    formatter = FileChatFormatter()
+    started = time.perf_counter()
+    try:
+        version, first, rest = await service.open_answer(question, None)
+    except RagError as exc:
+        service.metrics.count_request("file_chat", status_for(exc))
+        raise
+    headers = {VERSION_HEADER: version, "cache-control": "no-cache"}
+    if body.stream:
+        return StreamingResponse(service.relay(formatter, version, first, rest, started, "file_chat"),
+                                 media_type="text/event-stream", headers=headers)
+    events = await service.collect(version, first, rest, started, "file_chat")
+    return StreamingResponse(iter([sse(formatter.completion(events))]), media_type="text/event-stream",
+                             headers=headers)
 
 
 async def _documents_only(service: GatewayService, question: Question, key: str | None, stream: bool,
@@ -135,7 +196,7 @@ async def _documents_only(service: GatewayService, question: Question, key: str 
     body = formatter.documents_only(docs, question.knowledge_base, version, stream)
     headers = {VERSION_HEADER: version}
     if stream:
-        return StreamingResponse(iter([sse(body), SSE_DONE]), media_type="text/event-stream",
+        return StreamingResponse(iter([sse(body), formatter.done]), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
     return JSONResponse(body, headers=headers)
 
@@ -144,11 +205,25 @@ async def _documents_only(service: GatewayService, question: Question, key: str 
 async def search_docs(body: SearchDocsRequest, services: Services) -> JSONResponse:
     services.first_traffic()
     cfg = services.answers.config
+    _not_temporary(body.knowledge_base_name)
     if not body.query.strip():  # as Chatchat: nothing asked, nothing found
         return JSONResponse([])
     version, docs = await _hop(services.answers.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
                                   "the search")
     return JSONResponse(body.keep(docs), headers={VERSION_HEADER: version})
+
+
+@router.post("/knowledge_base/search_temp_docs", responses=ANSWER_ERRORS)
+async def search_temp_docs(body: SearchTempDocs, services: Services) -> JSONResponse:
+    """Chatchat's search of a temporary KB: its passages as search_docs gives them."""
+    services.first_traffic()
+    cfg = services.answers.config
+    kb = await _temporary(services, body.knowledge_id)
+    if not body.query.strip():
+        return JSONResponse([])
+    version, docs = await _hop(services.answers.search(body.to_question(kb, cfg.limits)), cfg.request_timeout_s,
+                               "the search")
+    return JSONResponse(docs, headers={VERSION_HEADER: version})
 
 
 @router.post("/v1/embeddings", responses=ANSWER_ERRORS)

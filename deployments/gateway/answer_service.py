@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from deployments.gateway.statuses import root_cause, status_for
-from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, document_json, sse
+from rag.api import AnswerFormatter, ChatCompletionRequest, document_json, sse
 from rag.config import GatewayConfig, TrafficConfig
 from rag.errors import (
     InvalidRequestError,
@@ -28,6 +28,7 @@ from rag.errors import (
     ServiceUnavailableError,
     VersionNotFoundError,
 )
+from rag.kb_store import is_temporary
 from rag.lifecycle import InFlight
 from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
 from rag.shadow import (
@@ -242,18 +243,24 @@ class GatewayService:
             raise
         return first, stream
 
-    async def relay(self, formatter: CompletionFormatter, version: str, first: AnswerStart,
+    async def relay(self, formatter: AnswerFormatter, version: str, first: AnswerStart,
                     rest: AnswerStream, started: float, endpoint: str) -> AsyncIterator[str]:
         """SSE lines for one answer; a broken upstream ends in an error event and [DONE], never a cut."""
         status, finished, ttft = "200", False, None
         with self.in_flight.track(), self._counted(version, rest) as outcome:
             try:
-                yield sse(formatter.chunk(first))
+                if (opening := formatter.chunk(first)) is not None:
+                    yield sse(opening)
                 async for batch in rest.batches():
                     for event in batch:
                         ttft = ttft or self._first_token(event, started, version)
                         rest.saw(event)
-                    yield "".join(sse(formatter.chunk(event)) for event in batch)
+                    events = [sse(c) for event in batch if (c := formatter.chunk(event)) is not None]
+                    if formatter.one_event_per_write:
+                        for one in events:
+                            yield one
+                    else:
+                        yield "".join(events)
                 finished = True
             except Exception as exc:
                 status, finished = "stream_error", True
@@ -267,7 +274,7 @@ class GatewayService:
                 self.metrics.count_request(endpoint, status, version)
                 outcome.update(ok=status != "stream_error", first_token_s=ttft)
                 rest.ended(OK if status == "200" else status, ttft)
-            yield SSE_DONE
+            yield formatter.done
 
     async def collect(self, version: str, first: AnswerStart, rest: AnswerStream,
                       started: float, endpoint: str) -> list[AnswerEvent]:
@@ -409,7 +416,8 @@ class GatewayService:
         found: dict[str, dict[str, Any]] = {}
         for version in self.split.live:
             for name, info in (await (await self.handles.get(version)).retrieval_modes.remote()).items():
-                found.setdefault(name, {})[version] = info
+                if not is_temporary(name):  # a file chat's: nobody else's to see
+                    found.setdefault(name, {})[version] = info
         return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve", "retrieval": found[n]}
                 for n in sorted(found)]
 

@@ -41,13 +41,15 @@ def _guard_settings(config: GatewayConfig) -> GuardSettings:
     else:
         keys = ApiKeys(config.api_key_path)
         logger.info("event=AUTH mode=api_key file=%s", config.api_key_path)
-    upload = "/knowledge_base/upload_docs"
-    uploads = {upload: max(config.knowledge_base.max_upload_bytes, config.limits.max_body_bytes),
+    kbs = config.knowledge_base
+    upload, temporary = "/knowledge_base/upload_docs", "/knowledge_base/upload_temp_docs"
+    uploads = {upload: max(kbs.max_upload_bytes, config.limits.max_body_bytes),
+               temporary: max(kbs.temporary.max_upload_bytes, config.limits.max_body_bytes),
                **{f"/knowledge_base/{route}": max(FILE_LIST_BODY_BYTES, config.limits.max_body_bytes)
                   for route in ("delete_docs", "update_docs")}}
     return GuardSettings(keys, config.limits.max_body_bytes, config.limits.validation_errors_shown, uploads,
-                         config.limits.body_timeout_s, {upload: config.knowledge_base.upload_timeout_s},
-                         frozenset(name.lower() for name in config.allowed_hosts), frozenset({upload}))
+                         config.limits.body_timeout_s, {upload: kbs.upload_timeout_s, temporary: kbs.upload_timeout_s},
+                         frozenset(name.lower() for name in config.allowed_hosts), frozenset({upload, temporary}))
 
 
 @serve.deployment(name="Gateway")

@@ -20,6 +20,7 @@ from rag.kb_build import Changes, Embed
 from rag.leases import prune_versions
 
 logger = logging.getLogger("rag.knowledge_bases")
+FIRST_SWEEP_RETRY_S = 5.0
 EMBED_TIMEOUT_S = 300.0  # one batch of a few hundred chunks on a busy CPU; a wedged Embedder fails the job
 
 
@@ -61,6 +62,19 @@ def _prune(root: Path, kb: str, keep: int, lease_ttl_s: float, also: Keep) -> No
         logger.info("event=INDEX_PRUNED kb=%s versions=%s", kb, pruned)
 
 
+async def _sweep_forever(service: KnowledgeBaseService) -> None:
+    """Temporary KBs left from before this replica started go as soon as the versions' kb_roots can be
+    asked (retried every few seconds until then); idle ones go on every sweep after that."""
+    swept_once = False
+    while True:
+        await asyncio.sleep(service.temporary.sweep_interval_s if swept_once else FIRST_SWEEP_RETRY_S)
+        try:
+            await service.sweep_temporary()
+            swept_once = True
+        except Exception as exc:  # no version deployed yet, or one going away: next time
+            logger.info("event=TEMP_KB_SWEEP_SKIPPED error=%r", exc)
+
+
 @serve.deployment(name="KnowledgeBases")
 class KnowledgeBaseManager:
     async def __init__(self, config: GatewayConfig) -> None:  # type: ignore[misc]
@@ -68,6 +82,7 @@ class KnowledgeBaseManager:
         # Old index versions go once no Retriever holds a lease on them, the newest `keep_versions` stay.
         self.service = KnowledgeBaseService(config.knowledge_base, ServeStages(ServeHandles()), _prune)
         await self._life.start("knowledge-base jobs", lambda: None, lambda: None)
+        self._sweeper = asyncio.create_task(_sweep_forever(self.service))
 
     async def list_knowledge_bases(self, versions: list[str]) -> list[dict[str, Any]]:
         return await self.service.list_knowledge_bases(versions)
@@ -101,6 +116,14 @@ class KnowledgeBaseManager:
         with self._life.in_flight.track():
             return await self.service.submit(kind, kb, changes, splitter, versions)
 
+    async def upload_temporary(self, temp_id: str | None, changes: Changes, splitter: dict[str, int] | None,
+                               versions: list[str]) -> dict[str, str]:
+        with self._life.in_flight.track():
+            return await self.service.upload_temporary(temp_id, changes, splitter, versions)
+
+    async def use_temporary(self, temp_id: str, versions: list[str]) -> str:
+        return await self.service.use_temporary(temp_id, versions)
+
     async def wait(self, job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         return await self.service.wait(job_id, timeout_s, versions)
 
@@ -109,5 +132,6 @@ class KnowledgeBaseManager:
 
     async def __del__(self) -> None:
         # Serve awaits this after the drain of requests; jobs are not requests, so they get their own.
+        self._sweeper.cancel()
         await self.service.stop(self.service.settings.stop_drain_s)
         self._life.stop(self.service.parser.close)

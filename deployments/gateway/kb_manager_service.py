@@ -8,16 +8,19 @@ embed through that version's Embedder, so an ingest runs the model, batching and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from deployments.gateway.statuses import status_for
+from deployments.gateway.temporary_kbs import TemporaryKbs
 from rag import golden, kb_store
 from rag.config import KnowledgeBaseSettings, PipelineConfig, SplitterConfig, check_kb_name
 from rag.errors import (
@@ -68,6 +71,7 @@ class KnowledgeBaseService:
         self._spools: set[Path] = set()  # the spool folders of jobs not ended yet
         self._after_publish = after_publish
         self.parser = Parser(settings.parsing)
+        self.temporary = TemporaryKbs(settings.temporary)
         self._stopping = False
 
     async def _prune(self, root: Path, kb: str, config: PipelineConfig) -> None:
@@ -110,7 +114,9 @@ class KnowledgeBaseService:
         """A new, empty KB. An `embed_model` no serving version runs (a Chatchat client always sends its
         own configured one) is not refused: the KB embeds with the heaviest serving version's model, and
         the answer's `note` says so; `embed_model` in the answer and in kb.json is the model really used."""
-        check_kb_name(kb)
+        if kb_store.is_temporary(check_kb_name(kb)):
+            raise ConflictError(f"knowledge base names of the form {kb[:5]}<32 hex digits> are reserved for "
+                                "temporary knowledge bases (upload_temp_docs); choose another name")
         configs = [await self._stages.config(v) for v in versions] if versions else []
         models = sorted({c.embedding.model for c in configs})
         if not configs:
@@ -126,7 +132,7 @@ class KnowledgeBaseService:
 
     async def update_info(self, kb: str, kb_info: str, versions: list[str]) -> dict[str, Any]:
         """Chatchat's update_info: the KB's description (what an agent reads to choose a KB), nothing else."""
-        check_kb_name(kb)
+        _public(kb)
         root = await self.kb_root(versions)
         async with self._lock(kb):
             meta = await asyncio.to_thread(kb_store.update_info, root, kb, kb_info)
@@ -135,7 +141,7 @@ class KnowledgeBaseService:
     async def delete(self, kb: str, versions: list[str]) -> None:
         """Refused (409) while a serving version names the KB: its replicas would keep answering from
         deleted files until their next start, which would then fail on the missing KB."""
-        check_kb_name(kb)
+        _public(kb)
         root = await self.kb_root(versions)
         naming = [v for v in versions if kb in (await self._stages.config(v)).retrieval.knowledge_bases]
         if naming:
@@ -145,13 +151,13 @@ class KnowledgeBaseService:
             await asyncio.to_thread(kb_store.delete, root, kb)
 
     async def list_files(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
-        check_kb_name(kb)
+        _public(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
         return _with_chatchat_names(kb, await asyncio.to_thread(_files, root, kb))
 
     async def read_eval_set(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
-        check_kb_name(kb)
+        _public(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
         items = await asyncio.to_thread(golden.read_items, root, kb)
@@ -160,7 +166,7 @@ class KnowledgeBaseService:
     async def write_eval_set(self, kb: str, items: list[dict[str, Any]], versions: list[str]) -> dict[str, Any]:
         """Replace the KB's golden set (validated first: a bad item leaves the stored set as it was); says
         which named files the KB does not hold, since those questions can only score 0."""
-        check_kb_name(kb)
+        _public(kb)
         checked = golden.check_items(items)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
@@ -170,7 +176,7 @@ class KnowledgeBaseService:
         return {"count": len(checked), "files_not_in_kb": golden.files_not_in(checked, stored)}
 
     async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
-        check_kb_name(kb)
+        _public(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
         listed = {f["file_name"]: f for f in await asyncio.to_thread(_files, root, kb)}
@@ -194,8 +200,12 @@ class KnowledgeBaseService:
                      versions: list[str]) -> str:
         """Check what can be checked now (the KB, the splitter), then run the change as a job. A job
         owns its spool folder from here on, and removes it when it ends, whatever the outcome."""
-        check_kb_name(kb)
+        _public(kb)
         version, config = await self._choose(versions, kb)
+        return self._submit(kind, kb, changes, splitter, version, config)
+
+    def _submit(self, kind: str, kb: str, changes: Changes, splitter: dict[str, int] | None, version: str,
+                config: PipelineConfig, max_chunks: int | None = None) -> str:
         root = config.retrieval.kb_root_path
         paths = [p for p in changes.add.values() if not isinstance(p, bytes)]
         if paths or changes.spool is not None:  # files come by path only from an upload's own spool
@@ -214,7 +224,7 @@ class KnowledgeBaseService:
                                   f"in all (limits {self.settings.max_jobs_per_kb} and {self.settings.max_jobs}); "
                                   "retry once one has finished")
         if kind == "upload_docs":
-            changes = replace(changes, max_chunks=self.settings.max_chunks_per_upload)
+            changes = replace(changes, max_chunks=max_chunks or self.settings.max_chunks_per_upload)
         job = self.jobs.create(kb, kind, root)
         job.files_total = len(changes.add) + len(changes.reindex)
         if changes.spool is not None:
@@ -223,6 +233,76 @@ class KnowledgeBaseService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job.id
+
+    async def upload_temporary(self, temp_id: str | None, changes: Changes, splitter: dict[str, int] | None,
+                               versions: list[str]) -> dict[str, str]:
+        """Chatchat's upload_temp_docs: the files go into a new temporary KB (or, given the id of one this
+        manager holds, into that one, replacing files of the same name), built by an upload job like any
+        other. Returns its id and the job."""
+        version, config = await self._discovering(versions)
+        root = config.retrieval.kb_root_path
+        kb = kb_store.temporary_name(temp_id) if temp_id else None
+        if kb is None or not self.temporary.touch(kb) or not kb_store.exists(root, kb):
+            await self.sweep_temporary(root)
+            kb = kb_store.new_temporary_name()
+            self.temporary.reserve(kb)
+            try:
+                async with self._lock(kb):
+                    await asyncio.to_thread(kb_store.create, root, kb, "temporary (file chat)", config.embedding.model)
+            except BaseException:
+                self.temporary.discard(kb)
+                raise
+            logger.info("event=TEMP_KB_CREATED kb=%s count=%d", kb, len(self.temporary))
+        try:
+            job_id = self._submit("upload_docs", kb, replace(changes, override=True), splitter, version, config,
+                                  self.settings.temporary.max_chunks)
+        except BaseException:
+            await self._drop_if_empty(root, kb)
+            raise
+        return {"id": kb_store.temporary_id(kb), "knowledge_base_name": kb, "job_id": job_id}
+
+    async def use_temporary(self, temp_id: str, versions: list[str]) -> str:
+        """The KB name of a temporary KB to chat over or search, marked as used now; 404 once it is gone."""
+        kb = kb_store.temporary_name(temp_id)
+        if kb is None or not self.temporary.touch(kb):
+            raise KnowledgeBaseNotFoundError(
+                f"no temporary knowledge base {temp_id[:40]!r}: it was deleted after "
+                f"{self.settings.temporary.idle_ttl_s:g} s unused or when the service restarted (or never existed); "
+                "upload the files again with upload_temp_docs")
+        return kb
+
+    async def sweep_temporary(self, root: Path | None = None) -> list[str]:
+        """Delete the temporary KBs that are idle past their TTL or from before this manager started, under
+        `root` or (None) every deployed version's kb_root. Returns their names."""
+        roots = {root} if root else {(await self._stages.config(v)).retrieval.kb_root_path
+                                      for v in await self._stages.deployed()}
+        if not roots:
+            raise ServiceUnavailableError("no pipeline version is deployed: no kb_root to sweep yet")
+        busy = {job.knowledge_base for job in self.jobs.unfinished()}
+        deleted = []
+        for where in roots:
+            on_disk = await asyncio.to_thread(kb_store.list_names, where, temporary=True)
+            for kb, why in self.temporary.to_delete(on_disk, busy).items():
+                async with self._lock(kb):
+                    with contextlib.suppress(KnowledgeBaseNotFoundError):
+                        await asyncio.to_thread(kb_store.delete, where, kb)
+                self.temporary.discard(kb)
+                self._locks.pop(kb, None)
+                deleted.append(kb)
+                logger.info("event=TEMP_KB_DELETED kb=%s reason=%s", kb, why)
+        return deleted
+
+    async def _discovering(self, versions: list[str]) -> tuple[str, PipelineConfig]:
+        """The first serving version that serves KBs made after it started (`retrieval.discover`): only
+        such a version can answer from a temporary KB."""
+        if not versions:
+            raise ServiceUnavailableError("no pipeline version is serving yet; retry shortly")
+        for version in versions:
+            config = await self._stages.config(version)
+            if config.retrieval.discover:
+                return version, config
+        raise ConflictError("no serving version serves knowledge bases made while it runs "
+                            "(retrieval.discover: true), so none could answer from a temporary one")
 
     async def wait(self, job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
         """The job's view once it finished or `timeout_s` passed; a failed job raises its error."""
@@ -271,6 +351,20 @@ class KnowledgeBaseService:
             if changes.spool is not None:
                 await asyncio.to_thread(kb_store.remove_spool, root, changes.spool)
                 self._spools.discard(changes.spool)
+            if kb_store.is_temporary(kb):
+                self.temporary.touch(kb)  # its idle time starts when its files are in
+                await self._drop_if_empty(root, kb)
+
+    async def _drop_if_empty(self, root: Path, kb: str) -> None:
+        """A temporary KB none of whose files could be indexed has nothing to chat over: it goes at once
+        rather than hold a place until its TTL."""
+        if not kb_store.is_temporary(kb) or list_versions(root, kb) or any(
+                job.knowledge_base == kb for job in self.jobs.unfinished()):
+            return
+        async with self._lock(kb):
+            await asyncio.to_thread(kb_store.delete, root, kb)
+        self.temporary.discard(kb)
+        logger.info("event=TEMP_KB_DELETED kb=%s reason=nothing_indexed", kb)
 
     async def _build(self, job: Job, root: Path, kb: str, config: PipelineConfig, changes: Changes,
                      splitter: SplitterConfig, embed: Embed) -> None:
@@ -319,6 +413,13 @@ class KnowledgeBaseService:
                 await asyncio.to_thread(job.save)
 
 
+def _public(kb: str) -> str:
+    """A KB name a client may manage: a temporary KB is reachable only through its own routes, by id."""
+    if kb_store.is_temporary(check_kb_name(kb)):
+        raise KnowledgeBaseNotFoundError(f"no knowledge base {kb!r}")
+    return kb
+
+
 def _failed_files(changes: Changes, failed: dict[str, str], root: Path) -> dict[str, str]:
     """Chatchat's failed_files: what the gateway did not take (a type) and what the build could not index."""
     return {**changes.refused, **{name: without_server_paths(why, root) for name, why in failed.items()}}
@@ -351,8 +452,13 @@ def _describe_all(config: PipelineConfig) -> list[dict[str, Any]]:
                      "embed_model": meta.embed_model if meta else latest.embedding_model if latest else None,
                      "index_version": latest.version if latest else None,
                      "files": len(latest.files or latest.sources) if latest else 0, "language": language,
+                     "create_time": _iso(meta.created_at) if meta else None,
                      "retrieval_mode": choice.mode, "why": choice.why})
     return rows
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).isoformat(timespec="seconds")
 
 
 def _splitter(default: SplitterConfig, asked: dict[str, int] | None) -> SplitterConfig:

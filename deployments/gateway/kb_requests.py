@@ -107,6 +107,8 @@ class KnowledgeBaseRequests:
                 status, message = public_status(exc)
                 yield {"code": status, "msg": message, "job": {"job_id": job_id}}
                 return
+            if view["state"] == "done" and view.get("published"):  # its last event once a Retriever serves it
+                view["served"] = await self.served(view["knowledge_base_name"], view["index_version"])
             shown = (view["state"], view["files_done"], view["chunks_embedded"])
             if shown != last:
                 last = shown

@@ -9,21 +9,21 @@ import json
 import mimetypes
 import pathlib
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from deployments.gateway.kb_requests import KnowledgeBaseRequests
 from deployments.gateway.services import KbRequests, Services
 from deployments.gateway.statuses import SSE_EVENTS, documented
 from deployments.gateway.uploads import discard, receive_upload
 from rag.config import KB_NAME_PATTERN, check_kb_name
+from rag.file_chat import TempUploadForm
 from rag.kb_api import (
-    UPLOAD_BODY,
     CreateKnowledgeBase,
     DeleteDocs,
     EvalResults,
@@ -33,10 +33,12 @@ from rag.kb_api import (
     UpdateDocs,
     UpdateInfo,
     UploadForm,
+    form_body,
     kb_body,
 )
 from rag.kb_build import Changes
 
+FormT = TypeVar("FormT", bound=BaseModel)
 router = APIRouter(prefix="/knowledge_base", tags=["knowledge bases"])
 KbNameQuery = Annotated[str, Query(min_length=1, max_length=63, pattern=KB_NAME_PATTERN)]
 _ERRORS = [400, 401, 404, 409, 413, 422, 500, 503, 504]
@@ -57,10 +59,14 @@ def _documented(*extra: dict[Any, Any]) -> dict[int | str, Any]:
 
 @router.get("/list_knowledge_bases", responses=_documented())
 async def list_knowledge_bases(kbs: KbRequests) -> dict[str, Any]:
-    """`data`: the names, as Chatchat gives them; `knowledge_bases`: each one's details, including the
-    retrieval mode its questions get and why."""
+    """`data`: Chatchat 0.3's records (`kb_name`, `kb_info`, `vs_type`, `embed_model`, `file_count`,
+    `create_time`: what its web UI reads); `knowledge_bases`: each one's details, including the retrieval
+    mode its questions get and why."""
     details = await kbs.call("list_knowledge_bases")
-    return {**kb_body([d["knowledge_base_name"] for d in details]), "knowledge_bases": details}
+    records = [{"id": number, "kb_name": d["knowledge_base_name"], "kb_info": d.get("kb_info", ""), "vs_type": "faiss",
+                "embed_model": d.get("embed_model"), "file_count": d.get("files", 0),
+                "create_time": d.get("create_time")} for number, d in enumerate(details, 1)]
+    return {**kb_body(records), "knowledge_bases": details}
 
 
 @router.post("/create_knowledge_base", responses=_documented())
@@ -129,7 +135,7 @@ async def download_doc(knowledge_base_name: KbNameQuery,
     return Response(data, media_type=media, headers={"content-disposition": disposition})
 
 
-@router.post("/upload_docs", responses=_documented(_JOB), openapi_extra=UPLOAD_BODY)
+@router.post("/upload_docs", responses=_documented(_JOB), openapi_extra=form_body(UploadForm, ["knowledge_base_name"]))
 async def upload_docs(request: Request, kbs: KbRequests) -> JSONResponse:
     """Multipart: `files` (many), `knowledge_base_name`, `override`, `chunk_size`, `chunk_overlap`, `wait`.
     The files stream to a spool folder the manager made and its job removes; parsed by hand so that a
@@ -137,10 +143,7 @@ async def upload_docs(request: Request, kbs: KbRequests) -> JSONResponse:
     spool = pathlib.Path(await kbs.call("spool"))
     try:
         upload = await receive_upload(request, spool, kbs.settings)
-        try:
-            body = UploadForm.model_validate(upload.fields)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
+        body = _form(UploadForm, upload.fields)
         check_kb_name(body.knowledge_base_name)
         if not upload.files:  # every file of a type no loader reads: nothing to build, as Chatchat answers
             await discard(spool)
@@ -153,6 +156,53 @@ async def upload_docs(request: Request, kbs: KbRequests) -> JSONResponse:
         await discard(spool)
         raise
     return _finished(*await kbs.finish(job_id, body.wait, f"upload of {len(upload.files)} file(s)"))
+
+
+@router.post("/upload_temp_docs", responses=_documented(_JOB), openapi_extra=form_body(TempUploadForm))
+async def upload_temp_docs(request: Request, kbs: KbRequests) -> JSONResponse:
+    """Chatchat's file chat: multipart `files` (many), optional `prev_id`/`knowledge_id` (an earlier
+    upload's id: add to it), `chunk_size`, `chunk_overlap`. Builds a temporary knowledge base through the
+    Embedder and splitter every upload uses and answers once it serves: `data.id` for
+    `/knowledge_base/temp_kb/{id}/chat/completions`, `/chat/file_chat` and `search_temp_docs`;
+    `data.failed_files` as Chatchat lists them. Never listed; deleted after `temporary.idle_ttl_s`
+    unused and when the service restarts."""
+    limits = kbs.settings.model_copy(update={"max_files": kbs.settings.temporary.max_files})
+    spool = pathlib.Path(await kbs.call("spool"))
+    try:
+        upload = await receive_upload(request, spool, limits)
+        body = _form(TempUploadForm, upload.fields)
+        if not upload.files:  # nothing to chat over: no KB made, the reasons said (200, as Chatchat answers)
+            await discard(spool)
+            return _finished(200, kb_body({"id": None, "failed_files": _as_chatchat_lists(upload.refused)},
+                                          "no file of this upload can be indexed; see failed_files"))
+        changes = Changes(add=dict(upload.files), spool=spool, refused=upload.refused)
+        started = await kbs.call("upload_temporary", body.temp_id, changes, body.splitter())
+    except BaseException:
+        await discard(spool)
+        raise
+    status, answer = await kbs.finish(started["job_id"], True, f"upload of {len(upload.files)} file(s) for a file chat")
+    view = answer["data"]
+    if status == 202:
+        return _finished(202, kb_body({"id": started["id"], "job_id": started["job_id"]}, answer["msg"], 202))
+    failed = _as_chatchat_lists(view["failed_files"])
+    if view["index_version"] is None:  # the manager has deleted the KB it made for them
+        return _finished(200, kb_body({"id": None, "failed_files": failed},
+                                      "no file of this upload could be indexed; see failed_files"))
+    return _finished(200, kb_body({"id": started["id"], "failed_files": failed, "job_id": started["job_id"],
+                                   "served": view.get("served", False)},
+                                  f"uploaded {len(view['changed_files'])} file(s) for a file chat"))
+
+
+def _as_chatchat_lists(failed: dict[str, str]) -> list[dict[str, str]]:
+    """upload_temp_docs lists failures as one `{file: why}` per file (upload_docs gives one dict)."""
+    return [{name: why} for name, why in failed.items()]
+
+
+def _form(model: type[FormT], fields: dict[str, str]) -> FormT:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
 
 
 @router.post("/delete_docs", responses=_documented(_JOB))
@@ -180,7 +230,7 @@ async def job(job_id: Annotated[str, Path(min_length=1, max_length=64)], kbs: Kb
 
 
 @router.post("/recreate_vector_store", response_model=None, responses=_documented(
-    {200: {"description": "SSE progress events `{code, msg, total, finished, job}`, then `data: [DONE]`",
+    {200: {"description": "SSE progress events `{code, msg, total, finished, job}`; the stream ends after the last",
            "content": {"text/event-stream": {"schema": SSE_EVENTS}}}}))
 async def recreate_vector_store(body: KnowledgeBaseRef, kbs: KbRequests) -> StreamingResponse:
     job_id = await kbs.call("submit", "recreate_vector_store", body.knowledge_base_name,
@@ -194,6 +244,6 @@ def _event(body: dict[str, Any]) -> str:
 
 
 async def _progress_events(requests: KnowledgeBaseRequests, job_id: str) -> AsyncIterator[str]:
+    # No `[DONE]` after the last event: Chatchat's client parses every event as JSON (and logs one that is not).
     async for event in requests.progress(job_id):
         yield _event(event)
-    yield "data: [DONE]\n\n"

@@ -28,6 +28,8 @@ from rag.kb_build import Changes
 from rag.lifecycle import InFlight
 from tests.gateway.test_answer_service import FakeMetrics
 
+TEMP_ID = "a" * 32
+
 
 class FakeRemote:
     def __init__(self, result: Any) -> None:
@@ -91,6 +93,21 @@ class FakeManager:
     async def spool(self, versions: list[str]) -> str:
         self.spools.append(kb_store.new_spool(self.kb_root))
         return str(self.spools[-1])
+
+    async def upload_temporary(self, temp_id: str | None, changes: Changes, splitter: Any,
+                               versions: list[str]) -> dict[str, str]:
+        received = {n: Path(p).read_bytes() for n, p in changes.add.items()}
+        self.submitted.append((f"temporary {temp_id}", changes, received))
+        return {"id": TEMP_ID, "knowledge_base_name": f"temp-{TEMP_ID}", "job_id": "job-t"}
+
+    async def use_temporary(self, temp_id: str, versions: list[str]) -> str:
+        if temp_id != TEMP_ID:
+            raise KnowledgeBaseNotFoundError(f"no temporary knowledge base {temp_id!r}")
+        return f"temp-{temp_id}"
+
+    async def wait(self, job_id: str, timeout_s: float, versions: list[str]) -> dict[str, Any]:
+        return {"state": "done", "published": False, "index_version": 1, "changed_files": ["a.md"],
+                "failed_files": {"tool.exe": "type '.exe' is not supported"}, "knowledge_base_name": "x"}
 
     async def submit(self, kind: str, kb: str, changes: Changes, splitter: Any, versions: list[str]) -> str:
         if self.refusal is not None:
@@ -254,7 +271,9 @@ def test_list_knowledge_bases_answers_chatchats_shape_from_the_manager(gateway: 
     response = gateway.client.get("/knowledge_base/list_knowledge_bases", headers=gateway.auth)
     assert response.status_code == 200
     body = response.json()
-    assert (body["code"], body["msg"], body["data"]) == (200, "success", ["samples", "docs"])
+    assert (body["code"], body["msg"]) == (200, "success")
+    assert [(r["kb_name"], r["kb_info"], r["vs_type"]) for r in body["data"]] == [
+        ("samples", "demo", "faiss"), ("docs", "", "faiss")]  # Chatchat 0.3's records, as its web UI reads them
     assert body["knowledge_bases"][0] == {"knowledge_base_name": "samples", "kb_info": "demo"}
     assert gateway.manager.calls == [("list_knowledge_bases", (["v1"],))]
 
@@ -357,8 +376,9 @@ def test_chatchats_kb_chat_routes_return_the_documents_only_when_asked(gateway: 
                        ("/chat/kb_chat", {"query": "hi", "mode": "local_kb", "kb_name": "samples", **extra})):
         response = gateway.client.post(path, headers=gateway.auth, json=body)
         assert response.status_code == 200, response.text
-        events = list(sse_events(response.iter_lines())) if stream else [response.json(), "[DONE]"]
-        assert len(events) == 2 and events[-1] == "[DONE]"
+        events = list(sse_events(response.iter_lines())) if stream else [response.json()]
+        # The OpenAI route ends its stream as OpenAI does; Chatchat's own route as Chatchat does (JSON only).
+        assert events[1:] == (["[DONE]"] if stream and path.endswith("completions") else []), events
         answer = events[0]
         choice = answer["choices"][0]
         assert (choice.get("delta") or choice.get("message"))["content"] == "" and choice["finish_reason"] == "stop"
@@ -478,3 +498,48 @@ def test_golden_scores_with_names_no_version_or_kb_could_have_are_refused(gatewa
     body = {"knowledge_base_name": "samples", "version": "v2", "scores": {"recall@5": 0.5}, **names}
     response = gateway.client.post("/knowledge_base/eval_results", json=body, headers=gateway.auth)
     assert response.status_code in (400, 422), response.text
+
+
+# --- Chatchat's file chat (temporary knowledge bases) ---------------------------------------------------------
+
+
+def test_upload_temp_docs_takes_chatchats_form_and_answers_the_id_and_failed_files(gateway: Gateway) -> None:
+    form = {"knowledge_id": "", "chunk_size": "750", "chunk_overlap": "150", "zh_title_enhance": "False"}
+    response = gateway.client.post("/knowledge_base/upload_temp_docs", headers=gateway.auth, data=form,
+                                   files=[("files", ("a.md", b"# alpha")), ("files", ("tool.exe", b"MZ"))])
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["id"] == TEMP_ID and data["failed_files"] == [{"tool.exe": "type '.exe' is not supported"}]
+    [(who, changes, received)] = gateway.manager.submitted
+    assert who == "temporary None" and received == {"a.md": b"# alpha"} and list(changes.refused) == ["tool.exe"]
+    again = gateway.client.post("/knowledge_base/upload_temp_docs", headers=gateway.auth, data={"prev_id": TEMP_ID},
+                                files=[("files", ("b.md", b"# beta"))])
+    assert again.status_code == 200 and gateway.manager.submitted[-1][0] == f"temporary {TEMP_ID}"
+    nothing = gateway.client.post("/knowledge_base/upload_temp_docs", headers=gateway.auth,
+                                  files=[("files", ("logo.png", b"PNG"))])
+    assert nothing.status_code == 200 and nothing.json()["data"]["id"] is None and len(gateway.manager.submitted) == 2
+    assert not any(p.exists() for p in gateway.manager.spools[-1:])
+
+
+def test_a_temporary_kb_answers_only_on_its_own_routes_by_id(gateway: Gateway) -> None:
+    name = f"temp-{TEMP_ID}"
+    for path, body in (("/knowledge_base/search_docs", {"knowledge_base_name": name, "query": "q"}),
+                       ("/chat/kb_chat", {"query": "q", "kb_name": name}),
+                       ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "q"}]}),
+                       (f"/knowledge_base/local_kb/{name}/chat/completions",
+                        {"model": "m", "messages": [{"role": "user", "content": "q"}]})):
+        response = gateway.client.post(path, headers=gateway.auth, json=body)
+        assert response.status_code == 404, (path, response.text)
+    search = gateway.client.post("/knowledge_base/search_temp_docs", headers=gateway.auth,
+                                 json={"knowledge_id": TEMP_ID, "query": "q", "top_k": 3, "score_threshold": 1.0})
+    assert search.status_code == 200 and search.json() == []
+    gone = gateway.client.post("/knowledge_base/search_temp_docs", headers=gateway.auth,
+                               json={"knowledge_id": "b" * 32, "query": "q", "top_k": 3, "score_threshold": 1.0})
+    assert gone.status_code == 404
+    direct = gateway.client.post("/chat/kb_chat", headers=gateway.auth, json={
+        "query": "q", "mode": "temp_kb", "kb_name": TEMP_ID, "return_direct": True, "stream": False})
+    assert direct.status_code == 200 and direct.json()["knowledge_base"] == name
+    chat = gateway.client.post("/chat/file_chat", headers=gateway.auth, json={"query": "q", "knowledge_id": "b" * 32})
+    assert chat.status_code == 404
+    used = [args[0] for method, args in gateway.manager.calls if method == "use_temporary"]
+    assert used == [TEMP_ID, "b" * 32, TEMP_ID, "b" * 32]

@@ -156,7 +156,7 @@ def test_kb_chat_request_to_question() -> None:
         "history": [{"role": "developer", "content": "d"}, {"role": "user", "content": "u"}],
         "max_tokens": 12, "temperature": 0.5, "prompt_name": "default", "return_direct": False})
     assert request.stream is True
-    question = request.to_question(_limits(100), max_history=10)
+    question = request.to_question(request.knowledge_base, _limits(100), max_history=10)
     assert question.text == "如何升级？"
     assert question.knowledge_base == "samples"
     assert question.history == [ChatTurn("system", "d"), ChatTurn("user", "u")]
@@ -177,7 +177,7 @@ def test_kb_chat_takes_chatchat_03s_body_with_a_distance_threshold() -> None:
     with pytest.raises(ValidationError):  # max_tokens 0 is not a budget
         KbChatRequest.model_validate(body)
     request = KbChatRequest.model_validate({**body, "max_tokens": None})
-    question = request.to_question(_limits(100), max_history=10)
+    question = request.to_question(request.knowledge_base, _limits(100), max_history=10)
     assert question.knowledge_base == "samples" and question.score_threshold == -1.0  # 2.0 keeps everything
     assert request.return_direct and request.knowledge_base == "samples"
     assert KbChatRequest.model_json_schema()["anyOf"] == [  # a name, not null
@@ -185,6 +185,7 @@ def test_kb_chat_takes_chatchat_03s_body_with_a_distance_threshold() -> None:
         {"required": ["knowledge_base_name"], "properties": {"knowledge_base_name": {"type": "string"}}}]
     with pytest.raises(ValidationError):
         KbChatRequest.model_validate({**body, "mode": "search_engine"})
+    assert KbChatRequest.model_validate({**body, "max_tokens": None, "mode": "temp_kb"}).mode == "temp_kb"
 
 
 def test_search_docs_request() -> None:
