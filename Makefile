@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install browser demo stop test lint bench bench-rollout bench-quality bench-ingest bench-generation bench-autoscale gpu-check
+.PHONY: help install browser demo stop test lint bench bench-rollout bench-quality bench-ingest bench-generation bench-autoscale gpu-check chatchat-check
 help:
 	@echo "make demo   start local Ray, ingest the sample KB, deploy, stream an answer"
 	@echo "make stop   drain and remove the apps, stop Ray"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-generation  batched generation, 1-64 streams, in-process and through Serve (tiny model)"
 	@echo "make bench-autoscale  a load ramp on autoscaled vs fixed replicas, a cold start from zero, a rollout (25 min)"
 	@echo "make gpu-check  on a GPU machine: the batched-generation goals for the 0.5B shape through Serve"
+	@echo "make chatchat-check  Chatchat 0.3.1.3's own client through its KB lifecycle against make demo (15 steps)"
 
 # torch goes in first: with no GPU the CPU build (a bare `torch` requirement, pulled in by
 # sentence-transformers, would drag a multi-GB CUDA build onto a machine that cannot use it).
@@ -82,3 +83,15 @@ bench-generation: install
 # On a machine with a GPU: the issue-10 goals for the Qwen2.5-0.5B shape, through Serve (about 10 minutes).
 gpu-check: install
 	$(PY) -m scripts.bench_generation --device cuda --streams 1 8 64 --min-tokens 1024 --repeat 1 --json var/gpu_generation.json
+
+# Chatchat's own client in a venv of its own (its pins clash with ours: pydantic 2.7, httpx 0.27, langchain
+# 0.1), against the running `make demo`.
+CHATCHAT_VENV = .venv-chatchat
+$(CHATCHAT_VENV)/.installed: scripts/chatchat_client_requirements.txt
+	test -x $(CHATCHAT_VENV)/bin/python || $(PYTHON) -m venv $(CHATCHAT_VENV)
+	$(CHATCHAT_VENV)/bin/pip install --quiet --no-deps langchain-chatchat==0.3.1.3
+	$(CHATCHAT_VENV)/bin/pip install --quiet -r scripts/chatchat_client_requirements.txt
+	touch $@
+
+chatchat-check: $(CHATCHAT_VENV)/.installed
+	$(CHATCHAT_VENV)/bin/python scripts/chatchat_client_check.py --base http://127.0.0.1:8000 --key-file var/api_key

@@ -255,6 +255,19 @@ def read_version(kb_root: Path, name: str, version: int) -> tuple[Manifest, list
     return manifest, [Chunk(text, source, json.loads(meta)) for text, source, meta in rows], vectors
 
 
+def list_chunks(kb_root: Path, name: str, version: int, source_like: str, limit: int) -> list[tuple[int, Chunk]]:
+    """A version's chunks (with their ids) whose source matches the SQL LIKE pattern `source_like` (`%`,
+    `_`, as Chatchat's file_name filter), in id order, at most `limit`."""
+    directory = version_directory(kb_root, name, version)
+    db = sqlite3.connect(f"file:{directory / 'docstore.sqlite'}?mode=ro&immutable=1", uri=True)
+    try:
+        rows = db.execute("SELECT id, text, source, metadata FROM chunks WHERE source LIKE ? ORDER BY id LIMIT ?",
+                          (source_like or "%", limit)).fetchall()
+    finally:
+        db.close()
+    return [(i, Chunk(text, source, json.loads(meta))) for i, text, source, meta in rows]
+
+
 def _next_version_number(base: Path) -> int:
     # Counts directories without a manifest too: a leftover of a crash must never block publishing.
     numbers = [int(m.group(1)) for p in base.iterdir() if (m := _VERSION_DIR.match(p.name))]

@@ -206,8 +206,12 @@ async def search_docs(body: SearchDocsRequest, services: Services) -> JSONRespon
     services.first_traffic()
     cfg = services.answers.config
     _not_temporary(body.knowledge_base_name)
-    if not body.query.strip():  # as Chatchat: nothing asked, nothing found
-        return JSONResponse([])
+    if not body.query.strip():  # as Chatchat: nothing asked lists what the filters name, or nothing
+        if not body.filtered:
+            return JSONResponse([])
+        listed = await services.knowledge_bases.call("list_chunks", body.knowledge_base_name, body.file_name,
+                                                     body.metadata)
+        return JSONResponse(listed)
     version, docs = await _hop(services.answers.search(body.to_question(cfg.limits)), cfg.request_timeout_s,
                                   "the search")
     return JSONResponse(body.keep(docs), headers={VERSION_HEADER: version})

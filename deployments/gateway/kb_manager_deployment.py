@@ -108,6 +108,10 @@ class KnowledgeBaseManager:
     async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
         return await self.service.download(kb, name, versions)
 
+    async def list_chunks(self, kb: str, file_name: str, metadata: dict[str, Any], versions: list[str]
+                          ) -> list[dict[str, Any]]:
+        return await self.service.list_chunks(kb, file_name, metadata, versions)
+
     async def spool(self, versions: list[str]) -> str:
         return await self.service.spool(versions)
 

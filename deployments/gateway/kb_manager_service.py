@@ -31,13 +31,14 @@ from rag.errors import (
     RagError,
     ServiceUnavailableError,
 )
-from rag.index import Manifest, list_versions, version_directory
+from rag.index import Manifest, list_chunks, list_versions, version_directory
 from rag.kb_build import Changes, Embed, NothingIndexedError, indexed_original, update_knowledge_base
 from rag.kb_jobs import Job, JobBoard, interrupted, without_server_paths
 from rag.language import choose_mode
 from rag.parsing import Parser
 
 logger = logging.getLogger("rag.knowledge_bases")
+LISTED_CHUNKS_MAX = 1000  # a file's chunks listed by search_docs without a query
 SPOOL_SLACK_S = 600.0  # a spool folder this much older than the longest upload belongs to no upload
 
 
@@ -185,6 +186,25 @@ class KnowledgeBaseService:
             raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} has no file {name[:80]!r}")
         # The bytes the served index was built from (an original not indexed, delete_content=false: as stored).
         return await asyncio.to_thread(indexed_original, root, kb, name, row.get("sha256") if row["in_db"] else None)
+
+    async def list_chunks(self, kb: str, file_name: str, metadata: dict[str, Any], versions: list[str]
+                          ) -> list[dict[str, Any]]:
+        """Chatchat's search_docs without a query: the chunks of the files `file_name` matches (SQL
+        wildcards) whose metadata has `metadata`'s first-level values, from the KB's newest index version,
+        at most `LISTED_CHUNKS_MAX`."""
+        _public(kb)
+        root = await self.kb_root(versions)
+        kb_store.require(root, kb)
+        newest = list_versions(root, kb)
+        if not newest:
+            return []
+        chunks = await asyncio.to_thread(list_chunks, root, kb, newest[-1], file_name, LISTED_CHUNKS_MAX)
+        listed = []
+        for i, chunk in chunks:
+            described = {**chunk.metadata, "source": chunk.source}
+            if all(described.get(k) == v for k, v in metadata.items()):
+                listed.append({"id": str(i), "page_content": chunk.text, "score": None, "metadata": described})
+        return listed
 
     async def spool(self, versions: list[str]) -> str:
         """A new folder for one upload's files (the gateway streams them there and submits their paths),

@@ -94,6 +94,10 @@ class FakeManager:
         self.spools.append(kb_store.new_spool(self.kb_root))
         return str(self.spools[-1])
 
+    async def list_chunks(self, kb: str, file_name: str, metadata: dict[str, Any], versions: list[str]
+                          ) -> list[dict[str, Any]]:
+        return [{"id": "0", "page_content": "listed", "score": None, "metadata": {"source": file_name}}]
+
     async def upload_temporary(self, temp_id: str | None, changes: Changes, splitter: Any,
                                versions: list[str]) -> dict[str, str]:
         received = {n: Path(p).read_bytes() for n, p in changes.add.items()}
@@ -543,3 +547,10 @@ def test_a_temporary_kb_answers_only_on_its_own_routes_by_id(gateway: Gateway) -
     assert chat.status_code == 404
     used = [args[0] for method, args in gateway.manager.calls if method == "use_temporary"]
     assert used == [TEMP_ID, "b" * 32, TEMP_ID, "b" * 32]
+
+
+def test_search_docs_without_a_query_lists_the_named_files_chunks_from_the_manager(gateway: Gateway) -> None:
+    body = {"knowledge_base_name": "docs", "query": "", "file_name": "a.md", "metadata": {"chunk": 0}}
+    response = gateway.client.post("/knowledge_base/search_docs", headers=gateway.auth, json=body)
+    assert response.status_code == 200 and response.json()[0]["page_content"] == "listed"
+    assert gateway.manager.calls[-1] == ("list_chunks", ("docs", "a.md", {"chunk": 0}, ["v1"]))

@@ -541,3 +541,25 @@ def test_without_override_a_stored_file_fails_alone_and_the_rest_is_indexed(tmp_
     assert view["state"] == "done" and view["changed_files"] == ["b.md"]
     assert "override=true" in view["failed_files"]["a.md"] and list(view["failed_files"]) == ["a.md"]
     assert run(service.download("docs", "a.md", ["v1"])) == _doc("alpha")  # the stored one stays
+
+
+def test_search_without_a_query_lists_the_chunks_of_the_files_named(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+
+    async def scenario() -> tuple[list[dict[str, Any]], ...]:
+        await service.create("docs", "", None, ["v1"])
+        empty = await service.list_chunks("docs", "a.md", {}, ["v1"])
+        job = await service.submit("upload_docs", "docs", Changes(add={"a.md": _doc("alpha", 8), "b.md": _doc("beta"),
+                                                                      "ab.txt": _doc("gamma")}), None, ["v1"])
+        await service.wait(job, 30, ["v1"])
+        return (empty, await service.list_chunks("docs", "a.md", {}, ["v1"]),
+                await service.list_chunks("docs", "%.md", {"chunk": 0}, ["v1"]),
+                await service.list_chunks("docs", "a_%", {}, ["v1"]))
+
+    empty, one, first_chunks, wildcard = run(scenario())
+    assert empty == [] and len(one) > 1 and {d["metadata"]["source"] for d in one} == {"a.md"}
+    assert "".join(d["page_content"] for d in one).count("alpha paragraph") == 8
+    assert sorted(d["metadata"]["source"] for d in first_chunks) == ["a.md", "b.md"]
+    assert {d["metadata"]["source"] for d in wildcard} == {"a.md", "ab.txt"}  # `_` is one character
+    with pytest.raises(KnowledgeBaseNotFoundError):
+        run(service.list_chunks("nope", "a.md", {}, ["v1"]))
