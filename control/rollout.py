@@ -32,7 +32,7 @@ from control.document import ServeDocument, write_atomically
 from control.judge import Verdict, judge, judge_golden, judge_shadow, knowledge_bases_served
 from control.preflight import check_usage, deployment_replicas
 from rag import golden
-from rag.config import RolloutConfig
+from rag.config import RolloutConfig, validate
 from rag.errors import InvalidRequestError
 
 ACTIVE = ("running", "held")
@@ -64,6 +64,7 @@ class RolloutState:
     target: str = ""  # the config that adds the new version at weight 0
     phase: str = "starting"  # starting | shadowing | stepping | promoting | done
     shadow: bool = True  # a shadow stage first, and copies to the candidate during the steps
+    judge: dict[str, Any] = field(default_factory=dict)  # this rollout's own `rollout` settings (--judge)
     step: int = 0
     status: str = "running"  # running | held | promoted | rolled_back | aborted
     reason: str = ""
@@ -72,6 +73,21 @@ class RolloutState:
 
 PHASES = ("starting", "shadowing", "stepping", "promoting", "done")
 STATUSES = (*ACTIVE, "promoted", "rolled_back", "aborted")
+
+
+def judged_by(configured: RolloutConfig, judge: dict[str, Any]) -> RolloutConfig:
+    """The gateway's `rollout` settings with this rollout's own (`--judge ttft_slack_s=2`: a switch from
+    the extractive default to a language model is slower by design), validated as the config is."""
+    if not judge:
+        return configured
+    merged = configured.model_dump()
+    for dotted, value in judge.items():
+        *parents, last = dotted.split(".")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else {}
+        node[last] = value
+    return validate(RolloutConfig, merged, "--judge settings (the gateway's rollout settings)")
 
 
 def parse_state(raw: bytes, path: Path) -> RolloutState:
@@ -90,7 +106,7 @@ def parse_state(raw: bytes, path: Path) -> RolloutState:
     missing = sorted(k for k in ("new", "stable", "before") if k not in data)
     if unknown or missing:
         raise refuse(f"unknown fields {unknown}" if unknown else f"missing {missing}")
-    types: dict[str, type] = {"step": int, "history": list, "shadow": bool}  # every other field is a string
+    types: dict[str, type] = {"step": int, "history": list, "shadow": bool, "judge": dict}  # the rest: strings
     wrong = sorted(k for k, v in data.items() if not isinstance(v, types.get(k, str))
                    or (isinstance(v, bool) and types.get(k) is not bool))
     if wrong:
@@ -112,7 +128,7 @@ class Rollout:
 
     # -- commands ---------------------------------------------------------------------------------
     def start(self, new: str, copy_of: str | None = None, overrides: dict[str, Any] | None = None,
-              resume: bool = False, shadow: bool | None = None) -> str:
+              resume: bool = False, shadow: bool | None = None, judge: dict[str, Any] | None = None) -> str:
         """Run the rollout of `new` to its end; returns the final status (promoted, rolled_back, aborted, held)."""
         with self._locked():
             state = self.load_state()
@@ -122,7 +138,7 @@ class Rollout:
             elif state and state.status in ACTIVE:
                 raise InvalidRequestError(f"a rollout of {state.new!r} is {state.status}: resume it or abort it")
             else:
-                state = self._plan(new, copy_of, overrides or {}, shadow)
+                state = self._plan(new, copy_of, overrides or {}, shadow, judge or {})
                 if self.dry_run:
                     return "dry_run"
             self.abort_path.unlink(missing_ok=True)
@@ -170,7 +186,8 @@ class Rollout:
                 "agree": not error and file_apps == cluster_apps}
 
     # -- phases -----------------------------------------------------------------------------------
-    def _plan(self, new: str, copy_of: str | None, overrides: dict[str, Any], shadow: bool | None) -> RolloutState:
+    def _plan(self, new: str, copy_of: str | None, overrides: dict[str, Any], shadow: bool | None,
+              judge: dict[str, Any]) -> RolloutState:
         """Nothing changes here: the target config is built, checked, and checked to fit the cluster."""
         before = self.path.read_text(encoding="utf-8")
         doc = ServeDocument.load(self.path)
@@ -184,9 +201,10 @@ class Rollout:
             self._log("ROLLOUT_PIN", version=new, knowledge_bases=pins)
         doc.set_weights({**doc.weights, new: 0})
         doc.check()
+        judged_by(doc.gateway.rollout, judge)  # a bad --judge stops the rollout here, before any change
         self._preflight(doc, new)
         state = RolloutState(new, stable, before, doc.dump(),
-                             shadow=doc.gateway.rollout.shadow.enabled if shadow is None else shadow)
+                             shadow=doc.gateway.rollout.shadow.enabled if shadow is None else shadow, judge=judge)
         if self.dry_run:
             self.say(state.target)
         return state
@@ -207,7 +225,7 @@ class Rollout:
 
     def _drive(self, state: RolloutState) -> str:
         self._save_state(state)
-        cfg = ServeDocument.load(self.path).gateway.rollout
+        cfg = judged_by(ServeDocument.load(self.path).gateway.rollout, state.judge)
         try:
             if state.phase == "starting":
                 self._apply(ServeDocument.from_text(state.target), f"add {state.new} at weight 0 beside {state.stable}")
@@ -384,7 +402,7 @@ class Rollout:
             current.set_weights({**before.weights, state.new: 0})
             current.set_shadow(None)
             self._apply(current, f"send all traffic back to {state.stable}: {reason}")
-            self._wait_idle(state.new, current.gateway.rollout.drain_timeout_s, abortable=False)
+            self._wait_idle(state.new, judged_by(current.gateway.rollout, state.judge).drain_timeout_s, abortable=False)
         self._apply(before, f"restore the config from before the rollout of {state.new}")
         write_atomically(self.path, state.before)
         self._finish(state, status, reason)

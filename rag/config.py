@@ -168,8 +168,9 @@ class RetrievalConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    backend: Literal["extractive", "transformers"] = "extractive"
-    model: str | None = Field(None, description="local path or hub id; required by the transformers backend")
+    backend: Literal["extractive", "transformers", "openai"] = "extractive"
+    model: str | None = Field(None, description="transformers: local path or hub id; openai: the upstream's "
+                              "model name; required by both")
     device: Device = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_new_tokens: int = Field(256, ge=1, le=32_768)
@@ -190,11 +191,36 @@ class GenerationConfig(_Strict):
                                         "from free device memory on CUDA, 32768 on CPU")
     compile_level: int = Field(0, ge=0, le=3, description="transformers' torch.compile preset on CUDA, "
                                "compiled during warm-up; 0 leaves it off")
+    # The openai backend: an OpenAI-compatible server the team already runs (vLLM, Ollama, Xinference, ...).
+    base_url: str | None = Field(None, pattern=r"^https?://", description="openai backend: the upstream's API "
+                                 "root, e.g. http://127.0.0.1:8001/v1")
+    api_key_file: Path | None = Field(None, description="openai backend: a file whose first line is the "
+                                      "upstream's key (relative to the project root); never the key itself here")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="openai backend: or the environment variable holding the key")
+    headers: dict[str, str] = Field(default_factory=dict, description="openai backend: extra headers to the "
+                                    "upstream (not for keys: this file is no place for secrets)")
+    max_connections: int = Field(32, ge=1, le=4096, description="openai backend: connections to the upstream "
+                                 "per Generator replica; more streams wait for one")
+    connect_timeout_s: float = Field(5.0, gt=0, le=600)
+    first_token_timeout_s: float = Field(30.0, gt=0, le=3600, description="openai backend: an upstream that "
+                                         "sends no token by then fails the request (retried on another version)")
+    inter_token_timeout_s: float = Field(30.0, gt=0, le=3600, description="openai backend: a stream silent "
+                                         "this long is broken")
+    health_misses: int = Field(3, ge=1, le=100, description="openai backend: failed upstream probes in a row "
+                               "before check_health fails")
 
     @model_validator(mode="after")
-    def _model_for_transformers(self) -> GenerationConfig:
-        if self.backend == "transformers" and not self.model:
-            raise ValueError("generation.model is required when generation.backend is 'transformers'")
+    def _model_for_backend(self) -> GenerationConfig:
+        if self.backend in ("transformers", "openai") and not self.model:
+            raise ValueError(f"generation.model is required when generation.backend is {self.backend!r}")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("generation.base_url (the upstream's OpenAI-compatible API) is required when "
+                             "generation.backend is 'openai'")
+        secret = sorted(h for h in self.headers if h.lower() in ("authorization", "api-key", "x-api-key"))
+        if secret:
+            raise ValueError(f"generation.headers must not carry a key ({', '.join(secret)}): name a file in "
+                             "generation.api_key_file or a variable in generation.api_key_env")
         return self
 
 

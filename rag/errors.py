@@ -51,6 +51,17 @@ class OverloadedError(ServiceUnavailableError):
     """A stage's queue is full: the caller should retry later rather than wait."""
 
 
+class RateLimitedError(OverloadedError):
+    """An upstream server (an OpenAI-compatible LLM) said 429: retry after what it asked for."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type, tuple[str, float | None]]:  # crosses replicas (pickled) whole
+        return (type(self), (str(self), self.retry_after_s))
+
+
 class UpstreamTimeoutError(ServiceUnavailableError):
     """A stage did not answer within the gateway's deadline for that hop."""
 

@@ -62,6 +62,10 @@ class Generator(ABC):
         if not self._loaded:
             raise ServiceUnavailableError(f"{type(self).__name__} is not loaded (or has been closed)")
 
+    async def probe(self) -> None:
+        """The replica's check_health: `check_health` here; a backend with a remote side asks it."""
+        self.check_health()
+
     @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Yield answer pieces; the last chunk has `finish_reason` set."""
@@ -292,4 +296,8 @@ GENERATORS: dict[str, type[Generator]] = {"extractive": ExtractiveGenerator,
 
 def build_generator(config: GenerationConfig) -> Generator:
     """A generator of the class `config.backend` names; call `load()` before streaming."""
+    if config.backend == "openai":
+        from rag.upstream import OpenAIGenerator  # it builds on this module
+
+        return OpenAIGenerator(config)
     return GENERATORS[config.backend](config)  # the config schema admits only these names

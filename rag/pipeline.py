@@ -88,15 +88,17 @@ class RagPipeline:
             chunk = await anext(chunks, None)
             yield AnswerStart(question.knowledge_base, passages, self.config.version)
             finish: FinishReason = "stop"
-            pieces = 0
+            pieces, counted = 0, None
             while chunk is not None:
                 if chunk.text:
                     pieces += 1
                     yield AnswerDelta(chunk.text)
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
+                if chunk.completion_tokens is not None:
+                    counted = chunk.completion_tokens
                 chunk = await anext(chunks, None)
-            yield AnswerEnd(finish, pieces, self.config.version)
+            yield AnswerEnd(finish, pieces if counted is None else counted, self.config.version)
         finally:
             # A client that went away closes this generator: close the generation too, so a model
             # stops producing tokens nobody reads.

@@ -47,6 +47,7 @@ class GenerationChunk:
 
     text: str
     finish_reason: FinishReason | None = None
+    completion_tokens: int | None = None  # on the last chunk, when the backend counted them (an upstream's usage)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
     python -m scripts.rollout start v2 --from v1 --set retrieval.knowledge_bases.samples=2
     python -m scripts.rollout start v2            (v2's application already in serve_config.yaml)
     python -m scripts.rollout start v2 --no-shadow   (no shadow stage: judged on live requests only)
+    python -m scripts.rollout start v2 --from v1 --set generation.backend=openai ... --judge ttft_slack_s=2
+                                                     (this rollout's own judging settings)
     python -m scripts.rollout status
     python -m scripts.rollout abort
     python -m scripts.rollout start v2 --resume   (continue an interrupted or held rollout)
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     start.add_argument("--set", dest="settings", action="append", type=setting, default=[],
                        help="override a pipeline setting of the new version (dotted key=value)")
     start.add_argument("--resume", action="store_true")
+    start.add_argument("--judge", dest="judge", action="append", type=setting, default=[],
+                       help="this rollout's own gateway `rollout` setting (dotted key=value), e.g. ttft_slack_s=2 "
+                            "for a switch to a slower backend")
     start.add_argument("--no-shadow", dest="shadow", action="store_false", default=None,
                        help="no shadow stage and no copies during the steps (rollout.shadow.enabled)")
     commands.add_parser("status", help="where a rollout stands")
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         rollout = Rollout(args.config, _cluster(args), dry_run=args.dry_run)
         if args.command == "start":
             status = rollout.start(args.version, args.copy_of, dict(args.settings), resume=args.resume,
-                                   shadow=args.shadow)
+                                   shadow=args.shadow, judge=dict(args.judge))
             print(f"rollout of {args.version}: {status}")
             return 0 if status in ("promoted", "dry_run") else 1
         if args.command == "abort":

@@ -284,6 +284,8 @@ async def ready(services: Services) -> JSONResponse:
             "waiting_for": state.waiting_for, "serving": sorted(state.serving), "in_flight": service.in_flight.count,
             # Stages at zero replicas by design (autoscaling min_replicas 0): ready, a request wakes them.
             "scaled_to_zero": state.scaled_to_zero, "replicas": state.replicas}
+    if state.why:
+        body["why"] = state.why  # Serve's status of each stage waited for, and the error it last raised
     if state.scaled_to_zero:
         body["note"] = "scaled to zero, cold start on demand: " + ", ".join(
             f"{v}/{stage}" for v, stages in sorted(state.scaled_to_zero.items()) for stage in stages)

@@ -412,14 +412,19 @@ class GatewayService:
         return version, [document_json(p) for p in passages]
 
     async def models(self) -> list[dict[str, Any]]:
-        """One model per knowledge base, with how each live version retrieves from it and why."""
+        """One model per knowledge base, with how each live version retrieves from it (and why) and which
+        generation backend and model answers there."""
         found: dict[str, dict[str, Any]] = {}
+        generation: dict[str, dict[str, Any]] = {}
         for version in self.split.live:
-            for name, info in (await (await self.handles.get(version)).retrieval_modes.remote()).items():
+            handle = await self.handles.get(version)
+            for name, info in (await handle.retrieval_modes.remote()).items():
                 if not is_temporary(name):  # a file chat's: nobody else's to see
                     found.setdefault(name, {})[version] = info
-        return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve", "retrieval": found[n]}
-                for n in sorted(found)]
+            configured = (await handle.describe.remote()).get("generation", {})
+            generation[version] = {"backend": configured.get("backend"), "model": configured.get("model")}
+        return [{"id": n, "object": "model", "created": 0, "owned_by": "rag-serve", "retrieval": found[n],
+                 "generation": {v: generation[v] for v in found[n]}} for n in sorted(found)]
 
     def refuse_if_draining(self) -> None:
         if self.draining:

@@ -74,7 +74,8 @@ def error_response(exc: RagError, request_id: str, path: str = "") -> JSONRespon
         message = f"{PUBLIC_FAILURE.get(status, message)} (request id {request_id})"
     headers = {"www-authenticate": "Bearer"} if status == 401 else {}
     if status in (503, 504):
-        headers["retry-after"] = RETRY_AFTER_S
+        asked = getattr(root_cause(exc), "retry_after_s", None)  # an upstream's own Retry-After (its 429)
+        headers["retry-after"] = str(max(1, round(asked))) if asked else RETRY_AFTER_S
     return JSONResponse(_shaped(error_body(message, status), path), status_code=status, headers=headers)
 
 

@@ -11,6 +11,7 @@ where that is unavailable.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ class AppState(NamedTuple):
     running: dict[str, int]  # deployment name -> replicas RUNNING
     may_be_zero: frozenset[str] = frozenset()  # deployments whose autoscaling allows zero replicas
     targets: Mapping[str, int] = MappingProxyType({})  # deployment -> replicas Serve wants now (absent: unknown)
+    problems: Mapping[str, str] = MappingProxyType({})  # deployment -> why it is not healthy, in one line
 
 
 AppStates = dict[str, AppState]
@@ -43,6 +45,7 @@ class Readiness:
     serving: set[str] = field(default_factory=set)  # versions whose every stage has a running replica or may be cold
     scaled_to_zero: dict[str, list[str]] = field(default_factory=dict)  # version -> its stages at zero by design
     replicas: dict[str, dict[str, int]] = field(default_factory=dict)  # app -> deployment -> running replicas
+    why: dict[str, str] = field(default_factory=dict)  # a waited-for "version/stage" -> why, as Serve reports it
 
 
 def _serves(app: AppState, served_before: bool) -> bool:
@@ -80,8 +83,10 @@ def assess(live_versions: list[str], apps: AppStates, previously_serving: set[st
             waiting.append(f"{version} ({status.lower()})")
             continue
         waiting += [f"{version}/{name}" for name, running in sorted(deployments.items()) if running < 1]
+    why = {f"{version}/{stage}": problem for version in live_versions if version in apps
+           for stage, problem in apps[version].problems.items() if f"{version}/{stage}" in waiting}
     return Readiness(not waiting, waiting, time.time(), serving, {v: stages for v, stages in cold.items() if stages},
-                     {name: dict(app.running) for name, app in apps.items()})
+                     {name: dict(app.running) for name, app in apps.items()}, why)
 
 
 def read_app_states() -> AppStates:
@@ -101,8 +106,28 @@ def app_states_from_details(details: dict[str, Any]) -> AppStates:
                             for d, dep in app.get("deployments", {}).items()},
                            frozenset(d for d, dep in app.get("deployments", {}).items() if _may_be_zero(dep)),
                            {d: int(dep["target_num_replicas"]) for d, dep in app.get("deployments", {}).items()
-                            if dep.get("target_num_replicas") is not None})
+                            if dep.get("target_num_replicas") is not None},
+                           {d: why for d, dep in app.get("deployments", {}).items()
+                            if (why := deployment_problem(dep)) is not None})
             for name, app in details.get("applications", {}).items()}
+
+
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+PROBLEM_CHARS = 300
+
+
+def deployment_problem(deployment: dict[str, Any]) -> str | None:
+    """Why a deployment is not healthy, in one line a probe may show: its status and trigger, and the
+    last exception its message names (Serve puts a replica's whole start-up traceback there: only the
+    error's own line is kept, never the frames and paths above it). None when it is healthy."""
+    status = _word(deployment.get("status"))
+    if status in ("HEALTHY", "None", ""):
+        return None
+    line = f"{status} ({_word(deployment.get('status_trigger')).lower()})"
+    raised = [m for row in str(deployment.get("message") or "").splitlines() if (m := _RAISED.match(row.strip()))]
+    if raised:
+        line += f": {raised[-1].group(1)}: {raised[-1].group(2)}"
+    return line[:PROBLEM_CHARS]
 
 
 def _may_be_zero(deployment: dict[str, Any]) -> bool:
@@ -153,7 +178,7 @@ class RoutePrimer:
         unprimed = state.serving.intersection(named) - self.primed
         waiting = state.waiting_for + [f"{v} (gateway route)" for v in sorted(unprimed) if v in live]
         return Readiness(not waiting, waiting, state.checked_at, state.serving - unprimed, state.scaled_to_zero,
-                         state.replicas)
+                         state.replicas, state.why)
 
 
 class ReadinessMonitor:

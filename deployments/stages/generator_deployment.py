@@ -42,8 +42,8 @@ class GeneratorDeployment:
                 self._life.log.event("CANCELLED", pieces_sent=sent, after_s=time.monotonic() - began)
                 raise
 
-    def check_health(self) -> None:
-        self._generator.check_health()
+    async def check_health(self) -> None:
+        await self._generator.probe()
 
     def ping(self) -> None:
         """Nothing: the gateway sends it to wake this stage from zero replicas, beside the others."""

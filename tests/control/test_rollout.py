@@ -10,6 +10,7 @@ import pytest
 
 from control.document import ServeDocument
 from control.preflight import deployment_replicas
+from rag.config import ConfigError
 from rag.errors import InvalidRequestError
 from rag.golden import check_items, write_items
 from tests.control.rollout_fakes import (
@@ -336,3 +337,30 @@ def test_a_slow_dashboard_while_the_new_version_starts_is_waited_out_not_a_rollb
     cluster.applications = flaky  # type: ignore[method-assign]
     rollout = make(config, cluster)
     assert start_v2(rollout) == "promoted"
+
+
+def _slower_canary(_: dict[str, float]) -> dict[str, Any]:
+    numbers = healthy(_)
+    numbers["v2"].update(ttft_p50_s=0.6, ttft_p90_s=0.8, ttft_p99_s=0.9)  # a language model after extractive
+    return numbers
+
+
+def test_a_rollouts_own_judge_settings_let_a_slower_backend_through_and_bad_ones_change_nothing(
+        config: Path) -> None:
+    before = config.read_text()
+    strict = make(config, FakeCluster(stats=_slower_canary))
+    assert strict.start("v2", "v1", {"generation.max_new_tokens": 128}, shadow=False) == "rolled_back"
+    assert (state := strict.load_state()) and state.history[-1]["rule"].startswith("latency")
+    config.write_text(before)
+    Path(str(config) + ".rollout.json").unlink()
+    cluster = FakeCluster(stats=_slower_canary)
+    loose = make(config, cluster)
+    assert loose.start("v2", "v1", {"generation.max_new_tokens": 128}, shadow=False,
+                       judge={"ttft_slack_s": 2.0}) == "promoted"
+    assert (state := loose.load_state()) and state.judge == {"ttft_slack_s": 2.0}
+    assert "ttft_slack_s" not in config.read_text()  # this rollout's, not the gateway's settings
+    config.write_text(before)
+    Path(str(config) + ".rollout.json").unlink()
+    with pytest.raises(ConfigError, match="ttft_slack_s"):
+        make(config, FakeCluster()).start("v2", "v1", {"generation.max_new_tokens": 128}, judge={"ttft_slack_s": -1})
+    assert config.read_text() == before

@@ -44,6 +44,8 @@ class FakeVersion:
 
     def __init__(self) -> None:
         self.retrieval_modes = FakeRemote({"samples": {"version": 3, "mode": "hybrid", "why": "default"}})
+        self.describe = FakeRemote({"generation": {"backend": "openai", "model": "qwen2.5-7b-instruct",
+                                                   "base_url": "http://10.0.0.5:8000/v1"}})
         self.knowledge_bases = FakeRemote({"samples": 3})
         self.search = FakeRemote([])
 
@@ -205,6 +207,9 @@ def test_ready_needs_no_key_and_is_503_starting_with_what_it_waits_for(gateway: 
     body = response.json()
     assert body["status"] == "starting" and body["waiting_for"] == ["v1/Generator"]
     assert body["versions"] == ["v1"] and body["weights"] == {"v1": 100.0} and body["in_flight"] == 0
+    assert "why" not in body
+    gateway.readiness[0] = Readiness(False, ["v1/Generator"], why={"v1/Generator": "UNHEALTHY (health_check_failed)"})
+    assert gateway.client.get("/ready").json()["why"] == {"v1/Generator": "UNHEALTHY (health_check_failed)"}
 
 
 def test_ready_is_200_once_the_readiness_says_ready(gateway: Gateway) -> None:
@@ -242,6 +247,22 @@ def test_models_need_the_key(gateway: Gateway) -> None:
     assert response.status_code == 200
     assert [m["id"] for m in response.json()["data"]] == ["samples"]
     assert response.json()["data"][0]["retrieval"] == {"v1": {"version": 3, "mode": "hybrid", "why": "default"}}
+    # Which backend and model answers in each version (not where the upstream lives)
+    assert response.json()["data"][0]["generation"] == {"v1": {"backend": "openai", "model": "qwen2.5-7b-instruct"}}
+
+
+def test_an_upstreams_429_is_a_503_with_its_own_retry_after(gateway: Gateway) -> None:
+    from rag.errors import RateLimitedError
+
+    gateway.answers.handles.version.search = FakeRemote(None)  # type: ignore[attr-defined]
+
+    async def limited(*_: Any) -> Any:
+        raise RateLimitedError("the upstream is rate limiting (429)", 12.0)
+
+    gateway.answers.handles.version.search.remote = limited  # type: ignore[attr-defined]
+    response = gateway.client.post("/knowledge_base/search_docs", headers=gateway.auth,
+                                   json={"knowledge_base_name": "samples", "query": "q"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "12"
 
 
 def test_search_docs_counts_first_traffic_and_names_the_version(gateway: Gateway) -> None:

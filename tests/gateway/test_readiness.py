@@ -160,3 +160,32 @@ def test_targets_are_read_from_the_controllers_answer() -> None:
         "Generator": {"replicas": [], "target_num_replicas": 1,
                       "deployment_config": {"autoscaling_config": {"min_replicas": 0}}}}}}}
     assert app_states_from_details(details)["v1"].targets == {"Generator": 1}
+
+
+# As Ray 2.60 reports a deployment whose replicas fail to start (their warm-up raised).
+STARTUP_FAILED = (
+    "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or initial "
+    "health check failing. See controller logs for details. Error:\n"
+    "ray::ServeReplica:v2:Generator.initialize_and_get_metadata() (pid=17320, ip=192.0.2.2)\n"
+    '  File "/srv/.venv/lib/python3.11/site-packages/ray/serve/_private/replica.py", line 1928, in initialize\n'
+    "    raise RuntimeError(traceback.format_exc()) from None\n"
+    "RuntimeError: Traceback (most recent call last):\n"
+    '  File "/srv/rag/upstream.py", line 160, in warmup\n'
+    "rag.errors.ServiceUnavailableError: the upstream of model 'qwen' is unavailable: APIConnectionError\n")
+
+
+def test_a_stage_waited_for_says_why_in_one_line_without_frames_or_paths() -> None:
+    from deployments.gateway.readiness import deployment_problem
+
+    failing = {"status": "UNHEALTHY", "status_trigger": "REPLICA_STARTUP_FAILED", "message": STARTUP_FAILED,
+               "replicas": [{"state": "STARTING"}]}
+    why = deployment_problem(failing)
+    assert why == ("UNHEALTHY (replica_startup_failed): ServiceUnavailableError: the upstream of model 'qwen' "
+                   "is unavailable: APIConnectionError")
+    assert deployment_problem({"status": "HEALTHY", "message": ""}) is None
+    assert deployment_problem({"status": "UPDATING", "status_trigger": "CONFIG_UPDATE_STARTED"}) == \
+        "UPDATING (config_update_started)"
+    states = app_states_from_details({"applications": {"v2": {"status": "RUNNING", "deployments": {
+        "Embedder": {"status": "HEALTHY", "replicas": [{"state": "RUNNING"}]}, "Generator": failing}}}})
+    state = assess(["v2"], states)
+    assert state.waiting_for == ["v2/Generator"] and state.why == {"v2/Generator": why}
