@@ -44,8 +44,8 @@ async def _collect(generator: OpenAIGenerator, request: GenerationRequest) -> li
 def real_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     root = tmp_path_factory.mktemp("upstream")
     model = _save_model(root / "tiny", chat_template=CHAT_TEMPLATE, allow="words")
-    with transformers_upstream(model, root / "serve.log") as base_url:
-        yield base_url, str(model)
+    with transformers_upstream(model, root / "serve.log") as upstream:
+        yield upstream.base_url, str(model)
 
 
 def test_streams_from_a_real_upstream_with_its_usage(real_upstream: tuple[str, str]) -> None:

@@ -1,5 +1,5 @@
-"""The rollout tool on a real cluster under streaming load: a knowledge-base update is promoted with
-zero failed answers; a canary that fails is rolled back by itself."""
+"""The rollout tool on a real cluster under streaming load: a knowledge-base update and a switch to an
+upstream LLM server are promoted with zero failed answers; a canary that fails is rolled back by itself."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from rag.client import stream_chat
 from rag.errors import InvalidRequestError
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator
+from tests.rag.test_generation import CHAT_TEMPLATE, _save_model
 from tests.serve.lifecycle_helpers import assert_clean, replicas, wait_for
 from tests.support import cluster as support
 from tests.support.service import REPO, LocalService, running_service
+from tests.support.upstream import transformers_upstream
 
 pytestmark = pytest.mark.cluster
 # Two pipelines share this machine's two cores, where a scheduling hiccup can double one request's time
@@ -207,3 +209,26 @@ def test_losing_a_gateway_replica_costs_only_the_streams_it_carried(live: LocalS
     assert all(not a.done for a in cut), [(a.done, a.finish_reason, a.error) for a in cut]
     assert not [a for a in result.failed if a.started_at >= killed_at + 2]  # then every request goes elsewhere
     assert sum(a.complete for a in result.answers if a.started_at >= killed_at) >= 12
+
+
+def test_a_switch_to_an_upstream_llm_is_promoted_under_load_with_zero_failures(live: LocalService, tmp_path) -> None:
+    """From the extractive default to an OpenAI-compatible server (`transformers serve`, a tiny random model
+    on CPU): slower to its first token by design, so this rollout says how much slower it may be (--judge).
+    Last in this module: the upstream stops when the test ends, and the promoted version needs it."""
+    model = _save_model(tmp_path / "tiny", chat_template=CHAT_TEMPLATE, allow="words")
+    stable = ServeDocument.load(live.config_path).stable_version(excluding="")
+    canary = f"llm-{uuid.uuid4().hex[:4]}"
+    log: list[str] = []
+    with transformers_upstream(model, tmp_path / "serve.log") as upstream:
+        with LoadGenerator(live.gateway, api_key=live.api_key, concurrency=4, max_seconds=240) as load:
+            status = _rollout(live, log).start(canary, stable, {
+                "generation.backend": "openai", "generation.model": upstream.model,
+                "generation.base_url": upstream.base_url, "generation.max_new_tokens": 24},
+                shadow=False, judge={"ttft_slack_s": 2.0})
+        assert status == "promoted", "\n".join(log)
+        with live.client(timeout=60) as client:
+            answer = stream_chat(client, "Where is the Ray dashboard?", max_tokens=6)
+    assert answer.version == canary and answer.sources and answer.text.strip() and answer.done, answer
+    assert_clean(load.result, min_sent=20)
+    assert any(a.version == canary for a in load.result.answers), "no user was answered by the upstream"
+    wait_for(lambda: stable not in cluster.applications(live.dashboard), 60, "the old version to be removed")

@@ -101,10 +101,17 @@ def scripted_upstream(script: Script) -> Iterator[str]:
         thread.join(10)
 
 
+@dataclass
+class Upstream:
+    base_url: str
+    model: str  # the name it serves the model under (its directory)
+    process: subprocess.Popen[bytes]
+
+
 @contextlib.contextmanager
-def transformers_upstream(model_dir: Path, log: Path) -> Iterator[str]:
-    """`transformers serve` on `model_dir` (CPU, offline) in a process of its own; yields its base_url.
-    The process is stopped (and waited for) afterwards."""
+def transformers_upstream(model_dir: Path, log: Path) -> Iterator[Upstream]:
+    """`transformers serve` on `model_dir` (CPU, offline) in a process of its own (a test may kill it);
+    stopped and waited for afterwards."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     cli = Path(sys.executable).with_name("transformers")
@@ -113,7 +120,7 @@ def transformers_upstream(model_dir: Path, log: Path) -> Iterator[str]:
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_listening(f"http://127.0.0.1:{port}/v1/models", 120, process)
-            yield f"http://127.0.0.1:{port}/v1"
+            yield Upstream(f"http://127.0.0.1:{port}/v1", str(model_dir), process)
         finally:
             process.terminate()
             try:

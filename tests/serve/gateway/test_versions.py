@@ -1,19 +1,25 @@
 """Two pipeline versions side by side on a real cluster: weighted split, sticky ids, and weight
-changes that restart nothing."""
+changes that restart nothing; v2 answers from an OpenAI-compatible upstream (the `openai` backend): its
+streams end to end, and what a killed upstream does to them."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
 
 from control import cluster
 from control.document import ServeDocument
+from rag.client import bearer, stream_chat
+from rag.constants import EVALUATE_HEADER
+from tests.rag.test_generation import CHAT_TEMPLATE, _save_model
 from tests.serve.lifecycle_helpers import replicas, wait_for
 from tests.support.service import LocalService
+from tests.support.upstream import Upstream, transformers_upstream
 
 pytestmark = pytest.mark.cluster
 DEPLOYMENTS = ("Pipeline", "Embedder", "Retriever", "Generator")
@@ -35,12 +41,24 @@ def apply_weights(service: LocalService, weights: dict[str, float]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_versions(service: LocalService) -> Iterator[LocalService]:
-    """The package's cluster with a v2 beside v1; afterwards v2 is gone and v1 serves alone again, so
-    the modules sharing the cluster may run in any order."""
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """A real OpenAI-compatible server (`transformers serve`, a tiny random model on CPU) for v2 to answer from."""
+    root = tmp_path_factory.mktemp("upstream")
+    model = _save_model(root / "tiny", chat_template=CHAT_TEMPLATE, allow="words")
+    with transformers_upstream(model, root / "serve.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def two_versions(service: LocalService, upstream: Upstream) -> Iterator[LocalService]:
+    """The package's cluster with a v2 beside v1, v2 answering from the upstream server (the `openai`
+    backend); afterwards v2 is gone and v1 serves alone again, so the modules sharing the cluster may run
+    in any order."""
     original = service.config_path.read_text()
     doc = ServeDocument.load(service.config_path)
-    doc.add_version("v2", "v1", {"version": "v2"})
+    doc.add_version("v2", "v1", {"version": "v2", "generation.backend": "openai", "generation.model": upstream.model,
+                                 "generation.base_url": upstream.base_url, "generation.max_new_tokens": 4000,
+                                 "generation.health_misses": 2})
     doc.set_weights({"v1": 100, "v2": 0})  # add at weight 0, wait, then shift
     doc.save(service.config_path)
     cluster.apply(doc.plain(), service.dashboard)
@@ -107,3 +125,23 @@ def test_weight_change_keeps_every_replica(two_versions: LocalService) -> None:
     apply_weights(two_versions, {"v1": 90, "v2": 10})
     assert all_replicas(two_versions) == before
     assert 0.35 <= counts["v2"] / 200 <= 0.65, counts
+
+
+def test_an_upstream_version_streams_sources_first_and_a_killed_upstream_ends_its_stream_cleanly(
+        two_versions: LocalService, upstream: Upstream) -> None:
+    """Last in this module: it kills the upstream (the fixture then removes v2)."""
+    headers = {**bearer(two_versions.api_key), EVALUATE_HEADER: "v2"}  # v2 answers, whatever the weights
+    with httpx.Client(base_url=two_versions.gateway, headers=headers, timeout=120) as client:
+        answer = stream_chat(client, "Where is the Ray dashboard?", max_tokens=8)
+        assert answer.version == "v2" and answer.sources and answer.text.strip(), answer
+        assert answer.finish_reason == "length" and answer.done and answer.error is None
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert models["samples"]["generation"]["v2"]["backend"] == "openai"
+
+        def kill_after_first_tokens(seen: Any, event: Any) -> None:
+            if seen.text and upstream.process.poll() is None:
+                upstream.process.kill()
+
+        cut = stream_chat(client, "Where is the Ray dashboard?", max_tokens=4000, on_event=kill_after_first_tokens)
+    assert upstream.process.poll() is not None and cut.text  # it had begun
+    assert cut.error and "incomplete" in cut.error and cut.done, cut  # an error event, then [DONE]: no cut body
