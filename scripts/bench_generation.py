@@ -1,6 +1,7 @@
 """Throughput and latency of the transformers backend at 1-64 concurrent streams, in-process and through Serve.
 
     .venv/bin/python -m scripts.bench_generation --tiny [--streams 1 8 32 64] [--device cpu|cuda] [--json PATH]
+    .venv/bin/python -m scripts.bench_generation --backend openai --base-url URL   (scripts/bench_upstream.py)
 
 The model has random weights: `--tiny` a 2-layer Llama, otherwise the Qwen2.5-0.5B shape (24 layers, hidden
 896, vocabulary 151,936), built once under `var/models/` with a word-level tokenizer and its special tokens
@@ -34,6 +35,7 @@ from control import cluster
 from rag.config import GenerationConfig, PipelineConfig
 from rag.generation import TransformersGenerator
 from rag.records import GenerationChunk, GenerationRequest, Passage
+from scripts import bench_upstream
 from tests.support import cluster as support
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +53,11 @@ Stream = Callable[[GenerationRequest], AsyncIterator[list[GenerationChunk]]]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64], help="concurrent streams")
+    parser.add_argument("--backend", choices=["transformers", "openai"], default="transformers",
+                        help="openai: an upstream server straight and through the service (scripts/bench_upstream.py)")
+    bench_upstream.add_arguments(parser)
+    parser.add_argument("--streams", type=int, nargs="+", default=None,
+                        help="concurrent streams (default 1 8 32 64; with --backend openai 1 8 32)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 0.5B shape")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -300,6 +306,11 @@ def as_json(local: dict[str, Any], served: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.backend == "openai":
+        args.streams = args.streams or [1, 8, 32]
+        args.new_tokens = 64 if args.new_tokens == 128 else args.new_tokens
+        return bench_upstream.run(args)
+    args.streams = args.streams or [1, 8, 32, 64]
     if not args.skip_serve:
         support.use_token_auth()  # before anything imports Ray, which reads RAY_AUTH_MODE once, at import
     shape = "tiny" if args.tiny else "qwen2.5-0.5b"

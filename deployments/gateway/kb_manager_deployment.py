@@ -22,6 +22,7 @@ from rag.leases import prune_versions
 logger = logging.getLogger("rag.knowledge_bases")
 FIRST_SWEEP_RETRY_S = 5.0
 EMBED_TIMEOUT_S = 300.0  # one batch of a few hundred chunks on a busy CPU; a wedged Embedder fails the job
+PIPELINE_DEPLOYMENT = "Pipeline"  # the ingress of every pipeline version (deployments/app.py)
 
 
 class ServeStages:
@@ -41,11 +42,12 @@ class ServeStages:
         return await self._configs.get(version, ask)
 
     async def deployed(self) -> list[str]:
-        """The pipeline applications Serve runs now (every application but this gateway's own)."""
+        """The pipeline applications Serve runs now: those with a Pipeline deployment (not this gateway's own
+        application, nor another team's beside them, such as a Ray Serve LLM upstream)."""
         status = await asyncio.to_thread(serve.status)
-        own = serve.get_replica_context().app_name
         # One being deleted (a rolled-back canary) pins nothing any more, and its config can no longer be asked.
-        return sorted(name for name, app in status.applications.items() if name != own and app.status != "DELETING")
+        return sorted(name for name, app in status.applications.items()
+                      if PIPELINE_DEPLOYMENT in app.deployments and app.status != "DELETING")
 
     def embedder(self, version: str) -> Embed:
         handle = self._handles.embedder_blocking(version)
