@@ -59,7 +59,17 @@ GOLDEN_SCORE = MetricSpec("rag_golden_score",
                           "citation_rate, words_rate), as scripts.evaluate or a rollout reported it.",
                           ("version", "knowledge_base", "measure"))
 
+UPSTREAM_REQUESTS = MetricSpec("rag_upstream_requests_total",
+                               "Requests to an upstream LLM server (the openai backend), by model and result "
+                               "(ok, cancelled, rate_limited, refused, unavailable, broken).",
+                               ("version", "model", "result"))
+UPSTREAM_FIRST_TOKEN_SECONDS = MetricSpec("rag_upstream_first_token_seconds",
+                                          "Seconds from the request to the upstream to its first answer text.",
+                                          ("version", "model"), (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+UPSTREAM_TOKENS = MetricSpec("rag_upstream_tokens_total", "Tokens an upstream LLM server generated (its usage).",
+                             ("version", "model"))
+
 ALL = (REQUESTS_IN_FLIGHT, MODEL_LOAD_SECONDS, VECTOR_SEARCH_MS, SHUTDOWN_GRACE_USED_SECONDS,
        TIME_TO_FIRST_TOKEN_SECONDS, GENERATED_TOKENS, REQUESTS, LIFECYCLE_EVENTS, REPLICA_START_SECONDS,
        REPLICAS, COLD_START_WAITS, COLD_START_WAIT_SECONDS, SHADOW_COPIES, SHADOW_SOURCE_OVERLAP,
-       SHADOW_ANSWER_SIMILARITY, GOLDEN_SCORE)
+       SHADOW_ANSWER_SIMILARITY, GOLDEN_SCORE, UPSTREAM_REQUESTS, UPSTREAM_FIRST_TOKEN_SECONDS, UPSTREAM_TOKENS)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2  # the openai client's HTTP library (its `http_client` must be one of its clients)
@@ -78,6 +78,17 @@ def upstream_error(exc: BaseException, where: str, started: bool) -> RagError:
     return ServiceUnavailableError(f"the upstream {where} is unavailable: {_describe(exc)}")
 
 
+def result_of(error: RagError) -> str:
+    """The `result` label of a failed upstream request."""
+    if isinstance(error, RateLimitedError):
+        return "rate_limited"
+    if isinstance(error, InvalidRequestError):
+        return "refused"
+    if isinstance(error, GenerationError):
+        return "broken"
+    return "unavailable"
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code}: {_body_text(exc)}"
@@ -118,6 +129,8 @@ class OpenAIGenerator(Generator):
         super().__init__(config)
         self._client: openai.AsyncOpenAI | None = None
         self._closing: asyncio.Task[None] | None = None
+        # Called once per request with (result, seconds to first text or None, tokens): the replica's metrics.
+        self.report: Callable[[str, float | None, int], None] = lambda result, first_token_s, tokens: None
         self._misses = 0
         self._last_miss = ""
         assert config.base_url and config.model  # guaranteed by GenerationConfig's validator
@@ -186,9 +199,11 @@ class OpenAIGenerator(Generator):
         client = self._require()
         cfg = self.config
         max_tokens, max_seconds = self._limits(request)
-        deadline = time.monotonic() + max_seconds
+        began = time.monotonic()
+        deadline = began + max_seconds
         started = False
         response: Any = None
+        outcome: list[Any] = ["cancelled", None, 0]  # result, first-token seconds, tokens: reported at the end
         try:
             messages: Any = build_messages(request)  # role/content dicts, what the API takes
             response = await asyncio.wait_for(client.chat.completions.create(
@@ -217,20 +232,25 @@ class OpenAIGenerator(Generator):
                     usage = chunk.usage.completion_tokens
                 for choice in chunk.choices:
                     if choice.delta and choice.delta.content:
-                        started = True
+                        if not started:
+                            started, outcome[1] = True, time.monotonic() - began
                         yield GenerationChunk(choice.delta.content)
                     if choice.finish_reason:
                         finish = "length" if choice.finish_reason == "length" else "stop"
+            outcome[0], outcome[2] = "ok", usage or 0
             yield GenerationChunk("", finish or "stop", completion_tokens=usage)
         except (GeneratorExit, asyncio.CancelledError):
             raise
         except Exception as exc:
             logger.warning("event=UPSTREAM_ERROR upstream=%s model=%s started=%s error=%s", cfg.base_url, cfg.model,
                            started, _describe(exc))
-            raise upstream_error(exc, self.where, started) from None
+            error = upstream_error(exc, self.where, started)
+            outcome[0] = result_of(error)
+            raise error from None
         finally:
             if response is not None:  # closes the connection: the upstream sees the client leave
                 await response.close()
+            self.report(*outcome)
 
     def count_tokens(self, text: str) -> int:
         # The upstream's tokenizer is not here; its `usage` is what answers report when it sends one.

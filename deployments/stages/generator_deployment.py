@@ -13,6 +13,7 @@ from rag.config import PipelineConfig
 from rag.generation import build_generator
 from rag.records import GenerationChunk, GenerationRequest
 from rag.streams import batched
+from rag.upstream import OpenAIGenerator
 
 
 @serve.deployment(name="Generator")
@@ -21,6 +22,10 @@ class GeneratorDeployment:
         self._generator = build_generator(config.generation)
         self._window_s = config.generation.stream_batch_window_s
         self._life = ReplicaLifecycle(config.version)
+        if isinstance(self._generator, OpenAIGenerator):  # its requests to the upstream, labelled by model
+            model = str(config.generation.model)
+            self._generator.report = lambda result, first_token_s, tokens: self._life.metrics.upstream_result(
+                model, result, first_token_s, tokens)
         what = f"{config.generation.backend} generator {config.generation.model or ''}".strip()
         await self._life.start(what, self._generator.load, self._generator.warmup, config.lifecycle.warmup_delay_s)
 

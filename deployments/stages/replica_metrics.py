@@ -41,6 +41,9 @@ class StageMetrics:
         self.shadow_overlap = _make(metrics.Histogram, spec.SHADOW_SOURCE_OVERLAP)
         self.shadow_similarity = _make(metrics.Histogram, spec.SHADOW_ANSWER_SIMILARITY)
         self.golden = _make(metrics.Gauge, spec.GOLDEN_SCORE)
+        self.upstream_requests = _make(metrics.Counter, spec.UPSTREAM_REQUESTS)
+        self.upstream_first_token = _make(metrics.Histogram, spec.UPSTREAM_FIRST_TOKEN_SECONDS)
+        self.upstream_tokens = _make(metrics.Counter, spec.UPSTREAM_TOKENS)
         for metric in (self.in_flight, self.model_load, self.vector_search, self.grace_used, self.first_token,
                        self.tokens, self.requests, self.lifecycle_events, self.start_parts, self.cold_waits,
                        self.cold_wait_seconds):
@@ -83,6 +86,15 @@ class StageMetrics:
         for measure, value in scores.items():
             if value is not None:
                 self.golden.set(value, tags={"version": version, "knowledge_base": knowledge_base, "measure": measure})
+
+    def upstream_result(self, model: str, result: str, first_token_s: float | None, tokens: int) -> None:
+        """One request to an upstream LLM server (the openai backend), labelled by its model."""
+        tags = {"version": self.version, "model": model}
+        self.upstream_requests.inc(tags={**tags, "result": result})
+        if first_token_s is not None:
+            self.upstream_first_token.observe(first_token_s, tags=tags)
+        if tokens:
+            self.upstream_tokens.inc(tokens, tags=tags)
 
     def set_in_flight(self, count: int) -> None:
         self.in_flight.set(count)

@@ -89,6 +89,8 @@ def test_prompt_parameters_key_and_headers_reach_the_upstream(tmp_path: Path, mo
     with scripted_upstream(script) as base_url:
         generator = _generator(base_url, script.model, api_key_file=tmp_path / "key", top_p=0.8,
                                headers={"x-team": "search"})
+        reported: list[tuple[str, float | None, int]] = []
+        generator.report = lambda *outcome: reported.append(outcome)
         chunks = asyncio.run(_collect(generator, _request(max_new_tokens=5)))
         monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream-2")
         asyncio.run(_collect(_generator(base_url, script.model, api_key_env="UPSTREAM_KEY"), _request()))
@@ -99,12 +101,16 @@ def test_prompt_parameters_key_and_headers_reach_the_upstream(tmp_path: Path, mo
     assert script.requests[1]["authorization"] == "Bearer sk-upstream-2"
     assert [c.text for c in chunks[:-1]] == [f" word{i}" for i in range(5)]
     assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("stop", 10)
+    [(result, first_token_s, tokens)] = reported  # what the replica's metrics get, labelled by model there
+    assert result == "ok" and first_token_s is not None and first_token_s > 0 and tokens == 10
 
 
 def test_upstream_refusals_map_to_this_services_errors() -> None:
     script = Script(status=429, error="slow down", retry_after="7")
     with scripted_upstream(script) as base_url:
         generator = _generator(base_url, script.model)
+        reported: list[str] = []
+        generator.report = lambda result, *_: reported.append(result)
 
         async def scenario() -> None:  # one event loop, as in a replica: the client's pool belongs to it
             with pytest.raises(RateLimitedError) as limited:
@@ -118,6 +124,7 @@ def test_upstream_refusals_map_to_this_services_errors() -> None:
                 await _collect(generator, _request())
 
         asyncio.run(scenario())
+    assert reported == ["rate_limited", "refused", "unavailable"]
 
 
 def test_a_stream_cut_mid_answer_is_a_generation_error_after_its_text() -> None:
