@@ -1,8 +1,10 @@
 """Knowledge-base management behind the HTTP API, free of Ray: which version's settings and Embedder an
 update uses, one writer per KB, and jobs a client can wait for or poll.
 
-The Serve deployment (`kb_manager.py`) gives it `Stages`: each pipeline version's config and a way to
-embed through that version's Embedder, so an ingest runs the model, batching and device queries use.
+The Serve deployment (`kb_manager_deployment.py`) gives it `Stages`: each pipeline version's config and a
+way to embed through that version's Embedder, so an ingest runs the model, batching and device queries
+use. Temporary KBs (Chatchat's file chat) are made, used and swept here too (`temporary_kbs` keeps which);
+what listings show is read by `kb_listing`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from deployments.gateway.kb_listing import describe_all, embed_model_of, stored_files, with_chatchat_names
 from deployments.gateway.statuses import status_for
 from deployments.gateway.temporary_kbs import TemporaryKbs
 from rag import golden, kb_store
@@ -31,10 +33,9 @@ from rag.errors import (
     RagError,
     ServiceUnavailableError,
 )
-from rag.index import Manifest, list_chunks, list_versions, version_directory
+from rag.index import list_chunks, list_versions
 from rag.kb_build import Changes, Embed, NothingIndexedError, indexed_original, update_knowledge_base
 from rag.kb_jobs import Job, JobBoard, interrupted, without_server_paths
-from rag.language import choose_mode
 from rag.parsing import Parser
 
 logger = logging.getLogger("rag.knowledge_bases")
@@ -96,7 +97,7 @@ class KnowledgeBaseService:
             raise ServiceUnavailableError("no pipeline version is serving yet; retry shortly")
         configs = [(v, await self._stages.config(v)) for v in versions]
         root = configs[0][1].retrieval.kb_root_path
-        wanted = _embed_model(root, kb) if kb else None
+        wanted = embed_model_of(root, kb) if kb else None
         for version, config in configs:
             if wanted is None or config.embedding.model == wanted:
                 return version, config
@@ -109,7 +110,7 @@ class KnowledgeBaseService:
         """Every KB with its description, index version, language, and the retrieval its questions get
         from the heaviest serving version (and why)."""
         config = (await self._choose(versions))[1]
-        return await asyncio.to_thread(_describe_all, config)
+        return await asyncio.to_thread(describe_all, config)
 
     async def create(self, kb: str, kb_info: str, embed_model: str | None, versions: list[str]) -> dict[str, Any]:
         """A new, empty KB. An `embed_model` no serving version runs (a Chatchat client always sends its
@@ -155,7 +156,7 @@ class KnowledgeBaseService:
         _public(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
-        return _with_chatchat_names(kb, await asyncio.to_thread(_files, root, kb))
+        return with_chatchat_names(kb, await asyncio.to_thread(stored_files, root, kb))
 
     async def read_eval_set(self, kb: str, versions: list[str]) -> list[dict[str, Any]]:
         _public(kb)
@@ -173,14 +174,14 @@ class KnowledgeBaseService:
         kb_store.require(root, kb)
         async with self._lock(kb):
             await asyncio.to_thread(golden.write_items, root, kb, checked)
-        stored = {row["file_name"] for row in await asyncio.to_thread(_files, root, kb)}
+        stored = {row["file_name"] for row in await asyncio.to_thread(stored_files, root, kb)}
         return {"count": len(checked), "files_not_in_kb": golden.files_not_in(checked, stored)}
 
     async def download(self, kb: str, name: str, versions: list[str]) -> bytes:
         _public(kb)
         root = await self.kb_root(versions)
         kb_store.require(root, kb)
-        listed = {f["file_name"]: f for f in await asyncio.to_thread(_files, root, kb)}
+        listed = {f["file_name"]: f for f in await asyncio.to_thread(stored_files, root, kb)}
         row = listed.get(_stored_name(name))
         if row is None:
             raise KnowledgeBaseNotFoundError(f"knowledge base {kb!r} has no file {name[:80]!r}")
@@ -445,12 +446,6 @@ def _failed_files(changes: Changes, failed: dict[str, str], root: Path) -> dict[
     return {**changes.refused, **{name: without_server_paths(why, root) for name, why in failed.items()}}
 
 
-def _with_chatchat_names(kb: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each file's details with the fields Chatchat's list_files gives (its web UI shows them) beside ours."""
-    return [{**row, "No": number, "kb_name": kb, "file_version": 1 if row.get("in_db") else 0,
-             "document_loader": "", "text_splitter": "RecursiveCharacterTextSplitter" if row.get("in_db") else "",
-             "create_time": row.get("update_time"), "file_mtime": row.get("update_time"), "custom_docs": False}
-            for number, row in enumerate(rows, 1)]
 
 
 def _stored_name(name: str) -> str | None:
@@ -462,23 +457,8 @@ def _stored_name(name: str) -> str | None:
         return None
 
 
-def _describe_all(config: PipelineConfig) -> list[dict[str, Any]]:
-    root, rows = config.retrieval.kb_root_path, []
-    for name in kb_store.list_names(root):
-        meta, latest = kb_store.read_meta(root, name), _latest(root, name)
-        language = latest.main_language if latest else None
-        choice = choose_mode(config.retrieval.mode, config.embedding.languages, language)
-        rows.append({"knowledge_base_name": name, "kb_info": meta.kb_info if meta else "",
-                     "embed_model": meta.embed_model if meta else latest.embedding_model if latest else None,
-                     "index_version": latest.version if latest else None,
-                     "files": len(latest.files or latest.sources) if latest else 0, "language": language,
-                     "create_time": _iso(meta.created_at) if meta else None,
-                     "retrieval_mode": choice.mode, "why": choice.why})
-    return rows
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp).isoformat(timespec="seconds")
 
 
 def _splitter(default: SplitterConfig, asked: dict[str, int] | None) -> SplitterConfig:
@@ -495,35 +475,6 @@ def _splitter(default: SplitterConfig, asked: dict[str, int] | None) -> Splitter
         raise InvalidRequestError(f"chunk_size/chunk_overlap: {exc.errors()[0]['msg']}") from None
 
 
-def _embed_model(root: Path, kb: str) -> str | None:
-    meta = kb_store.read_meta(root, kb)
-    if meta is not None:
-        return meta.embed_model
-    latest = _latest(root, kb)
-    return latest.embedding_model if latest else None
 
 
-def _latest(root: Path, kb: str) -> Manifest | None:
-    versions = list_versions(root, kb)
-    return Manifest.read(version_directory(root, kb, versions[-1])) if versions else None
 
-
-def _files(root: Path, kb: str) -> list[dict[str, Any]]:
-    """The indexed files (from the latest version) and originals not indexed (delete_content=false)."""
-    latest = _latest(root, kb)
-    indexed = latest.files if latest else {}
-    rows = [{"file_name": name, "file_ext": Path(name).suffix.lower(), "file_size": info.get("size"),
-             "docs_count": info.get("chunks"), "update_time": info.get("updated_at"), "sha256": info.get("sha256"),
-             "in_db": True, "in_folder": kb_store.original_path(root, kb, name).is_file()}
-            for name, info in indexed.items()]
-    if latest and not indexed:  # a version built before per-file records: names only
-        rows = [{"file_name": name, "file_ext": Path(name).suffix.lower(), "in_db": True} for name in latest.sources]
-    content = kb_store.content_directory(root, kb)
-    listed = {r["file_name"] for r in rows}
-    if content.is_dir():
-        for path in sorted(content.rglob("*")):
-            name = path.relative_to(content).as_posix()
-            if path.is_file() and name not in listed and not any(p.startswith(".") for p in name.split("/")):
-                rows.append({"file_name": name, "file_ext": path.suffix.lower(), "file_size": path.stat().st_size,
-                             "docs_count": 0, "update_time": path.stat().st_mtime, "in_db": False, "in_folder": True})
-    return sorted(rows, key=lambda r: r["file_name"])
