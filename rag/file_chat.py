@@ -28,31 +28,24 @@ from rag.api import (
     enforce,
 )
 from rag.config import LimitsConfig
-from rag.kb_api import ChunkOverlap, ChunkSize
+from rag.kb_api import SplitterForm
 from rag.records import AnswerDelta, AnswerEvent, AnswerStart, Question
 
 TempId = Annotated[str, Field(min_length=1, max_length=64, description="the id upload_temp_docs answered")]
 
 
-class TempUploadForm(_Request):
+class TempUploadForm(SplitterForm):
     """The form fields of `upload_temp_docs` besides its files. Chatchat's server names the id of an
     earlier upload `prev_id`, its client sends `knowledge_id`: either adds these files to that temporary
     KB (same id) while it lives; otherwise (none, empty, or expired) a new one is made."""
 
     prev_id: Annotated[str, Field(max_length=64)] = ""
     knowledge_id: Annotated[str, Field(max_length=64)] = ""
-    chunk_size: ChunkSize | None = None
-    chunk_overlap: ChunkOverlap | None = None
     zh_title_enhance: bool = Field(False, description="accepted for Chatchat clients; titles are not enhanced")
 
     @property
     def temp_id(self) -> str | None:
         return self.prev_id or self.knowledge_id or None
-
-    def splitter(self) -> dict[str, int] | None:
-        chosen = {k: v for k, v in (("chunk_size", self.chunk_size), ("chunk_overlap", self.chunk_overlap))
-                  if v is not None}
-        return chosen or None
 
 
 class SearchTempDocs(_Request):

@@ -81,19 +81,24 @@ ChunkOverlap = Annotated[int, Field(ge=0, le=19_999, description="one not smalle
                                                                   "half of chunk_size")]
 
 
-class UploadForm(_Request):
-    """The form fields of `upload_docs` besides its files."""
+class SplitterForm(_Request):
+    """An upload form's splitter fields (a form's text: `"750"`), what `splitter()` hands the manager."""
 
-    knowledge_base_name: KbName
-    override: bool = False
     chunk_size: ChunkSize | None = None
     chunk_overlap: ChunkOverlap | None = None
-    wait: bool = True
 
     def splitter(self) -> dict[str, int] | None:
         chosen = {k: v for k, v in (("chunk_size", self.chunk_size), ("chunk_overlap", self.chunk_overlap))
                   if v is not None}
         return chosen or None
+
+
+class UploadForm(SplitterForm):
+    """The form fields of `upload_docs` besides its files."""
+
+    knowledge_base_name: KbName
+    override: bool = False
+    wait: bool = True
 
 
 def _not_null(schema: dict[str, Any]) -> dict[str, Any]:

@@ -304,14 +304,17 @@ class KnowledgeBaseService:
         for where in roots:
             on_disk = await asyncio.to_thread(kb_store.list_names, where, temporary=True)
             for kb, why in self.temporary.to_delete(on_disk, busy).items():
-                async with self._lock(kb):
-                    with contextlib.suppress(KnowledgeBaseNotFoundError):
-                        await asyncio.to_thread(kb_store.delete, where, kb)
-                self.temporary.discard(kb)
-                self._locks.pop(kb, None)
+                await self._delete_temporary(where, kb, why)
                 deleted.append(kb)
-                logger.info("event=TEMP_KB_DELETED kb=%s reason=%s", kb, why)
         return deleted
+
+    async def _delete_temporary(self, root: Path, kb: str, why: str) -> None:
+        async with self._lock(kb):
+            with contextlib.suppress(KnowledgeBaseNotFoundError):
+                await asyncio.to_thread(kb_store.delete, root, kb)
+        self.temporary.discard(kb)
+        self._locks.pop(kb, None)
+        logger.info("event=TEMP_KB_DELETED kb=%s reason=%s", kb, why)
 
     async def _discovering(self, versions: list[str]) -> tuple[str, PipelineConfig]:
         """The first serving version that serves KBs made after it started (`retrieval.discover`): only
@@ -382,10 +385,7 @@ class KnowledgeBaseService:
         if not kb_store.is_temporary(kb) or list_versions(root, kb) or any(
                 job.knowledge_base == kb for job in self.jobs.unfinished()):
             return
-        async with self._lock(kb):
-            await asyncio.to_thread(kb_store.delete, root, kb)
-        self.temporary.discard(kb)
-        logger.info("event=TEMP_KB_DELETED kb=%s reason=nothing_indexed", kb)
+        await self._delete_temporary(root, kb, "nothing_indexed")
 
     async def _build(self, job: Job, root: Path, kb: str, config: PipelineConfig, changes: Changes,
                      splitter: SplitterConfig, embed: Embed) -> None:
