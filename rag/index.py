@@ -72,6 +72,9 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     # {"cjk_share": 0..1, "main": "zh" | "en"}: which retrieval `mode: auto` gives this KB (rag.language).
     language: dict[str, Any] = field(default_factory=dict)
+    # How the vectors were made (runtime, precision, quantization; rag.embedding): a record for people.
+    # Which versions may serve the index is `embedding_model`'s job (EmbeddingConfig.vector_space).
+    embedding_runtime: dict[str, Any] = field(default_factory=dict)
 
     @property
     def main_language(self) -> str | None:
@@ -128,7 +131,8 @@ ExtraWriter = Callable[[Path, list[Chunk]], None]
 
 def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.ndarray, *,
                   embedding_model: str, fingerprint: str, splitter: dict[str, Any] | None = None,
-                  files: dict[str, dict[str, Any]] | None = None, extra: ExtraWriter | None = None) -> Manifest:
+                  files: dict[str, dict[str, Any]] | None = None, extra: ExtraWriter | None = None,
+                  embedding_runtime: dict[str, Any] | None = None) -> Manifest:
     """Write a new immutable version of `name` and publish it atomically; returns its manifest.
 
     Staging leftovers of killed publishes are removed first (see `clean_staging`).
@@ -155,8 +159,9 @@ def publish_index(kb_root: Path, name: str, chunks: list[Chunk], vectors: np.nda
             share = cjk_share(c.text for c in chunks)
             profile = {"cjk_share": round(share, 4), "main": language_of(share)}
             return _rename_into_place(base, staging, name, vectors.shape[1], len(chunks), embedding_model,
-                                      fingerprint, splitter or {}, sorted({c.source for c in chunks}), files or {},
-                                      profile)
+                                      fingerprint, splitter or {}, sorted({c.source for c in chunks}),
+                                      files=files or {}, language=profile,
+                                      embedding_runtime=embedding_runtime or {})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -220,13 +225,12 @@ def _write_docstore(directory: Path, chunks: list[Chunk]) -> None:
 
 
 def _rename_into_place(base: Path, staging: Path, name: str, dimension: int, count: int, model: str,
-                       fingerprint: str, splitter: dict[str, Any], sources: list[str],
-                       files: dict[str, dict[str, Any]], language: dict[str, Any]) -> Manifest:
+                       fingerprint: str, splitter: dict[str, Any], sources: list[str], **recorded: Any) -> Manifest:
     # Another ingest may publish concurrently: a rename onto an existing version fails, so take the next.
     for _ in range(100):
         version = _next_version_number(base)
         manifest = Manifest(name, version, model, dimension, count, fingerprint, time.time(), splitter, sources,
-                            files=files, language=language)
+                            **recorded)
         (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2, ensure_ascii=False),
                                                encoding="utf-8")
         _fsync(staging / "manifest.json")

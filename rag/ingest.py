@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from rag.documents import DEFAULT_MAX_FILE_BYTES, iter_files
 from rag.embedding import TextEmbedder
 from rag.errors import InvalidRequestError
 from rag.index import Manifest, list_versions, version_directory
-from rag.kb_build import Changes, Embed, Progress, update_knowledge_base
+from rag.kb_build import Changes, Progress, update_knowledge_base
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ def ingest_directory(source: Path, kb_root: Path, name: str, config: PipelineCon
     or unsafe file) is a `RagError` raised before anything is published.
     """
     check_kb_name(name)  # before any work: a bad name should not cost a load and an embedding pass
-    if embedder is not None and embedder.model_name != config.embedding.model:
-        raise InvalidRequestError(f"the embedder given runs {embedder.model_name!r} but the config says "
-                                  f"{config.embedding.model!r}; the index would be labelled with the wrong model")
+    if embedder is not None and embedder.config.vector_space != config.embedding.vector_space:
+        raise InvalidRequestError(f"the embedder given runs {embedder.config.vector_space!r} but the config says "
+                                  f"{config.embedding.vector_space!r}; the index would be labelled with the wrong "
+                                  "model")
     source = Path(source)
     files = {p.relative_to(source).as_posix(): p for p in iter_files(source)}
     if not files:
@@ -73,13 +75,16 @@ class _Embedding:
         self._own = embedder is None
         self._model = embedder or TextEmbedder(config.embedding)
 
-    def __enter__(self) -> Embed:
+    def __enter__(self) -> _Embedding:
         if self._own:
             self._model.load()
-        return self._embed
+        return self
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        return self._model.embed(texts)
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self._model.embed_bulk(texts)
+
+    def describe(self) -> dict[str, Any]:
+        return self._model.describe()
 
     def __exit__(self, *_: object) -> None:
         if self._own:

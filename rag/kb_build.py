@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -25,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from langchain_core.documents import Document
@@ -52,6 +54,8 @@ from rag.index import (
 
 # (stage, done, total): "load" counts files, "embed" counts chunks, "published" gives the new version number.
 Progress = Callable[[str, int, int], None]
+logger = logging.getLogger("rag.kb_build")
+# Texts to unit vectors; one that also has `describe()` (how it embeds) has that recorded in the manifest.
 Embed = Callable[[list[str]], np.ndarray]
 Source = Path | bytes  # a file to read, or bytes received over HTTP
 # (file, folder it is named relative to, splitter, max bytes) -> its chunks; rag.parsing.Parser is one.
@@ -137,9 +141,10 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
             _check_size(new_chunks, changes.max_chunks)
             chunks, vectors, embedded = _assemble(files, new_chunks, previous, embed, progress, batch_size)
             info = _files_info(files, previous.manifest, new_chunks, staged, todo, kb_root, kb, incoming)
-            manifest = publish_index(kb_root, kb, chunks, vectors, embedding_model=config.embedding.model,
-                                     fingerprint=_fingerprint(info, config.embedding.model),
-                                     splitter=config.splitter.model_dump(), files=info, extra=extra)
+            manifest = publish_index(kb_root, kb, chunks, vectors, embedding_model=config.embedding.vector_space,
+                                     fingerprint=_fingerprint(info, config.embedding.vector_space),
+                                     splitter=config.splitter.model_dump(), files=info, extra=extra,
+                                     embedding_runtime=_runtime_of(embed, previous.manifest, embedded))
             published = True
             if progress:
                 progress("published", manifest.version, manifest.version)
@@ -150,17 +155,32 @@ def update_knowledge_base(kb_root: Path, kb: str, config: PipelineConfig, change
                 shutil.rmtree(incoming, ignore_errors=True)
         for name in () if changes.keep_originals else changes.delete:
             kb_store.original_path(kb_root, kb, name).unlink(missing_ok=True)
-        kb_store.ensure_meta(kb_root, kb, config.embedding.model)  # a switch of model (full rebuild) included
+        kb_store.ensure_meta(kb_root, kb, config.embedding.vector_space)  # a switch of model (full rebuild) included
         return BuildResult(manifest, True, embedded, len(chunks) - embedded, tuple(sorted(todo)),
                            tuple(changes.delete), removed, failed)
+
+
+def _runtime_of(embed: Embed, previous: Manifest | None, embedded: int) -> dict[str, Any]:
+    """What made the vectors: the embedder's own account when it gives one (`describe()`, as the Serve
+    Embedder and TextEmbedder do). A version that embedded nothing new keeps its predecessor's record."""
+    if not embedded and previous is not None:
+        return previous.embedding_runtime
+    describe = getattr(embed, "describe", None)
+    if describe is None:
+        return {}
+    try:
+        return dict(describe())
+    except Exception as exc:  # a record for people: a build is not failed for it
+        logger.warning("event=EMBEDDING_RUNTIME_UNKNOWN error=%r", exc)
+        return {}
 
 
 def _load_previous(kb_root: Path, kb: str, config: PipelineConfig, full: bool) -> _Previous:
     versions = list_versions(kb_root, kb)
     meta = kb_store.read_meta(kb_root, kb)
-    if meta is not None and meta.embed_model != config.embedding.model and not full:
+    if meta is not None and meta.embed_model != config.embedding.vector_space and not full:
         raise IndexMismatchError(f"knowledge base {kb!r} embeds with {meta.embed_model!r}, but this pipeline "
-                                 f"embeds with {config.embedding.model!r}; to switch its model, rebuild it "
+                                 f"embeds with {config.embedding.vector_space!r}; to switch its model, rebuild it "
                                  "whole (ingest --force, or recreate_vector_store from a version that runs it)")
     if not versions:
         return _Previous()
@@ -168,7 +188,7 @@ def _load_previous(kb_root: Path, kb: str, config: PipelineConfig, full: bool) -
     previous = _Previous(manifest)
     for chunk, vector in zip(chunks, vectors, strict=True):
         previous.chunks_by_file.setdefault(chunk.source, []).append((chunk, vector))
-        if not full and manifest.embedding_model == config.embedding.model:
+        if not full and manifest.embedding_model == config.embedding.vector_space:
             previous.vector_by_text[_text_hash(chunk.text)] = vector
     return previous
 

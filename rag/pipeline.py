@@ -123,7 +123,7 @@ class LocalPipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.embedder = TextEmbedder(config.embedding)
-        self.retriever = Retriever(config.retrieval, config.embedding.model,
+        self.retriever = Retriever(config.retrieval, config.embedding.vector_space,
                                    model_languages=config.embedding.languages)
         self.generator: Generator = build_generator(config.generation)
         self.pipeline = RagPipeline(config, self._embed, self._search, self.generator.stream)

@@ -1,15 +1,19 @@
-"""Ingest: embedding through the Embedder deployment vs. in-process, and incremental vs. full builds.
+"""Ingest: embedding runtimes side by side, in-process and through the Embedder deployment, and
+incremental vs. full builds.
 
-    .venv/bin/python -m scripts.bench_ingest [--files 150] [--json var/bench_ingest.json]
+    .venv/bin/python -m scripts.bench_ingest [--files 150] [--runtimes torch auto] [--chat-streams 4]
+                                             [--json var/bench_ingest.json]
 
-One run, side by side on this machine:
-1. in-process `TextEmbedder.embed` over a corpus (synthetic, about 20 chunks per file, or `--docs`),
+One run, side by side on this machine, for each `embedding.runtime` in --runtimes (torch is what the
+project used before the CPU runtimes; auto is today's default, OpenVINO on a CPU):
+1. in-process `TextEmbedder.embed_bulk` over a corpus (synthetic, about 20 chunks per file, or `--docs`),
    batches of 256;
 2. a full build of that corpus as a knowledge base, then a one-file change (in-process embedder);
-3. on a private 2-CPU cluster with the repo's config: the same texts through the v1 Embedder's
-   `embed_many` (what the knowledge-base API uses), then the same full build and one-file change
-   through `POST /knowledge_base/upload_docs`.
-Both embedding sides run with OMP_NUM_THREADS=1, as serve_config.yaml gives the replicas.
+3. on one private 2-CPU cluster with the repo's config (redeployed with each runtime): the same texts
+   through the v1 Embedder's `embed_many` (what the knowledge-base API uses), then the same full build
+   and one-file change through `POST /knowledge_base/upload_docs`, under --chat-streams streaming
+   chats (0: none) that run through the whole upload, with their failures counted.
+The process and the replicas run with OMP_NUM_THREADS=1, as serve_config.yaml gives the replicas.
 """
 
 import os
@@ -38,6 +42,7 @@ from rag.config import PipelineConfig
 from rag.documents import split_documents
 from rag.embedding import TextEmbedder
 from rag.kb_build import Changes, update_knowledge_base
+from rag.loadgen import LoadGenerator
 from tests.support import cluster as support
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, default=40, help="synthetic documents (about 20 chunks each)")
     parser.add_argument("--docs", type=Path, default=None, help="a folder of real documents instead (e.g. the "
                         "man pages of scripts/eval_retrieval.py --render-to)")
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "auto"], help="embedding.runtime values")
+    parser.add_argument("--chat-streams", type=int, default=4, help="streaming chats during the uploads")
     parser.add_argument("--json", default=None, help="write the results to this path")
     return parser.parse_args(argv)
 
@@ -89,42 +96,65 @@ def in_process(docs: dict[str, bytes], texts: list[str], config: PipelineConfig,
     embedder = TextEmbedder(config.embedding)
     embedder.load()
     try:
-        throughput = rate(texts, embedder.embed)
-        kb_store.create(work, "bench", "", config.embedding.model)
-        build = lambda changes: update_knowledge_base(work, "bench", config, changes, embed=embedder.embed)  # noqa: E731
+        throughput = rate(texts, embedder.embed_bulk)
+        kb_store.create(work, "bench", "", config.embedding.vector_space)
+        build = lambda changes: update_knowledge_base(work, "bench", config, changes, embed=embedder.embed_bulk)  # noqa: E731
         full_s, full = timed(lambda: build(Changes(add=dict(docs))))
         one_s, one = timed(lambda: build(Changes(add=_one_changed(docs))))
+        described = embedder.describe()
     finally:
         embedder.close()
     return {"embed_per_s": throughput, "full_build_s": full_s, "chunks": full.manifest.count,
-            "one_file_s": one_s, "one_file_embedded": one.embedded}
+            "one_file_s": one_s, "one_file_embedded": one.embedded, "runtime": described}
 
 
-def through_serve(docs: dict[str, bytes], texts: list[str], work: Path) -> dict[str, Any]:
+def through_serve(docs: dict[str, bytes], texts: list[str], work: Path, runtimes: list[str],
+                  chat_streams: int) -> dict[str, dict[str, Any]]:
+    """Each runtime in turn on one private cluster: the repo's config redeployed with it."""
     support.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
-    from ray import serve
-
     key_file = work / "api_key"
     create_key_file(key_file)
     port = support.free_port()
-    config = cluster.write_config(REPO / "serve_config.yaml", work / "serve_config.yaml", http_port=port,
-                              kb_root=work / "kb", gateway_args={"api_key_file": str(key_file)})
-    first = next(iter(pipeline_configs(load_serve_config(config)).values()))
-    from rag.ingest import ingest_directory
-
-    ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples", first)
+    results = {}
     with support.private_cluster() as dashboard:
-        cluster.deploy(config, dashboard=dashboard)
-        gateway = f"http://127.0.0.1:{port}"
-        cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-        handle = serve.get_deployment_handle("Embedder", app_name=first.version)
-        throughput = rate(texts, lambda batch: handle.embed_many.remote(batch).result(timeout_s=300))
-        with gateway_client(gateway, read_client_key(key_file), timeout=600) as http:
-            http.post("/knowledge_base/create_knowledge_base", json={"knowledge_base_name": "bench"}).raise_for_status()
-            full_s, _ = timed(lambda: upload(http, docs))
-            one_s, one = timed(lambda: upload(http, _one_changed(docs), override=True))
+        for n, runtime in enumerate(runtimes):
+            config = cluster.write_config(REPO / "serve_config.yaml", work / f"serve_config.{runtime}.yaml",
+                                          http_port=port, kb_root=work / "kb",
+                                          gateway_args={"api_key_file": str(key_file)},
+                                          pipeline_args={"embedding": {"runtime": runtime}})
+            first = next(iter(pipeline_configs(load_serve_config(config)).values()))
+            if n == 0:
+                from rag.ingest import ingest_directory
+
+                ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples", first)
+            cluster.deploy(config, dashboard=dashboard)
+            results[runtime] = _serve_one(docs, texts, first, f"http://127.0.0.1:{port}", dashboard,
+                                          read_client_key(key_file), f"bench{n}", chat_streams)
+            print(f"through Serve, {runtime}: {json.dumps(results[runtime])}", flush=True)
+    return results
+
+
+def _serve_one(docs: dict[str, bytes], texts: list[str], first: PipelineConfig, gateway: str, dashboard: str,
+               key: str | None, kb: str, chat_streams: int) -> dict[str, Any]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Embedder", app_name=first.version)
+    wanted = TextEmbedder(first.embedding).runtime
+    cluster.wait_until(lambda: handle.describe.remote().result(timeout_s=60)["runtime"]["runtime"] == wanted,
+                       300, f"the Embedder on {wanted}")
+    cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+    described = handle.describe.remote().result(timeout_s=60)["runtime"]
+    throughput = rate(texts, lambda batch: handle.embed_many.remote(batch).result(timeout_s=300))
+    with gateway_client(gateway, key, timeout=600) as http, \
+            LoadGenerator(gateway, concurrency=chat_streams, max_seconds=3600, api_key=key) as chats:
+        http.post("/knowledge_base/create_knowledge_base", json={"knowledge_base_name": kb}).raise_for_status()
+        full_s, _ = timed(lambda: upload(http, docs, kb))
+        one_s, one = timed(lambda: upload(http, _one_changed(docs), kb, override=True))
+    load = chats.stop()
     return {"embed_per_s": throughput, "full_build_s": full_s, "one_file_s": one_s,
-            "one_file_embedded": one["embedded"]}
+            "one_file_embedded": one["embedded"], "runtime": described,
+            "chats": {"answered": len(load.answers) - len(load.failed) - len(load.truncated),
+                      "failed": len(load.failed) + len(load.errors), "truncated": len(load.truncated)}}
 
 
 def _one_changed(docs: dict[str, bytes]) -> dict[str, bytes]:
@@ -132,13 +162,13 @@ def _one_changed(docs: dict[str, bytes]) -> dict[str, bytes]:
     return {name: docs[name] + b"\n\nOne more paragraph, appended to change this file and nothing else."}
 
 
-def upload(http: Any, docs: dict[str, bytes], override: bool = False) -> dict[str, Any]:
+def upload(http: Any, docs: dict[str, bytes], kb: str, override: bool = False) -> dict[str, Any]:
     names = list(docs)
     view: dict[str, Any] = {}
     for start in range(0, len(names), 50):  # as a client would: batches of 50 files
         part = [("files", (n, docs[n])) for n in names[start:start + 50]]
         response = http.post("/knowledge_base/upload_docs", files=part,
-                             data={"knowledge_base_name": "bench", "override": str(override).lower()})
+                             data={"knowledge_base_name": kb, "override": str(override).lower()})
         response.raise_for_status()
         view = response.json()["data"]
         if response.status_code != 200:
@@ -152,32 +182,41 @@ def main(argv: list[str] | None = None) -> int:
     docs = {p.name: p.read_bytes() for p in sorted(args.docs.iterdir()) if p.is_file()} if args.docs \
         else corpus(args.files)
     texts = chunk_texts(docs, config)
+    local = {}
     with tempfile.TemporaryDirectory() as tmp:
-        local = in_process(docs, texts, config, Path(tmp) / "local")
-        print(f"in-process: {json.dumps(local)}", flush=True)
-        served = through_serve(docs, texts, Path(tmp) / "served")
-    report(local, served, len(texts))
+        for runtime in args.runtimes:
+            variant = config.model_copy(update={"embedding": config.embedding.model_copy(update={"runtime": runtime})})
+            local[runtime] = in_process(docs, texts, variant, Path(tmp) / f"local-{runtime}")
+            print(f"in-process, {runtime}: {json.dumps(local[runtime])}", flush=True)
+        served = through_serve(docs, texts, Path(tmp) / "served", args.runtimes, args.chat_streams)
+    report(local, served, len(texts), args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"in_process": local, "serve": served}, indent=2))
     return 0
 
 
-def report(local: dict[str, Any], served: dict[str, Any], chunks: int) -> None:
-    print(f"\n{args_line(chunks)}\n")
-    print("| measure | in-process | through Serve | ratio |")
-    print("|---|---:|---:|---:|")
-    print(f"| embedding, chunks/s | {local['embed_per_s']:.0f} | {served['embed_per_s']:.0f} | "
-          f"{served['embed_per_s'] / local['embed_per_s']:.2f} |")
-    print(f"| full build, s | {local['full_build_s']:.1f} | {served['full_build_s']:.1f} | |")
-    print(f"| one-file change, s | {local['one_file_s']:.2f} | {served['one_file_s']:.2f} | |")
-    for side, row in (("in-process", local), ("through Serve", served)):
-        print(f"one-file change / full build, {side}: {row['one_file_s'] / row['full_build_s']:.3f} "
-              f"({row['one_file_embedded']} chunks embedded)")
-
-
-def args_line(chunks: int) -> str:
-    return f"corpus: {chunks} chunks (750/150 splitter), embedding batches of {BATCH}, OMP_NUM_THREADS=1"
+def report(local: dict[str, dict[str, Any]], served: dict[str, dict[str, Any]], chunks: int,
+           args: argparse.Namespace) -> None:
+    print(f"\ncorpus: {chunks} chunks (750/150 splitter), embedding calls of {BATCH} texts, OMP_NUM_THREADS=1; "
+          f"uploads under {args.chat_streams} streaming chats\n")
+    print("| runtime | precision | in-process chunks/s | Embedder chunks/s | full build in-process, s | "
+          "full upload, s | one-file upload, s (chunks embedded) | chats answered / failed / truncated |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for runtime in args.runtimes:
+        here, there = local[runtime], served[runtime]
+        chats = there["chats"]
+        print(f"| {runtime} ({there['runtime']['runtime']}) | {there['runtime']['precision']} | "
+              f"{here['embed_per_s']:.0f} | {there['embed_per_s']:.0f} | {here['full_build_s']:.1f} | "
+              f"{there['full_build_s']:.1f} | {there['one_file_s']:.2f} ({there['one_file_embedded']}) | "
+              f"{chats['answered']} / {chats['failed']} / {chats['truncated']} |")
+    if len(args.runtimes) > 1:
+        base, best = args.runtimes[0], args.runtimes[-1]
+        print(f"\n{best} against {base}: Embedder chunks/s "
+              f"x{served[best]['embed_per_s'] / served[base]['embed_per_s']:.2f}, "
+              f"full upload x{served[base]['full_build_s'] / served[best]['full_build_s']:.2f} faster, "
+              f"in-process x{local[best]['embed_per_s'] / local[base]['embed_per_s']:.2f} "
+              f"(goal: at least x3 through the Embedder)")
 
 
 if __name__ == "__main__":

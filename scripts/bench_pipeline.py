@@ -90,7 +90,7 @@ def pin_served_index(config: PipelineConfig, url: str, kb: str, api_key: str | N
     for version in reversed(list_versions(root, kb)):
         # The Retriever, not the bare index: in `auto` mode the service fuses dense and BM25 rankings.
         retrieval = config.retrieval.model_copy(update={"knowledge_bases": {kb: version}, "discover": False})
-        retriever = Retriever(retrieval, config.embedding.model, model_languages=config.embedding.languages)
+        retriever = Retriever(retrieval, config.embedding.vector_space, model_languages=config.embedding.languages)
         retriever.load()
         found = [[(p.id, round(p.score, 3)) for p in retriever.search(kb, vector, top_k, threshold, question)]
                  for question, vector in zip(QUESTIONS, vectors, strict=True)]

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from control import cluster, local_cluster
 from control.document import load_serve_config
 from control.serve_config import pipeline_configs
 from rag.auth import create_key_file
 from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
+from rag.config import PipelineConfig
 from rag.constants import resolve_path
+from rag.embedding_export import ensure_export
 from rag.index import list_versions
 from rag.ingest import ingest_directory
 from scripts.ingest import ProgressBars
@@ -31,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print("1/4 Ray head", "started" if local_cluster.start_head() else "already running", f"({cluster.DASHBOARD})")
-    for config in pipeline_configs(load_serve_config(args.config)).values():
+    configs = list(pipeline_configs(load_serve_config(args.config)).values())
+    _prepare_embedding(configs)
+    for config in configs:
         for kb in config.retrieval.knowledge_bases:
             root = config.retrieval.kb_root_path
             if list_versions(root, kb):  # built already, maybe changed over the API since: leave it be
@@ -67,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
           f'    curl -H "Authorization: Bearer $OPENAI_API_KEY" {cluster.GATEWAY}/v1/models')
     print("Stop gracefully with: make stop")
     return 0 if answer.complete else 1
+
+
+def _prepare_embedding(configs: list[PipelineConfig]) -> None:
+    """The CPU runtimes' ONNX export, made here once rather than inside the replicas' warm-up."""
+    done: set[tuple[object, ...]] = set()
+    for config in configs:
+        embedding = config.embedding
+        key = (embedding.model, embedding.cache_dir, embedding.quantization)
+        if embedding.runtime == "torch" or key in done:
+            continue
+        done.add(key)
+        started = time.monotonic()
+        made = ensure_export(embedding.model, embedding.cache_dir, embedding.quantization)
+        print(f"    embedding {embedding.model}: ONNX export in {made.directory.relative_to(resolve_path('.'))} "
+              f"({time.monotonic() - started:.1f} s)")
 
 
 def _print_piece(answer: object, event: object) -> None:

@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--combined", action="store_true",
                         help="also index all --docs folders together and ask each question set of that")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--runtime", action="append", default=None, choices=["auto", "openvino", "onnx", "torch",
+                                                                               "onnx-int8"],
+                        help="embedding runtime; repeat to compare runtimes side by side (the first is the "
+                             "reference of the comparison table; default: auto)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="keep chunk embeddings here, keyed by a hash of the chunks (a dev convenience)")
     parser.add_argument("--render-to", type=Path, default=None,
@@ -159,7 +163,8 @@ def read_questions(path: Path) -> list[Question]:
 def embed_chunks(embedder: TextEmbedder, texts: list[str], cache_dir: Path | None) -> np.ndarray:
     if cache_dir is None:
         return embedder.embed(texts)
-    digest = hashlib.sha256(embedder.model_name.encode())
+    how = embedder.describe()  # vectors differ by runtime and precision a little: never reused across them
+    digest = hashlib.sha256(f"{embedder.model_name} {how['runtime']} {how['precision']}".encode())
     for text in texts:
         encoded = text.encode("utf-8")
         digest.update(len(encoded).to_bytes(8, "big") + encoded)
@@ -288,6 +293,42 @@ def run_table(corpus: Corpus, embedder: TextEmbedder, lexical_index: LexicalInde
             "bm25_search_median_ms": search_ms, "results": results}
 
 
+def run_runtime(runtime: str, names: list[str], folders: list[Path], question_files: list[Path],
+                args: argparse.Namespace) -> list[dict]:
+    """Every table of the run with one embedding runtime."""
+    settings = {"runtime": "onnx", "quantization": "int8"} if runtime == "onnx-int8" else {"runtime": runtime}
+    embedder = TextEmbedder(EmbeddingConfig(**settings))  # type: ignore[arg-type]
+    embedder.load()
+    how = embedder.describe()
+    print(f"\n# embedding runtime {runtime}: {how['runtime']}, {how['precision']}")
+    corpora = [load_corpus(name, folder, question_file, embedder, args.cache_dir)
+               for name, folder, question_file in zip(names, folders, question_files, strict=True)]
+    tables = [run_table(corpus, embedder, LexicalIndex.build(corpus.texts), args) for corpus in corpora]
+    if args.combined:
+        mixed = combine(corpora)
+        lexical_index = LexicalIndex.build(mixed[0].texts)  # one index: every set shares the chunks
+        tables += [run_table(corpus, embedder, lexical_index, args) for corpus in mixed]
+    embedder.close()
+    return tables
+
+
+def compare_runtimes(per_runtime: dict[str, list[dict]]) -> str:
+    """Dense and auto recall of each runtime beside the first's, table by table: the largest difference
+    says whether a runtime changes what questions find."""
+    reference = next(iter(per_runtime))
+    lines = ["\n# runtimes side by side (dense and auto (default) recall; difference to " + reference + ")",
+             "| table | mode | " + " | ".join(per_runtime) + " | largest difference |",
+             "|---|---|" + "---:|" * (len(per_runtime) + 1)]
+    for n, table in enumerate(per_runtime[reference]):
+        for mode in ("dense", "auto (default)"):
+            for k in CUTOFFS:
+                values = [tables[n]["results"][mode][f"R@{k}"] for tables in per_runtime.values()]
+                worst = max(abs(v - values[0]) for v in values)
+                lines.append(f"| {table['name']} | {mode} R@{k} | " + " | ".join(f"{v:.3f}" for v in values) +
+                             f" | {worst:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render_to is not None or args.render_zh_to is not None:
@@ -308,20 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.combined and len(folders) < 2:
         raise SystemExit("--combined needs at least two --docs folders")
 
-    embedder = TextEmbedder(EmbeddingConfig())
-    embedder.load()
-    corpora = [load_corpus(name, folder, question_file, embedder, args.cache_dir)
-               for name, folder, question_file in zip(names, folders, question_files, strict=True)]
-    tables = [run_table(corpus, embedder, LexicalIndex.build(corpus.texts), args) for corpus in corpora]
-    if args.combined:
-        mixed = combine(corpora)
-        lexical_index = LexicalIndex.build(mixed[0].texts)  # one index: every set shares the chunks
-        tables += [run_table(corpus, embedder, lexical_index, args) for corpus in mixed]
+    per_runtime = {runtime: run_runtime(runtime, names, folders, question_files, args)
+                   for runtime in args.runtime or ["auto"]}
+    if len(per_runtime) > 1:
+        print(compare_runtimes(per_runtime))
+    tables = next(iter(per_runtime.values()))
     if args.json is not None:
         report: dict = {"hit": "source file among the sources of the top-k chunks", "tables": tables}
         if len(tables) == 1:  # the single-set layout of earlier reports
             report |= {key: tables[0][key] for key in ("questions", "files", "chunks", "bm25_search_median_ms",
                                                        "results")}
+        if len(per_runtime) > 1:
+            report["runtimes"] = per_runtime
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -50,12 +50,22 @@ class ServeStages:
                       if PIPELINE_DEPLOYMENT in app.deployments and app.status != "DELETING")
 
     def embedder(self, version: str) -> Embed:
-        handle = self._handles.embedder_blocking(version)
+        return _RemoteEmbed(self._handles.embedder_blocking(version))
 
-        def embed(texts: list[str]) -> np.ndarray:
-            # Called from the build's worker thread, where a blocking result() is allowed.
-            return handle.embed_many.remote(texts).result(timeout_s=EMBED_TIMEOUT_S)
-        return embed
+
+class _RemoteEmbed:
+    """A version's Embedder for the build's worker thread, where a blocking result() is allowed."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self._handle.embed_many.remote(texts).result(timeout_s=EMBED_TIMEOUT_S)
+
+    def describe(self) -> dict[str, Any]:
+        """How it embeds (runtime, precision), recorded in the manifest of what it builds."""
+        described = self._handle.describe.remote().result(timeout_s=EMBED_TIMEOUT_S)
+        return dict(described.get("runtime", {}))
 
 
 def _prune(root: Path, kb: str, keep: int, lease_ttl_s: float, also: Keep) -> None:

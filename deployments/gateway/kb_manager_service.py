@@ -86,7 +86,7 @@ class KnowledgeBaseService:
             logger.warning("event=PRUNE_SKIPPED kb=%s reason=%r", kb, exc)
             return
         keep = Keep({p for c in configs if isinstance(p := c.retrieval.knowledge_bases.get(kb), int)},
-                    {c.embedding.model for c in configs})
+                    {c.embedding.vector_space for c in configs})
         assert self._after_publish is not None
         await asyncio.to_thread(self._after_publish, root, kb, self.settings.keep_versions,
                                 config.retrieval.lease_ttl_s, keep)
@@ -99,7 +99,7 @@ class KnowledgeBaseService:
         root = configs[0][1].retrieval.kb_root_path
         wanted = embed_model_of(root, kb) if kb else None
         for version, config in configs:
-            if wanted is None or config.embedding.model == wanted:
+            if wanted is None or config.embedding.vector_space == wanted:
                 return version, config
         raise ConflictError(f"knowledge base {kb!r} embeds with {wanted!r}, which no serving version runs")
 
@@ -120,10 +120,10 @@ class KnowledgeBaseService:
             raise ConflictError(f"knowledge base names of the form {kb[:5]}<32 hex digits> are reserved for "
                                 "temporary knowledge bases (upload_temp_docs); choose another name")
         configs = [await self._stages.config(v) for v in versions] if versions else []
-        models = sorted({c.embedding.model for c in configs})
+        models = sorted({c.embedding.vector_space for c in configs})
         if not configs:
             raise ServiceUnavailableError("no pipeline version is serving yet; retry shortly")
-        model = embed_model if embed_model in models else configs[0].embedding.model
+        model = embed_model if embed_model in models else configs[0].embedding.vector_space
         async with self._lock(kb):
             meta = await asyncio.to_thread(kb_store.create, configs[0].retrieval.kb_root_path, kb, kb_info, model)
         created = {"knowledge_base_name": meta.name, "kb_info": meta.kb_info, "embed_model": meta.embed_model}
@@ -269,7 +269,8 @@ class KnowledgeBaseService:
             self.temporary.reserve(kb)
             try:
                 async with self._lock(kb):
-                    await asyncio.to_thread(kb_store.create, root, kb, "temporary (file chat)", config.embedding.model)
+                    await asyncio.to_thread(kb_store.create, root, kb, "temporary (file chat)",
+                                            config.embedding.vector_space)
             except BaseException:
                 self.temporary.discard(kb)
                 raise

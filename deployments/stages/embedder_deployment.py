@@ -20,7 +20,8 @@ class EmbedderDeployment:
         # @serve.batch adds these setters at run time; Ray types the method as the plain coroutine.
         self._embed_batch.set_max_batch_size(config.embedding.max_batch_size)  # type: ignore[attr-defined]
         self._embed_batch.set_batch_wait_timeout_s(config.embedding.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        await self._life.start(f"embedding model {config.embedding.model} on {self._embedder.device}",
+        await self._life.start(f"embedding model {config.embedding.model} on {self._embedder.runtime} "
+                               f"({self._embedder.device})",
                                self._embedder.load, self._embedder.warmup, config.lifecycle.warmup_delay_s)
 
     async def embed(self, text: str, query: bool = True) -> np.ndarray:
@@ -33,17 +34,18 @@ class EmbedderDeployment:
         return result
 
     async def embed_many(self, texts: list[str]) -> np.ndarray:
-        """Many texts at once, for ingest: already a batch, so it skips the query batcher; the forward
-        pass runs in a thread, so queries keep being served between ingest batches."""
+        """Many texts at once, for ingest: already a batch, so it skips the query batcher and runs on the
+        ingest lane in a thread (its own graph and cores), so questions are served beside it."""
         self._life.log.first_traffic()
         with self._life.in_flight.track():
-            return await asyncio.to_thread(self._embedder.embed, texts)
+            return await asyncio.to_thread(self._embedder.embed_bulk, texts)
 
     async def count_tokens(self, texts: list[str]) -> int:
         return await asyncio.to_thread(self._embedder.count_tokens, texts)
 
     def describe(self) -> dict[str, object]:
-        return {"model": self._embedder.model_name, "dimension": self._embedder.dimension}
+        return {"model": self._embedder.model_name, "dimension": self._embedder.dimension,
+                "runtime": self._embedder.describe()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray | Exception]:

@@ -21,7 +21,7 @@ from rag.retrieval import Change, Retriever
 class RetrieverDeployment:
     async def __init__(self, config: PipelineConfig) -> None:  # type: ignore[misc]
         ctx = serve.get_replica_context()
-        self._retriever = Retriever(config.retrieval, config.embedding.model,
+        self._retriever = Retriever(config.retrieval, config.embedding.vector_space,
                                     reader_id_for(ctx.app_name, ctx.replica_id.unique_id),
                                     model_languages=config.embedding.languages)
         self._life = ReplicaLifecycle(config.version)

@@ -44,11 +44,14 @@ def stop(where):
 
 
 class HashEmbedder:
-    model_name = EmbeddingConfig().model
+    config = EmbeddingConfig()
 
-    def embed(self, texts):
+    def embed_bulk(self, texts):
         vectors = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).random(384) for t in texts])
         return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+    def describe(self):
+        return {"runtime": "hash"}
 
 
 def progress(stage, done, total):

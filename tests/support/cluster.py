@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from control.local_cluster import DEMO_CPUS, ensure_ray_token
+from rag.config import EmbeddingConfig
+from rag.embedding_export import ensure_export
 
 # Ray's own processes take ports the kernel hands out (the ephemeral range) and workers take
 # 10002-19999, both after our port was chosen: a port from either can be gone by the time Serve's
@@ -60,6 +62,8 @@ def private_cluster(num_cpus: float = DEMO_CPUS, **init_args: Any) -> Iterator[s
     if ray.is_initialized():
         raise RuntimeError("a Ray cluster from another fixture is still up: clusters must not overlap")
     use_token_auth()
+    # As make demo does: the default model's ONNX export is made before any replica needs it.
+    ensure_export(EmbeddingConfig().model, EmbeddingConfig().cache_dir)
     port = free_port()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, log_to_driver=False, **init_args)
