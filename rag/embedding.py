@@ -88,7 +88,7 @@ class TextEmbedder:
         self._query = GraphEncoder(export, runtime, self.config.quantization, self.config.precision,
                                    self.config.threads)
         self._bulk = GraphEncoder(export, runtime, self.config.quantization, self.config.precision,
-                                  self.config.ingest_threads or usable_cores())
+                                  self.config.ingest_threads or usable_cores(), parallel=True)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """An (n, dimension) float32 array of normalized embeddings, one row per text (the question lane)."""

@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, default=40, help="synthetic documents (about 20 chunks each)")
     parser.add_argument("--docs", type=Path, default=None, help="a folder of real documents instead (e.g. the "
                         "man pages of scripts/eval_retrieval.py --render-to)")
-    parser.add_argument("--runtimes", nargs="+", default=["torch", "auto"], help="embedding.runtime values")
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "auto"],
+                        help="embedding.runtime values, each optionally with a precision: openvino/fp32")
     parser.add_argument("--chat-streams", type=int, default=4, help="streaming chats during the uploads")
     parser.add_argument("--json", default=None, help="write the results to this path")
     return parser.parse_args(argv)
@@ -71,6 +72,11 @@ def corpus(files: int, seed: int = 7) -> dict[str, bytes]:
                       for _ in range(18)]
         docs[f"doc{i:04d}.md"] = f"# Document {i}\n\n" + "\n\n".join(paragraphs)
     return {name: text.encode() for name, text in docs.items()}
+
+
+def embedding_settings(spec: str) -> dict[str, str]:
+    runtime, _, precision = spec.partition("/")
+    return {"runtime": runtime, **({"precision": precision} if precision else {})}
 
 
 def chunk_texts(docs: dict[str, bytes], config: PipelineConfig) -> list[str]:
@@ -108,9 +114,10 @@ def in_process(docs: dict[str, bytes], texts: list[str], config: PipelineConfig,
             "one_file_s": one_s, "one_file_embedded": one.embedded, "runtime": described}
 
 
-def through_serve(docs: dict[str, bytes], texts: list[str], work: Path, runtimes: list[str],
+def through_serve(docs: dict[str, bytes], texts: list[str], work: Path, runtimes: dict[str, dict[str, Any]],
                   chat_streams: int) -> dict[str, dict[str, Any]]:
-    """Each runtime in turn on one private cluster: the repo's config redeployed with it."""
+    """Each runtime in turn on one private cluster: the repo's config redeployed with it, measured once its
+    Embedder describes itself as `runtimes[runtime]` (what the same settings gave in-process)."""
     support.use_token_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, at import
     key_file = work / "api_key"
     create_key_file(key_file)
@@ -118,31 +125,30 @@ def through_serve(docs: dict[str, bytes], texts: list[str], work: Path, runtimes
     results = {}
     with support.private_cluster() as dashboard:
         for n, runtime in enumerate(runtimes):
-            config = cluster.write_config(REPO / "serve_config.yaml", work / f"serve_config.{runtime}.yaml",
+            config = cluster.write_config(REPO / "serve_config.yaml", work / f"serve_config.{n}.yaml",
                                           http_port=port, kb_root=work / "kb",
                                           gateway_args={"api_key_file": str(key_file)},
-                                          pipeline_args={"embedding": {"runtime": runtime}})
+                                          pipeline_args={"embedding": embedding_settings(runtime)})
             first = next(iter(pipeline_configs(load_serve_config(config)).values()))
             if n == 0:
                 from rag.ingest import ingest_directory
 
                 ingest_directory(REPO / "data" / "sample_kb", work / "kb", "samples", first)
             cluster.deploy(config, dashboard=dashboard)
-            results[runtime] = _serve_one(docs, texts, first, f"http://127.0.0.1:{port}", dashboard,
-                                          read_client_key(key_file), f"bench{n}", chat_streams)
+            results[runtime] = _serve_one(docs, texts, first, runtimes[runtime], f"http://127.0.0.1:{port}",
+                                          dashboard, read_client_key(key_file), f"bench{n}", chat_streams)
             print(f"through Serve, {runtime}: {json.dumps(results[runtime])}", flush=True)
     return results
 
 
-def _serve_one(docs: dict[str, bytes], texts: list[str], first: PipelineConfig, gateway: str, dashboard: str,
-               key: str | None, kb: str, chat_streams: int) -> dict[str, Any]:
+def _serve_one(docs: dict[str, bytes], texts: list[str], first: PipelineConfig, wanted: dict[str, Any],
+               gateway: str, dashboard: str, key: str | None, kb: str, chat_streams: int) -> dict[str, Any]:
     from ray import serve
 
-    handle = serve.get_deployment_handle("Embedder", app_name=first.version)
-    wanted = TextEmbedder(first.embedding).runtime
-    cluster.wait_until(lambda: handle.describe.remote().result(timeout_s=60)["runtime"]["runtime"] == wanted,
-                       300, f"the Embedder on {wanted}")
     cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+    handle = serve.get_deployment_handle("Embedder", app_name=first.version)
+    cluster.wait_until(lambda: handle.describe.remote().result(timeout_s=60)["runtime"] == wanted,
+                       300, f"the Embedder as {wanted}")
     described = handle.describe.remote().result(timeout_s=60)["runtime"]
     throughput = rate(texts, lambda batch: handle.embed_many.remote(batch).result(timeout_s=300))
     with gateway_client(gateway, key, timeout=600) as http, \
@@ -185,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     local = {}
     with tempfile.TemporaryDirectory() as tmp:
         for runtime in args.runtimes:
-            variant = config.model_copy(update={"embedding": config.embedding.model_copy(update={"runtime": runtime})})
-            local[runtime] = in_process(docs, texts, variant, Path(tmp) / f"local-{runtime}")
+            variant = config.model_copy(update={"embedding": config.embedding.model_copy(
+                update=embedding_settings(runtime))})
+            local[runtime] = in_process(docs, texts, variant, Path(tmp) / f"local-{len(local)}")
             print(f"in-process, {runtime}: {json.dumps(local[runtime])}", flush=True)
-        served = through_serve(docs, texts, Path(tmp) / "served", args.runtimes, args.chat_streams)
+        served = through_serve(docs, texts, Path(tmp) / "served",
+                               {runtime: local[runtime]["runtime"] for runtime in args.runtimes}, args.chat_streams)
     report(local, served, len(texts), args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

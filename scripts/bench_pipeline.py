@@ -100,6 +100,42 @@ def pin_served_index(config: PipelineConfig, url: str, kb: str, api_key: str | N
     return None
 
 
+def _p50_ms(action: Callable[[str], Any], rounds: int = 8) -> float:
+    times = []
+    for _ in range(rounds):
+        for question in QUESTIONS:
+            started = perf_counter()
+            action(question)
+            times.append(perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
+def _embedding_cost(settings: Any) -> tuple[float, dict[str, np.ndarray], str]:
+    embedder = TextEmbedder(settings)
+    embedder.load()
+    embedder.warmup()
+    try:
+        cost = _p50_ms(lambda q: embedder.embed_queries([q]))
+        how = embedder.describe()
+        return cost, {q: embedder.embed_queries([q])[0] for q in QUESTIONS}, f"{how['runtime']} {how['precision']}"
+    finally:
+        embedder.close()
+
+
+def stage_costs(config: PipelineConfig, kb: str) -> dict[str, Any]:
+    """p50 ms per question of each in-process stage on one thread: the question's embedding (the configured
+    runtime, and PyTorch's for reference) and retrieval, so the table's gap to the floor can be split into
+    work and Serve overhead."""
+    embed, vectors, runtime = _embedding_cost(config.embedding)
+    torch_embed, _, _ = _embedding_cost(config.embedding.model_copy(update={"runtime": "torch"}))
+    retriever = Retriever(config.retrieval, config.embedding.vector_space, model_languages=config.embedding.languages)
+    retriever.load()
+    top_k, threshold = config.retrieval.top_k, config.retrieval.score_threshold
+    retrieve = _p50_ms(lambda q: retriever.search(kb, vectors[q], top_k, threshold, q))
+    retriever.close()
+    return {"embed": embed, "runtime": runtime, "embed on torch": torch_embed, "retrieve": retrieve}
+
+
 def local_ops(pipe: LocalPipeline, kb: str, top_k: int) -> dict[str, Op]:
     async def search(text: str) -> Sample:
         started = perf_counter()
@@ -276,9 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     rows = comparisons(cells, args.concurrency)
     failures = print_report(cells, rows, args)
+    costs = stage_costs(config, args.kb)
+    floor_p50 = next(r["floor"]["p50_ms"] for r in rows if r["operation"] == "search" and r["concurrency"] == 1)
+    serve_p50 = next(r["serve"]["p50_ms"] for r in rows if r["operation"] == "search" and r["concurrency"] == 1)
+    work = costs["embed"] + costs["retrieve"]
+    print(f"work per search, in-process on one thread (p50): embed {costs['embed']:.1f} ms ({costs['runtime']}; "
+          f"{costs['embed on torch']:.1f} ms on torch), retrieve {costs['retrieve']:.1f} ms; the floor "
+          f"{floor_p50:.1f} ms + that work = {floor_p50 + work:.1f} ms against the project's {serve_p50:.1f} ms "
+          f"(the rest, {serve_p50 - floor_p50 - work:.1f} ms, is the project's own overhead)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"machine": info, "args": vars(args), "comparisons": rows, "cells": cells}, fh, indent=1)
+            json.dump({"machine": info, "args": vars(args), "comparisons": rows, "stage_costs": costs,
+                       "cells": cells}, fh, indent=1)
     return 0 if failures == 0 else 1
 
 
