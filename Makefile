@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install browser demo stop test lint bench bench-rollout bench-quality bench-ingest bench-generation bench-autoscale gpu-check chatchat-check
+.PHONY: help install browser demo stop test lint bench bench-rollout bench-quality bench-ingest bench-embedding bench-generation bench-autoscale gpu-check chatchat-check
 help:
 	@echo "make demo   start local Ray, ingest the sample KB, deploy, stream an answer"
 	@echo "make stop   drain and remove the apps, stop Ray"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench  benchmark Serve HTTP vs the Serve floor and in-process (needs make demo running)"
 	@echo "make bench-rollout  upgrades and rollouts under load, three ways (about 20 minutes)"
 	@echo "make bench-quality  rollouts judged on answer quality under sticky clients (about 12 minutes)"
+	@echo "make bench-embedding  the embedding runtimes in-process: question latency, ingest chunks/s, cosine to torch"
 	@echo "make bench-generation  batched generation, 1-64 streams, in-process and through Serve (tiny model)"
 	@echo "make bench-autoscale  a load ramp on autoscaled vs fixed replicas, a cold start from zero, a rollout (25 min)"
 	@echo "make gpu-check  on a GPU machine: the batched-generation goals for the 0.5B shape through Serve"
@@ -73,6 +74,9 @@ bench-quality: install
 
 bench-ingest: install
 	$(PY) -m scripts.bench_ingest
+
+bench-embedding: install
+	$(PY) -m scripts.bench_embedding
 
 bench-autoscale: install
 	$(PY) -m scripts.bench_autoscale --json var/bench_autoscale.json

@@ -17,7 +17,7 @@ import numpy as np
 
 from rag.config import EmbeddingConfig
 from rag.constants import BUNDLED_EMBEDDING_MODEL, local_or_hub_id, offline_hub
-from rag.devices import empty_device_cache, pick_device
+from rag.devices import empty_device_cache, nvidia_device_files, pick_device
 from rag.embedding_export import ensure_export
 from rag.embedding_runtime import GraphEncoder
 from rag.errors import InvalidRequestError, ServiceUnavailableError
@@ -50,7 +50,9 @@ class TextEmbedder:
 
     def __init__(self, config: EmbeddingConfig) -> None:
         self.config = config
-        self.device = pick_device(config.device) if config.runtime in ("auto", "torch") else "cpu"
+        # On a CPU-only machine `auto` never imports torch; where NVIDIA devices show, torch decides.
+        gpu_possible = config.runtime == "torch" or config.device == "cuda" or nvidia_device_files()
+        self.device = pick_device(config.device) if gpu_possible and config.runtime in ("auto", "torch") else "cpu"
         self.runtime = "torch" if config.runtime == "torch" or self.device != "cpu" else \
             "openvino" if config.runtime == "auto" else config.runtime
         self._model: Any = None  # sentence-transformers, on the torch runtime
