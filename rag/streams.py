@@ -26,18 +26,19 @@ class _End:
     pass
 
 
-async def batched(source: AsyncIterator[T], window_s: float = 0.02, max_items: int = 256
+async def batched(source: AsyncIterator[T], window_s: float = 0.02, max_items: int = 256, immediate: int = 1
                   ) -> AsyncIterator[list[T]]:
-    """Lists of consecutive items of `source`: the first item alone, then whatever arrives within
-    `window_s` of each batch's first item (at most `max_items`). An error from `source` is raised after
-    the items that came before it; closing this generator closes `source`."""
+    """Lists of consecutive items of `source`: the first `immediate` batches sent as soon as they have an
+    item (what is queued already goes along), then whatever arrives within `window_s` of each batch's
+    first item (at most `max_items`). An error from `source` is raised after the items that came before
+    it; closing this generator closes `source`."""
     queue: asyncio.Queue[T | _Failed | _End] = asyncio.Queue()
     pump = asyncio.create_task(_pump(source, queue))
     try:
-        first = True
+        sent = 0
         while True:
-            batch, ended = await _gather(queue, 0.0 if first else window_s, max_items)
-            first = False
+            batch, ended = await _gather(queue, 0.0 if sent < immediate else window_s, max_items)
+            sent += 1
             if batch:
                 yield batch
             if isinstance(ended, _Failed):

@@ -32,6 +32,17 @@ def test_first_item_alone_then_bursts_coalesce() -> None:
     assert len(batches) <= 5
 
 
+def test_the_first_immediate_batches_do_not_wait_for_a_window() -> None:
+    """The Pipeline's sources and first answer piece: neither may wait for company."""
+    async def sources_then_answer() -> AsyncIterator[int]:
+        for i in range(5):
+            yield i
+            await asyncio.sleep(0.05)
+
+    assert _collect(sources_then_answer(), window_s=5.0)[:2] == [[0], [1, 2, 3, 4]]  # the window held back 1
+    assert _collect(sources_then_answer(), window_s=5.0, immediate=2)[:3] == [[0], [1], [2, 3, 4]]
+
+
 def test_slow_source_is_not_held_back() -> None:
     batches = _collect(_paced(5, 0.05), window_s=0.005)
     assert [i for b in batches for i in b] == list(range(5))
