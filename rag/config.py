@@ -87,8 +87,8 @@ class _Strict(BaseModel):
 class EmbeddingConfig(_Strict):
     model: str = Field(BUNDLED_EMBEDDING_MODEL, description="bundled package name, local path or hub id")
     device: Device = "auto"
-    # Texts per forward pass, sorted by length: 16 embeds the most chunks/s on the CPU runtimes (61-76 against
-    # 46-65 at 64, which PyTorch favours a little).
+    # Texts per forward pass, sorted by length: 16 embeds the most chunks/s on the CPU runtimes (OpenVINO bf16,
+    # one thread: 76 against 65 at 64; PyTorch is about even).
     batch_size: int = Field(16, ge=1, le=4096)
     max_batch_size: int = Field(32, ge=1, le=1024, description="queries merged per forward pass in Serve")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
@@ -99,8 +99,8 @@ class EmbeddingConfig(_Strict):
     # Models trained with an instruction on the query side (bge-*-zh: "为这个句子生成表示以用于检索相关文章：")
     # expect it before every question, never before documents.
     query_prefix: str = Field("", max_length=500)
-    # auto: OpenVINO on a CPU (4-5x PyTorch's speed there, vectors interchangeable with it; see
-    # rag.embedding_runtime), PyTorch where the replica's device is a GPU. onnx: ONNX Runtime.
+    # auto: OpenVINO on a CPU (3x PyTorch's speed for a question and 7x for ingest there, vectors
+    # interchangeable with it; see rag.embedding_runtime), PyTorch where the replica's device is a GPU.
     runtime: EmbeddingRuntime = "auto"
     # int8 (onnx only): dynamically quantised weights, faster on CPUs without bf16, but its vectors differ
     # enough to reorder results, so its indexes are another vector space: switching is a model switch.

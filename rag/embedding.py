@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from rag.config import EmbeddingConfig
 from rag.constants import BUNDLED_EMBEDDING_MODEL, local_or_hub_id, offline_hub
 from rag.devices import empty_device_cache, nvidia_device_files, pick_device
 from rag.embedding_export import ensure_export
-from rag.embedding_runtime import GraphEncoder
+from rag.embedding_runtime import GraphEncoder, GraphRuntime
 from rag.errors import InvalidRequestError, ServiceUnavailableError
 
 logger = logging.getLogger("rag.embedding")
@@ -50,10 +50,8 @@ class TextEmbedder:
 
     def __init__(self, config: EmbeddingConfig) -> None:
         self.config = config
-        # On a CPU-only machine `auto` never imports torch; where NVIDIA devices show, torch decides.
-        gpu_possible = config.runtime == "torch" or config.device == "cuda" or nvidia_device_files()
-        self.device = pick_device(config.device) if gpu_possible and config.runtime in ("auto", "torch") else "cpu"
-        self.runtime = "torch" if config.runtime == "torch" or self.device != "cpu" else \
+        self.device = _device(config)
+        self.runtime: str = "torch" if config.runtime == "torch" or self.device != "cpu" else \
             "openvino" if config.runtime == "auto" else config.runtime
         self._model: Any = None  # sentence-transformers, on the torch runtime
         self._query: GraphEncoder | None = None
@@ -72,7 +70,7 @@ class TextEmbedder:
         return int(getter())
 
     def describe(self) -> dict[str, Any]:
-        """How vectors are made, for an index's manifest and /v1/models."""
+        """How vectors are made, recorded in the manifest of each index version built with them."""
         lanes = {"threads": self._query.threads, "ingest_threads": self._bulk.threads} \
             if self._query and self._bulk else {}
         return {"runtime": self.runtime, "device": self.device, "quantization": self.config.quantization,
@@ -86,7 +84,7 @@ class TextEmbedder:
             self._model = SentenceTransformer(resolve_model_path(self.config.model), device=self.device)
             return
         export = ensure_export(self.config.model, self.config.cache_dir, self.config.quantization)
-        runtime: Any = self.runtime
+        runtime = cast(GraphRuntime, self.runtime)
         self._query = GraphEncoder(export, runtime, self.config.quantization, self.config.precision,
                                    self.config.threads)
         self._bulk = GraphEncoder(export, runtime, self.config.quantization, self.config.precision,
@@ -163,6 +161,16 @@ class TextEmbedder:
         if self._model is None:
             raise ServiceUnavailableError(f"embedding model {self.config.model!r} is not loaded")
         return self._model
+
+
+def _device(config: EmbeddingConfig) -> str:
+    """The CPU runtimes run on the CPU; `auto` asks torch only where NVIDIA devices show, so a CPU-only
+    replica never imports it (about a second and 300 MB)."""
+    if config.runtime in ("openvino", "onnx"):
+        return "cpu"
+    if config.runtime == "torch" or config.device != "auto" or nvidia_device_files():
+        return pick_device(config.device)
+    return "cpu"
 
 
 def usable_cores() -> int:

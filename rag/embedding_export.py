@@ -4,7 +4,7 @@ The export is the whole sentence pipeline (transformer, pooling, any dense layer
 graph whose output is the sentence vector, plus the model's fast tokenizer, so a replica that serves from
 it loads neither torch nor transformers. It lives under `embedding.cache_dir`, keyed by the model's name
 and its files' sizes and times: a replaced model is exported again, an unchanged one never. Exporting
-needs torch and takes a few seconds (the bundled MiniLM: about 3 s); `make demo` does it before it deploys,
+needs torch and takes a few seconds (the bundled MiniLM: 3-7 s); `make demo` does it before it deploys,
 and a replica that finds no export makes it on first use and logs that it does (`event=EMBEDDING_EXPORT`).
 Replicas exporting at once on one node take turns on a file lock; each export lands by rename.
 
@@ -56,6 +56,10 @@ class Export:
 
     def graph(self, quantization: Quantization) -> Path:
         return self.directory / (INT8_FILE if quantization == "int8" else MODEL_FILE)
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.directory / TOKENIZER_FILE
 
     @classmethod
     def read(cls, directory: Path) -> Export:

@@ -1,10 +1,10 @@
 """CPU runtimes for an exported sentence model (rag.embedding_export): OpenVINO or ONNX Runtime.
 
-Measured on the 2-core demo machine (a CPU with AMX), MiniLM, one thread (README, "Embedding runtime"):
-a question takes 2.4 ms on OpenVINO, 3.6 ms on ONNX Runtime and 12 ms on PyTorch; ingest embeds 61, 16 and
-19 chunks/s. OpenVINO's default precision there is bf16 (AMX), whose vectors keep a cosine of 0.99997 or
-more to PyTorch's float32 ones, so an index built by either serves the other. Where the CPU lacks bf16
-it computes in float32.
+Measured on the 2-core demo machine (a CPU with AMX), MiniLM (`make bench-embedding`, README "Embedding
+runtime"): a question takes 4.3 ms on OpenVINO, 4.4 ms on ONNX Runtime and 14 ms on PyTorch; ingest on one
+thread embeds 95, 25 and 25 chunks/s. OpenVINO's default precision there is bf16 (AMX), whose vectors keep
+a cosine of 0.99997 or more to PyTorch's float32 ones, so an index built by either serves the other. Where
+the CPU lacks bf16 it computes in float32.
 
 An encoder holds one compiled graph with its own threads: the Embedder keeps one for questions (one
 thread, one batch at a time: latency) and one for ingest (batches sorted by length, as many at once as it
@@ -42,7 +42,7 @@ class GraphEncoder:
 
         self.export = export
         self.threads = threads
-        self._tokenizer = Tokenizer.from_file(str(export.directory / "tokenizer.json"))
+        self._tokenizer = Tokenizer.from_file(str(export.tokenizer))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=export.max_seq_length)
         path = str(export.graph(quantization))
