@@ -31,6 +31,7 @@ from rag.api import (
     error_body,
     sse,
 )
+from rag.config import is_kb_name
 from rag.constants import EVALUATE_HEADER
 from rag.errors import KnowledgeBaseNotFoundError, RagError
 from rag.file_chat import FileChatFormatter, FileChatRequest, SearchTempDocs, file_references
@@ -205,7 +206,10 @@ async def _documents_only(service: GatewayService, question: Question, key: str 
 async def search_docs(body: SearchDocsRequest, services: Services) -> JSONResponse:
     services.first_traffic()
     cfg = services.answers.config
-    _not_temporary(body.knowledge_base_name)
+    if not is_kb_name(_not_temporary(body.knowledge_base_name)):
+        # Free-form on this question route, as on the others: a name no KB can have names none (404), on
+        # the listing path too, where the KB manager would call it an invalid name (400).
+        raise KnowledgeBaseNotFoundError(f"no knowledge base {body.knowledge_base_name!r}")
     if not body.query.strip():  # as Chatchat: nothing asked lists what the filters name, or nothing
         if not body.filtered:
             return JSONResponse([])

@@ -575,3 +575,14 @@ def test_search_docs_without_a_query_lists_the_named_files_chunks_from_the_manag
     response = gateway.client.post("/knowledge_base/search_docs", headers=gateway.auth, json=body)
     assert response.status_code == 200 and response.json()[0]["page_content"] == "listed"
     assert gateway.manager.calls[-1] == ("list_chunks", ("docs", "a.md", {"chunk": 0}, ["v1"]))
+
+
+def test_search_docs_for_a_name_no_kb_can_have_is_a_404_with_or_without_a_query(gateway: Gateway) -> None:
+    """A question route takes any name (its schema says so); one that cannot be a KB's is unknown, not
+    invalid, also on the listing path the KB manager would refuse with a 400 (found by schemathesis)."""
+    calls = len(gateway.manager.calls)
+    for query in ("", "q"):
+        body = {"knowledge_base_name": "µ<P", "query": query, "file_name": "", "metadata": {"a": 1}}
+        response = gateway.client.post("/knowledge_base/search_docs", headers=gateway.auth, json=body)
+        assert response.status_code == 404 and "no knowledge base" in response.text, response.text
+    assert len(gateway.manager.calls) == calls
