@@ -27,9 +27,15 @@ def resolve_path(path: str | Path) -> Path:
 
 def local_or_hub_id(name: str) -> str:
     """A configured model name as a loader takes it: the local directory when one exists (relative to
-    the project root), else the name itself as a hub id."""
+    the project root), else the name itself as a hub id. A name only a path can be (absolute, or starting
+    with `.` or `~`) that names nothing is a `FileNotFoundError` here, before a loader imports its
+    framework to say so (seconds of a replica's start, and again on each of Serve's retries)."""
     local = resolve_path(name)
-    return str(local) if local.exists() else name
+    if local.exists():
+        return str(local)
+    if name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"no model directory {name!r} (a hub id has the form 'org/name')")
+    return name
 
 
 def offline_hub() -> None:

@@ -13,7 +13,6 @@ from rag.config import PipelineConfig
 from rag.generation import build_generator
 from rag.records import GenerationChunk, GenerationRequest
 from rag.streams import batched
-from rag.upstream import OpenAIGenerator
 
 
 @serve.deployment(name="Generator")
@@ -22,7 +21,12 @@ class GeneratorDeployment:
         self._generator = build_generator(config.generation)
         self._window_s = config.generation.stream_batch_window_s
         self._life = ReplicaLifecycle(config.version)
-        if isinstance(self._generator, OpenAIGenerator):  # its requests to the upstream, labelled by model
+        if config.generation.backend == "openai":  # its requests to the upstream, labelled by model
+            # Imported here: the openai client is most of this module's import time, which every replica
+            # start (a cold start from zero among them) would pay for nothing on the other backends.
+            from rag.upstream import OpenAIGenerator
+
+            assert isinstance(self._generator, OpenAIGenerator)
             model = str(config.generation.model)
             self._generator.report = lambda result, first_token_s, tokens: self._life.metrics.upstream_result(
                 model, result, first_token_s, tokens)

@@ -286,6 +286,14 @@ def test_transformers_backend_requires_a_model() -> None:
         GenerationConfig(backend="transformers")
 
 
+@pytest.mark.parametrize("model", ["/nonexistent/model", "./missing-model", "~/no/such/model"])
+def test_a_model_path_that_names_nothing_fails_at_once_naming_it(model: str) -> None:
+    """Only a path can start so: no hub lookup, no framework import, just the path it could not find."""
+    generator = build_generator(GenerationConfig(backend="transformers", model=model))
+    with pytest.raises(FileNotFoundError, match=f"no model directory '{model}'"):
+        generator.load()
+
+
 def test_backend_registry() -> None:
     assert {"extractive": ExtractiveGenerator, "transformers": TransformersGenerator} == GENERATORS
     assert isinstance(build_generator(GenerationConfig()), ExtractiveGenerator)

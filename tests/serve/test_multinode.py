@@ -47,7 +47,6 @@ class TwoNodes:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     import ray
-    from ray import serve
     from ray.cluster_utils import Cluster
 
     work = tmp_path_factory.mktemp("two-nodes")
@@ -80,8 +79,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
         cluster.deploy(config, dashboard)
         cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
         yield TwoNodes(dashboard, gateway, config, read_client_key(work / "api_key"), ray_cluster, worker)
-    finally:
-        serve.shutdown()
+    finally:  # the nodes go, and Serve's replicas with them (as in tests.support.cluster.private_cluster)
         ray.shutdown()
         ray_cluster.shutdown()
 

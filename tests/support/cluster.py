@@ -55,9 +55,11 @@ def use_token_auth() -> None:
 @contextmanager
 def private_cluster(num_cpus: float = DEMO_CPUS, **init_args: Any) -> Iterator[str]:
     """A Ray cluster owned by this process, with token auth and a dashboard on a free 127.0.0.1 port;
-    yields the dashboard's URL. Serve and Ray are shut down on exit, stopping exactly this cluster."""
+    yields the dashboard's URL. Ray is shut down on exit, stopping exactly this cluster and every process
+    in it: Serve's replicas go with their node. (No `serve.shutdown()` first: its graceful stop waits out
+    every replica's drain loop, seconds per cluster, and a test that cares about a graceful stop makes
+    one itself.)"""
     import ray
-    from ray import serve
 
     if ray.is_initialized():
         raise RuntimeError("a Ray cluster from another fixture is still up: clusters must not overlap")
@@ -70,7 +72,6 @@ def private_cluster(num_cpus: float = DEMO_CPUS, **init_args: Any) -> Iterator[s
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
         ray.shutdown()
 
 

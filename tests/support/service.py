@@ -6,8 +6,12 @@ Each cluster belongs to the test process (`ray.init` with a dashboard on a free 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,12 +55,22 @@ class LocalService:
 
 
 def ingest_samples(kb_root: Path) -> None:
+    """The bundled sample KB (version 1) under `kb_root`, as `make demo` ingests it: built once per test
+    process, then copied into each cluster's own fresh KB root (a build embeds every sample again)."""
+    shutil.copytree(_built_samples(), kb_root, dirs_exist_ok=True)
+
+
+@functools.cache
+def _built_samples() -> Path:
     from control.document import load_serve_config
     from control.serve_config import pipeline_configs
     from rag.ingest import ingest_directory
 
+    root = Path(tempfile.mkdtemp(prefix="rag-samples-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     config = next(iter(pipeline_configs(load_serve_config(REPO / "serve_config.yaml")).values()))
-    ingest_directory(REPO / "data" / "sample_kb", kb_root, "samples", config)
+    ingest_directory(REPO / "data" / "sample_kb", root, "samples", config)
+    return root
 
 
 @contextmanager
