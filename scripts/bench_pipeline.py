@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -100,40 +101,66 @@ def pin_served_index(config: PipelineConfig, url: str, kb: str, api_key: str | N
     return None
 
 
-def _p50_ms(action: Callable[[str], Any], rounds: int = 8) -> float:
+def _p50_ms(action: Callable[[str], Any], rounds: int = 8, gap_s: float = 0.0) -> float:
+    """p50 ms of `action` over the questions; `gap_s` idles between calls, as a stage idles between the
+    calls the service makes at concurrency 1 (code that runs after idling runs slower: caches go cold)."""
     times = []
     for _ in range(rounds):
         for question in QUESTIONS:
+            if gap_s:
+                time.sleep(gap_s)
             started = perf_counter()
             action(question)
             times.append(perf_counter() - started)
     return float(np.median(times) * 1000)
 
 
-def _embedding_cost(settings: Any) -> tuple[float, dict[str, np.ndarray], str]:
+def _embedding_cost(settings: Any, gap_s: float = 0.0) -> tuple[dict[str, float], dict[str, np.ndarray], str]:
     embedder = TextEmbedder(settings)
     embedder.load()
     embedder.warmup()
     try:
-        cost = _p50_ms(lambda q: embedder.embed_queries([q]))
+        costs = {"hot": _p50_ms(lambda q: embedder.embed_queries([q]))}
+        if gap_s:
+            costs["paced"] = _p50_ms(lambda q: embedder.embed_queries([q]), gap_s=gap_s)
         how = embedder.describe()
-        return cost, {q: embedder.embed_queries([q])[0] for q in QUESTIONS}, f"{how['runtime']} {how['precision']}"
+        return costs, {q: embedder.embed_queries([q])[0] for q in QUESTIONS}, f"{how['runtime']} {how['precision']}"
     finally:
         embedder.close()
 
 
-def stage_costs(config: PipelineConfig, kb: str) -> dict[str, Any]:
-    """p50 ms per question of each in-process stage on one thread: the question's embedding (the configured
+def stage_costs(config: PipelineConfig, kb: str, gap_s: float) -> dict[str, Any]:
+    """p50 ms per question of each in-process stage on one thread, back to back ("hot") and once per `gap_s`
+    ("paced", as the service calls each stage at concurrency 1): the question's embedding (the configured
     runtime, and PyTorch's for reference) and retrieval, so the table's gap to the floor can be split into
     work and Serve overhead."""
-    embed, vectors, runtime = _embedding_cost(config.embedding)
+    embed, vectors, runtime = _embedding_cost(config.embedding, gap_s)
     torch_embed, _, _ = _embedding_cost(config.embedding.model_copy(update={"runtime": "torch"}))
     retriever = Retriever(config.retrieval, config.embedding.vector_space, model_languages=config.embedding.languages)
     retriever.load()
     top_k, threshold = config.retrieval.top_k, config.retrieval.score_threshold
-    retrieve = _p50_ms(lambda q: retriever.search(kb, vectors[q], top_k, threshold, q))
+    search = lambda q: retriever.search(kb, vectors[q], top_k, threshold, q)  # noqa: E731
+    retrieve = {"hot": _p50_ms(search), "paced": _p50_ms(search, gap_s=gap_s)}
     retriever.close()
-    return {"embed": embed, "runtime": runtime, "embed on torch": torch_embed, "retrieve": retrieve}
+    return {"embed": embed, "runtime": runtime, "embed on torch": torch_embed["hot"], "retrieve": retrieve,
+            "gap_ms": gap_s * 1000}
+
+
+async def paced_chat_ms(config: PipelineConfig, kb: str, gap_s: float, rounds: int = 4) -> float:
+    """p50 ms to the first answer piece of the in-process pipeline, one question per `gap_s` (as the service
+    answers at concurrency 1): the chat's work as the service meets it, for the chat line."""
+    pipe = LocalPipeline(config)
+    pipe.load()
+    await pipe.warmup()
+    chat = local_ops(pipe, kb, config.retrieval.top_k)["chat"]
+    firsts = []
+    for _ in range(rounds):
+        for question in QUESTIONS:
+            await asyncio.sleep(gap_s)
+            if (first := (await chat(question))["first_token_s"]) is not None:
+                firsts.append(first)
+    pipe.close()
+    return float(np.median(firsts) * 1000)
 
 
 def local_ops(pipe: LocalPipeline, kb: str, top_k: int) -> dict[str, Op]:
@@ -312,14 +339,24 @@ def main(argv: list[str] | None = None) -> int:
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     rows = comparisons(cells, args.concurrency)
     failures = print_report(cells, rows, args)
-    costs = stage_costs(config, args.kb)
     floor_p50 = next(r["floor"]["p50_ms"] for r in rows if r["operation"] == "search" and r["concurrency"] == 1)
     serve_p50 = next(r["serve"]["p50_ms"] for r in rows if r["operation"] == "search" and r["concurrency"] == 1)
-    work = costs["embed"] + costs["retrieve"]
-    print(f"work per search, in-process on one thread (p50): embed {costs['embed']:.1f} ms ({costs['runtime']}; "
-          f"{costs['embed on torch']:.1f} ms on torch), retrieve {costs['retrieve']:.1f} ms; the floor "
+    costs = stage_costs(config, args.kb, gap_s=serve_p50 / 1000)
+    embed, retrieve = costs["embed"], costs["retrieve"]
+    work = embed["paced"] + retrieve["paced"]
+    print(f"work per search, in-process on one thread (p50): back to back, embed {embed['hot']:.1f} ms "
+          f"({costs['runtime']}; {costs['embed on torch']:.1f} ms on torch) and retrieve {retrieve['hot']:.1f} ms; "
+          f"once per {serve_p50:.0f} ms, as the service calls them at concurrency 1, embed {embed['paced']:.1f} ms "
+          f"and retrieve {retrieve['paced']:.1f} ms (code that runs after idling runs slower). The floor "
           f"{floor_p50:.1f} ms + that work = {floor_p50 + work:.1f} ms against the project's {serve_p50:.1f} ms "
           f"(the rest, {serve_p50 - floor_p50 - work:.1f} ms, is the project's own overhead)")
+    floor_chat, serve_chat = (next(r[side]["p50_ms"] for r in rows if r["operation"] == "chat first token"
+                                   and r["concurrency"] == 1) for side in ("floor", "serve"))
+    costs["chat first token paced"] = chat_work = asyncio.run(paced_chat_ms(config, args.kb, serve_chat / 1000))
+    print(f"work per chat, in-process (p50 to the first piece): once per {serve_chat:.0f} ms {chat_work:.1f} ms; "
+          f"the floor {floor_chat:.1f} ms + that work = {floor_chat + chat_work:.1f} ms against the project's "
+          f"{serve_chat:.1f} ms (the rest, {serve_chat - floor_chat - chat_work:.1f} ms, is the project's own "
+          "overhead)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": info, "args": vars(args), "comparisons": rows, "stage_costs": costs,
