@@ -250,7 +250,8 @@ class KnowledgeBaseService:
         job.files_total = len(changes.add) + len(changes.reindex)
         if changes.spool is not None:
             self._spools.add(changes.spool)
-        task = asyncio.create_task(self._run(job, root, kb, config, changes, chosen, self._stages.embedder(version)))
+        task = asyncio.create_task(self._run(job, root, kb, config, changes, chosen, self._stages.embedder(version)),
+                                   name=job.id)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job.id
@@ -337,6 +338,10 @@ class KnowledgeBaseService:
         deadline = time.monotonic() + timeout_s
         while not job.finished and time.monotonic() < deadline:
             await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        # The result is in before the job's cleanup (its spool, a temporary KB that indexed nothing) is done:
+        # the answer waits for that too, so what it says is what is on disk.
+        if job.finished and (run := next((t for t in self._tasks if t.get_name() == job_id), None)) is not None:
+            await asyncio.wait({run}, timeout=max(deadline - time.monotonic(), 0.001))
         if job.state == "failed" and job.exception is not None:
             raise job.exception
         return job.view()

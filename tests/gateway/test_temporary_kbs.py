@@ -3,6 +3,7 @@ hidden from every listing and management route, bounded in number, deleted when 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,18 @@ def test_an_id_adds_to_its_kb_and_an_unknown_or_expired_one_makes_a_new_kb(tmp_p
         run(service.use_temporary("../samples", ["v1"]))
 
 
-def test_their_number_is_bounded_and_an_upload_that_indexes_nothing_leaves_nothing(tmp_path: Path) -> None:
+def test_their_number_is_bounded_and_an_upload_that_indexes_nothing_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     service = _service(tmp_path, max_count=2)
     made = [run(_upload(service, {f"{n}.md": _doc(n)})) for n in ("one", "two")]
     with pytest.raises(OverloadedError, match="limit is 2"):
         run(_upload(service, {"three.md": _doc("three")}))
     assert sorted(kb_store.list_names(tmp_path, temporary=True)) == sorted(m["knowledge_base_name"] for m in made)
 
+    # The job's result is in before its cleanup (the spool, then the empty KB) is done: a slow cleanup
+    # must still be over when the upload answers.
+    remove_spool = kb_store.remove_spool
+    monkeypatch.setattr(kb_store, "remove_spool", lambda *args: (time.sleep(0.3), remove_spool(*args))[1])
     roomy = _service(tmp_path / "other")
     empty = run(_upload(roomy, {"blank.md": b"   \n"}))
     assert empty["view"]["index_version"] is None and empty["view"]["failed_files"]
