@@ -90,8 +90,10 @@ class EmbeddingConfig(_Strict):
     # Texts per forward pass, sorted by length: 16 embeds the most chunks/s on the CPU runtimes (OpenVINO bf16,
     # one thread: 76 against 65 at 64; PyTorch is about even).
     batch_size: int = Field(16, ge=1, le=4096)
-    max_batch_size: int = Field(32, ge=1, le=1024, description="queries merged per forward pass in Serve")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    max_batch_size: int = Field(32, ge=1, le=1024, description="questions merged per forward pass in Serve")
+    # 0: a lone question runs at once, and those that arrive meanwhile share the next pass (rag.coalescing);
+    # above 0 a batch that is not full waits that long for company first.
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=1)
     # What the model's vectors mean anything for: the bundled MiniLM is English-only. `retrieval.mode:
     # auto` lets BM25 lead for text in other languages. A multilingual model declares e.g. [zh, en].
     languages: list[Annotated[str, Field(pattern=r"^[a-z]{2}$")]] = Field(

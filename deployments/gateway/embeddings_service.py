@@ -1,6 +1,6 @@
 """`POST /v1/embeddings`: which serving version's Embedder answers, and the calls to it.
 
-A few texts go one by one through the Embedder's query batcher (`@serve.batch`), so texts from concurrent
+A few texts go one by one through the Embedder's question batcher (`rag.coalescing`), so texts from concurrent
 clients share a forward pass, as questions do. A long list (langchain sends 1,000 texts per request) goes
 in slices of `SLICE` texts, one `embed_many` call at a time: the request holds one of the Embedder's
 slots whatever its size, never fills its queue, and chats keep being answered between (and beside) its

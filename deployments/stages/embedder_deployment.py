@@ -1,4 +1,4 @@
-"""Embedder stage: batches concurrent queries into one forward pass."""
+"""Embedder stage: concurrent questions share one forward pass; ingest has a lane of its own."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 from ray import serve
 
 from deployments.stages.replica_lifecycle import ReplicaLifecycle
+from rag.coalescing import Coalescer
 from rag.config import PipelineConfig
 from rag.embedding import TextEmbedder, check_text
 
@@ -17,9 +18,9 @@ class EmbedderDeployment:
     async def __init__(self, config: PipelineConfig) -> None:  # type: ignore[misc]
         self._embedder = TextEmbedder(config.embedding)
         self._life = ReplicaLifecycle(config.version)
-        # @serve.batch adds these setters at run time; Ray types the method as the plain coroutine.
-        self._embed_batch.set_max_batch_size(config.embedding.max_batch_size)  # type: ignore[attr-defined]
-        self._embed_batch.set_batch_wait_timeout_s(config.embedding.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        # Questions of concurrent requests share a forward pass; a lone one runs at once (rag.coalescing).
+        self._questions: Coalescer[str, np.ndarray] = Coalescer(
+            self._embed_batch, config.embedding.max_batch_size, config.embedding.batch_wait_timeout_s)
         await self._life.start(f"embedding model {config.embedding.model} on {self._embedder.runtime} "
                                f"({self._embedder.device})",
                                self._embedder.load, self._embedder.warmup, config.lifecycle.warmup_delay_s)
@@ -28,10 +29,7 @@ class EmbedderDeployment:
         """One request's text, checked alone before it joins a batch with other requests' texts; a
         question (`query`) gets the model's query instruction first."""
         check_text(text)
-        result = await self._embed_batch(self._embedder.query_text(text) if query else text)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return await self._questions(self._embedder.query_text(text) if query else text)
 
     async def embed_many(self, texts: list[str]) -> np.ndarray:
         """Many texts at once, for ingest: already a batch, so it skips the query batcher and runs on the
@@ -47,7 +45,6 @@ class EmbedderDeployment:
         return {"model": self._embedder.model_name, "dimension": self._embedder.dimension,
                 "runtime": self._embedder.describe()}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray | Exception]:
         # A failure is returned per item, not raised: a raise here would fail every request in the batch.
         self._life.log.first_traffic()

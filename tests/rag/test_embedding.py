@@ -103,7 +103,7 @@ def test_resolve_other_names(tmp_path: Path) -> None:
 
 
 def test_a_bad_text_in_a_batch_fails_alone(embedder: TextEmbedder) -> None:
-    # As in the Embedder's @serve.batch: texts of different requests merged into one call.
+    # As in the Embedder's question batcher: texts of different requests merged into one call.
     good, bad = "How do I stop the service?", "bad \ud800 text"
     results = embedder.embed_each([good, bad, good])
     assert isinstance(results[1], InvalidRequestError) and "Unicode" in str(results[1])
