@@ -290,6 +290,19 @@ def _fsync_dir(path: Path) -> None:
     _fsync(path)
 
 
+def faiss_gpus() -> int:
+    """GPUs this faiss build can search on: 0 for the CPU wheel (it has no GPU resources at all)."""
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def index_device(requested: Literal["auto", "cpu", "cuda"]) -> str:
+    """Where indexes are searched: `auto` asks faiss itself, not torch (importing torch only to learn that
+    this faiss cannot use a GPU costs a CPU-only Retriever about 2 s of CPU and 200 MB at every start)."""
+    if requested == "auto":
+        return "cuda" if faiss_gpus() > 0 else "cpu"
+    return requested
+
+
 class KnowledgeBaseIndex:
     """One loaded, read-only version of a knowledge base: vector search plus chunk lookup."""
 
@@ -315,7 +328,7 @@ class KnowledgeBaseIndex:
                 f"but this pipeline embeds with {expected_model!r}; re-ingest or change embedding.model")
         index = faiss.read_index(str(directory / "index.faiss"))
         gpu_resources = None
-        if device == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        if device == "cuda" and faiss_gpus() > 0:
             gpu_resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(gpu_resources, 0, index)
         lexical = LexicalIndex.load(directory) if LexicalIndex.exists(directory) else None

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from rag.config import RetrievalConfig
-from rag.devices import pick_device
 from rag.errors import KnowledgeBaseNotFoundError, ServiceUnavailableError
 from rag.index import (
     KnowledgeBaseIndex,
     Manifest,
+    index_device,
     list_knowledge_bases,
     list_versions,
     resolve_version,
@@ -52,7 +52,7 @@ class Retriever:
         self.config = config
         self.embedding_model = embedding_model
         self.model_languages = tuple(model_languages)
-        self.device = pick_device(config.device)
+        self.device = index_device(config.device)
         self._served: dict[str, SharedIndex] = {}
         # Guards _served and _closed: a search's lookup and acquire are one step against a swap.
         self._lock = threading.Lock()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +88,18 @@ def test_other_embedding_model_fails_at_load(sample_kb_root: Path) -> None:
 def test_warmup_and_health(retriever: Retriever) -> None:
     retriever.warmup()
     retriever.check_health()
+
+
+def test_auto_device_asks_faiss_and_a_cpu_retriever_never_imports_torch(sample_kb_root: Path) -> None:
+    """The CPU faiss wheel has no GPU: `auto` is the CPU, learnt without torch (2 s and 200 MB a replica)."""
+    code = ("import sys; from rag.config import RetrievalConfig; from rag.retrieval import Retriever; "
+            f"r = Retriever(RetrievalConfig(kb_root={str(sample_kb_root)!r}), {MODEL!r}); r.load(); r.warmup(); "
+            "print(r.device, r.knowledge_bases(), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["cpu", "{'samples':", "1}", "False"]
 
 
 def test_not_loaded_is_unhealthy(sample_kb_root: Path) -> None:
