@@ -111,6 +111,13 @@ def ensure_export(name: str, cache_dir: Path, quantization: Quantization = "none
     return Export.read(directory)
 
 
+@contextlib.contextmanager
+def export_lock(export: Export) -> Iterator[None]:
+    """The lock replicas on this node take turns on to write into `export`'s directory."""
+    with _file_lock(export.directory.with_suffix(".lock")):
+        yield
+
+
 def _complete(directory: Path, quantization: Quantization) -> bool:
     return (directory / META_FILE).is_file() and (quantization != "int8" or (directory / INT8_FILE).is_file())
 

@@ -12,10 +12,17 @@ has threads, one thread each: throughput), so a question never waits behind an i
 side by side beat one batch on several threads, the more so on a busy machine, where threads that wait
 for each other lose their turn: 149 against 112 chunks/s on the two idle cores, 50 against 30 beside
 three busy processes (MiniLM, bf16).
+
+OpenVINO keeps each lane's compiled graph in the export's directory (`openvino_cache/`, its own key per
+graph, thread settings, precision and OpenVINO version) and later replicas on the node load it instead of
+compiling: the two lanes take 0.26 s instead of 1.1 s of CPU at every start, a cold start from zero
+included. Compiling happens under the export's file lock, so a replica never reads a blob another is still
+writing; an unreadable or stale blob is compiled anew (OpenVINO's own fallback).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rag.embedding_export import Export, Quantization
+from rag.embedding_export import Export, Quantization, export_lock
 
 GraphRuntime = Literal["openvino", "onnx"]
 Precision = Literal["auto", "fp32"]
@@ -47,8 +54,10 @@ class GraphEncoder:
         self._tokenizer.enable_truncation(max_length=export.max_seq_length)
         path = str(export.graph(quantization))
         streams = threads if parallel else 1
-        opened = _open_openvino(path, precision, threads, streams) if runtime == "openvino" else \
-            _open_onnx(path, threads, streams)
+        if runtime == "openvino":
+            opened = _open_openvino(path, precision, threads, streams, export)
+        else:
+            opened = _open_onnx(path, threads, streams)
         self._run, self.precision = opened
         self._lock = threading.Lock()
 
@@ -85,7 +94,8 @@ class GraphEncoder:
 _core: Any = None
 
 
-def _open_openvino(path: str, precision: Precision, threads: int, streams: int) -> tuple[RunBatches, str]:
+def _open_openvino(path: str, precision: Precision, threads: int, streams: int,
+                   export: Export) -> tuple[RunBatches, str]:
     global _core
     import openvino as ov
 
@@ -95,7 +105,13 @@ def _open_openvino(path: str, precision: Precision, threads: int, streams: int) 
                               "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
     if precision == "fp32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = _core.compile_model(path, "CPU", config)
+    cache = export.directory / "openvino_cache"
+    if os.access(export.directory, os.W_OK):  # a read-only export (a shared image) compiles every time
+        config["CACHE_DIR"] = str(cache)
+        with export_lock(export):
+            compiled = _core.compile_model(path, "CPU", config)
+    else:
+        compiled = _core.compile_model(path, "CPU", config)
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     computed = {"bf16": "bf16", "f16": "fp16"}.get(hint.to_string(), "fp32")
     if streams == 1:

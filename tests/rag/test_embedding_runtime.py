@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from rag.config import EmbeddingConfig, PipelineConfig
 from rag.constants import BUNDLED_EMBEDDING_MODEL
 from rag.embedding import TextEmbedder, resolve_model_path, usable_cores
-from rag.embedding_export import ensure_export, export_directory, export_key
+from rag.embedding_export import Export, ensure_export, export_directory, export_key
+from rag.embedding_runtime import GraphEncoder
 from rag.errors import IndexMismatchError
 from rag.index import Manifest
 from rag.ingest import ingest_directory
@@ -143,6 +144,30 @@ def test_the_export_is_made_once_and_again_only_for_changed_model_files(tmp_path
     meta = json.loads((first.directory / "export.json").read_text())
     assert meta["max_seq_length"] == 256 and meta["dimension"] == 384
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [first.directory.name]
+
+
+def test_openvino_compiles_a_lane_once_per_node_and_recompiles_a_broken_blob(embedder: TextEmbedder,
+                                                                             tmp_path: Path) -> None:
+    """Later replicas load the compiled graph from the export's directory; a blob cut short (a disk that
+    filled up) is compiled anew, with the same vectors."""
+    source = export_directory(BUNDLED_EMBEDDING_MODEL, EmbeddingConfig().cache_dir)  # the session's export
+    copy = tmp_path / source.name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("openvino_cache"))
+    export = Export.read(copy)
+    expected = GraphEncoder(export, "openvino", "none", "auto", 1).encode(TEXTS, 8)
+    blobs = sorted((copy / "openvino_cache").glob("*.blob"))
+    assert len(blobs) == 1, blobs
+    written = blobs[0].stat().st_mtime_ns
+    np.testing.assert_allclose(GraphEncoder(export, "openvino", "none", "auto", 1).encode(TEXTS, 8), expected,
+                               atol=1e-6)
+    assert blobs[0].stat().st_mtime_ns == written  # loaded, not compiled and written again
+    # The ingest lane differs only in threads and streams, which OpenVINO sets at load: the same blob.
+    bulk = GraphEncoder(export, "openvino", "none", "auto", 2, parallel=True)
+    np.testing.assert_allclose(bulk.encode(TEXTS, 2), expected, atol=1e-6)
+    assert list((copy / "openvino_cache").glob("*.blob")) == blobs and blobs[0].stat().st_mtime_ns == written
+    blobs[0].write_bytes(blobs[0].read_bytes()[:blobs[0].stat().st_size // 2])
+    np.testing.assert_allclose(GraphEncoder(export, "openvino", "none", "auto", 1).encode(TEXTS, 8), expected,
+                               atol=1e-6)
 
 
 def test_a_cpu_replica_never_imports_torch(embedder: TextEmbedder) -> None:
