@@ -2,6 +2,7 @@
 
     python -m scripts.bench_faults                       (8 clients; every stage, then a gateway replica)
     python -m scripts.bench_faults --faults Generator Embedder --clients 8
+    python -m scripts.bench_faults --health-check-periods 10 2   (each fault under Serve's default, then ours)
 
 A private cluster of the demo's shape (2 CPUs, token auth, the repository's serve_config.yaml) runs the
 whole time; for each fault the load runs `--before` seconds, one replica is killed the hard way
@@ -43,7 +44,7 @@ from tests.support import cluster as support
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("Embedder", "Retriever", "Pipeline", "Generator")
 FAULTS = (*STAGES, "Gateway")
-COLUMNS = ("fault", "requests", "ok", "failed before 1st byte", "cut with error event", "truncated",
+COLUMNS = ("fault", "health check s", "requests", "ok", "failed before 1st byte", "cut with error event", "truncated",
            "transport errors", "recovered after s")
 
 
@@ -62,10 +63,10 @@ def recovered(dashboard: str, gateway: str, app: str, deployment: str, before: s
     return float("nan")
 
 
-def row(fault: str, result: LoadResult, since: float, recovered_s: float) -> dict[str, Any]:
+def row(fault: str, period: str, result: LoadResult, since: float, recovered_s: float) -> dict[str, Any]:
     answers = [a for a in result.answers if a.started_at + a.total_s >= since]  # in flight at the kill, or later
     started = [a for a in answers if a.status == 200]
-    return {"fault": fault, "requests": len(answers) + len(result.errors),
+    return {"fault": fault, "health check s": period, "requests": len(answers) + len(result.errors),
             "ok": sum(1 for a in answers if a.complete),
             "failed before 1st byte": sum(1 for a in answers if a.status != 200),
             "cut with error event": sum(1 for a in started if a.error and a.done),
@@ -73,7 +74,8 @@ def row(fault: str, result: LoadResult, since: float, recovered_s: float) -> dic
             "transport errors": len(result.errors), "recovered after s": round(recovered_s, 1)}
 
 
-def run_fault(fault: str, dashboard: str, gateway: str, key: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_fault(fault: str, period: str, dashboard: str, gateway: str, key: str,
+              args: argparse.Namespace) -> dict[str, Any]:
     app, deployment = ("gateway", "Gateway") if fault == "Gateway" else ("v1", fault)
     before = running(dashboard, app, deployment)
     with LoadGenerator(gateway, api_key=key, concurrency=args.clients, max_seconds=args.before + 300,
@@ -83,11 +85,11 @@ def run_fault(fault: str, dashboard: str, gateway: str, key: str, args: argparse
         support.kill_replica(dashboard, app, deployment)
         recovered_s = recovered(dashboard, gateway, app, deployment, before, 240)
         time.sleep(args.after)
-    result = row(fault, load.result, killed_at, recovered_s)
+    result = row(fault, period, load.result, killed_at, recovered_s)
     refused = sorted({a.status for a in load.result.answers
                       if a.started_at + a.total_s >= killed_at and a.status != 200})
-    print(f"[{fault}] killed one of {len(before)} replica(s); recovered after {recovered_s:.1f}s; "
-          f"refusals with status {refused or 'none'}", flush=True)
+    print(f"[{fault}, health check {period} s] killed one of {len(before)} replica(s); "
+          f"recovered after {recovered_s:.1f}s; refusals with status {refused or 'none'}", flush=True)
     return result
 
 
@@ -105,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=float, default=10, help="seconds of load before the kill")
     parser.add_argument("--after", type=float, default=10, help="seconds of load after the recovery")
     parser.add_argument("--piece-delay", type=float, default=0.02, help="seconds between streamed pieces")
+    parser.add_argument("--health-check-periods", nargs="+", type=float, default=[],
+                        help="run every fault once per health_check_period_s given (default: as serve_config.yaml)")
     args = parser.parse_args(argv)
+    periods: list[float | None] = list(args.health_check_periods) or [None]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_faults_") as tmp:
         work = Path(tmp)
@@ -116,19 +121,27 @@ def main(argv: list[str] | None = None) -> int:
         gateway = f"http://127.0.0.1:{port}"
         common = {"http_port": port, "kb_root": work / "kb", "gateway_args": {"api_key_file": str(work / "api_key")},
                   "pipeline_args": {"generation": {"extractive_piece_delay_s": args.piece_delay}}}
+        key = read_client_key(work / "api_key")
         with support.private_cluster() as dashboard:
-            cluster.deploy(cluster.write_config(REPO / "serve_config.yaml", work / "demo.yaml", **common), dashboard)
-            cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-            for fault in [f for f in args.faults if f != "Gateway"]:
-                rows.append(run_fault(fault, dashboard, gateway, read_client_key(work / "api_key"), args))
-            if "Gateway" in args.faults:
-                two = cluster.write_config(REPO / "serve_config.yaml", work / "two-gateways.yaml",
-                                       deployment_options={"Gateway": {"num_replicas": 2}}, **common)
-                cluster.deploy(two, dashboard)
-                while len(running(dashboard, "gateway", "Gateway")) < 2:
-                    time.sleep(0.5)
+            for period in periods:
+                label = "as configured" if period is None else f"{period:g}"
+                checks = {} if period is None else {d: {"health_check_period_s": period}
+                                                    for d in (*STAGES, "Gateway", "KnowledgeBases")}
+                demo = cluster.write_config(REPO / "serve_config.yaml", work / "demo.yaml",
+                                              deployment_options=checks, **common)
+                cluster.deploy(demo, dashboard)
                 cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
-                rows.append(run_fault("Gateway", dashboard, gateway, read_client_key(work / "api_key"), args))
+                for fault in [f for f in args.faults if f != "Gateway"]:
+                    rows.append(run_fault(fault, label, dashboard, gateway, key, args))
+                if "Gateway" in args.faults:
+                    two = cluster.write_config(REPO / "serve_config.yaml", work / "two-gateways.yaml",
+                                               deployment_options={**checks, "Gateway": {
+                                                   **checks.get("Gateway", {}), "num_replicas": 2}}, **common)
+                    cluster.deploy(two, dashboard)
+                    while len(running(dashboard, "gateway", "Gateway")) < 2:
+                        time.sleep(0.5)
+                    cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
+                    rows.append(run_fault("Gateway", label, dashboard, gateway, key, args))
     print(table(rows))
     return 0
 
