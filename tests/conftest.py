@@ -32,7 +32,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return CLUSTER_SCOPE if nodeid.startswith(CLUSTER_TESTS) else super()._split_scope(nodeid)
 
         def _assign_work_unit(self, node: Any) -> None:
-            if CLUSTER_SCOPE in self.workqueue:
+            # Only while gw0 is there to take it: with nothing but cluster tests selected, xdist may
+            # shut gw0 down as a worker without work, and then another worker runs them.
+            if CLUSTER_SCOPE in self.workqueue and any(
+                    n.gateway.id == CLUSTER_WORKER and not n.shutting_down for n in self.nodes):
                 if node.gateway.id == CLUSTER_WORKER:
                     self.workqueue.move_to_end(CLUSTER_SCOPE, last=False)
                 elif len(self.workqueue) == 1:
@@ -44,7 +47,17 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return OneClusterWorker(config, log)
 
 
-def pytest_configure(config: pytest.Config) -> None:
+_niced = False
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """In a run with cluster tests, a worker other than gw0 lowers its priority at its first test that
+    needs no cluster (and so does every process it starts after, as children inherit it); a worker that
+    runs cluster tests never does, nor any worker of a run without them."""
+    global _niced
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and worker != CLUSTER_WORKER:
-        os.nice(UNIT_WORKER_NICENESS)  # and every process this worker starts, as children inherit it
+    if _niced or not worker or worker == CLUSTER_WORKER or item.nodeid.startswith(CLUSTER_TESTS):
+        return
+    _niced = True
+    if any(selected.nodeid.startswith(CLUSTER_TESTS) for selected in item.session.items):
+        os.nice(UNIT_WORKER_NICENESS)
