@@ -1,22 +1,22 @@
 """Question → embed → retrieve → generate, as one stream of answer events.
 
 The pipeline only sees three async callables, so the same code runs with the stages in this
-process (`LocalPipeline`, used by tests, scripts and benchmarks) or behind Ray Serve handles.
+process (`rag.local_pipeline`, used by tests, scripts and benchmarks) or behind Ray Serve handles. This
+module imports none of the stages: a Pipeline replica, which reaches them through handles, loads no
+index, model runtime or FAISS.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import numpy as np
 
 from rag.config import PipelineConfig
-from rag.embedding import TextEmbedder
 from rag.errors import GenerationError, InvalidRequestError
 from rag.faults import FaultInjector
-from rag.generation import PROBE, Generator, build_generator
+from rag.generation import PROBE
 from rag.records import (
     AnswerDelta,
     AnswerEnd,
@@ -28,7 +28,6 @@ from rag.records import (
     Passage,
     Question,
 )
-from rag.retrieval import Retriever
 
 EmbedQuery = Callable[[str], Awaitable[np.ndarray]]
 
@@ -115,38 +114,3 @@ class RagPipeline:
             question=question.text, passages=passages, history=question.history, max_new_tokens=limit,
             temperature=cfg.temperature if question.temperature is None else question.temperature,
             max_seconds=cfg.max_stream_seconds)
-
-
-class LocalPipeline:
-    """All three stages in this process: load, warm up, answer, close."""
-
-    def __init__(self, config: PipelineConfig) -> None:
-        self.config = config
-        self.embedder = TextEmbedder(config.embedding)
-        self.retriever = Retriever(config.retrieval, config.embedding.vector_space,
-                                   model_languages=config.embedding.languages)
-        self.generator: Generator = build_generator(config.generation)
-        self.pipeline = RagPipeline(config, self._embed, self._search, self.generator.stream)
-
-    def load(self) -> None:
-        self.embedder.load()
-        self.retriever.load()
-        self.generator.load()
-
-    async def warmup(self) -> None:
-        self.embedder.warmup()
-        self.retriever.warmup()
-        await self.generator.warmup()
-
-    def close(self) -> None:
-        self.generator.close()
-        self.retriever.close()
-        self.embedder.close()
-
-    async def _embed(self, text: str) -> np.ndarray:
-        vectors = await asyncio.to_thread(self.embedder.embed_queries, [text])
-        return vectors[0]
-
-    async def _search(self, knowledge_base: str, vector: np.ndarray, top_k: int | None,
-                      score_threshold: float | None, text: str | None = None) -> list[Passage]:
-        return self.retriever.search(knowledge_base, vector, top_k, score_threshold, text)

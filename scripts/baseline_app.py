@@ -27,7 +27,7 @@ from control.serve_config import pipeline_configs
 from rag.api import SSE_DONE, ChatCompletionRequest, CompletionFormatter, error_body, sse
 from rag.config import GatewayConfig, PipelineConfig
 from rag.errors import InvalidRequestError, KnowledgeBaseNotFoundError, RagError
-from rag.pipeline import LocalPipeline
+from rag.local_pipeline import LocalPipeline
 from rag.records import AnswerEvent
 
 GATEWAY = GatewayConfig()  # the same request limits as the Serve gateway's defaults

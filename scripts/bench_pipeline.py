@@ -39,7 +39,7 @@ from rag.config import PipelineConfig
 from rag.constants import resolve_path
 from rag.embedding import TextEmbedder
 from rag.index import list_versions
-from rag.pipeline import LocalPipeline
+from rag.local_pipeline import LocalPipeline
 from rag.records import AnswerDelta, AnswerEnd, Question
 from rag.retrieval import Retriever
 from tests.support import cluster as support

@@ -30,7 +30,7 @@ from rag.config import EmbeddingConfig, GenerationConfig, PipelineConfig, Retrie
 from rag.constants import resolve_path
 from rag.documents import iter_files, load_file
 from rag.ingest import ingest_directory
-from rag.pipeline import LocalPipeline
+from rag.local_pipeline import LocalPipeline
 from rag.records import AnswerDelta, AnswerEnd, Question
 
 QWEN_05B_SHAPE = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,

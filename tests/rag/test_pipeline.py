@@ -14,7 +14,8 @@ from rag.config import FaultConfig, GenerationConfig, PipelineConfig, RetrievalC
 from rag.embedding import TextEmbedder
 from rag.errors import GenerationError, InvalidRequestError, KnowledgeBaseNotFoundError, ServiceUnavailableError
 from rag.faults import InjectedFault
-from rag.pipeline import LocalPipeline, RagPipeline
+from rag.local_pipeline import LocalPipeline
+from rag.pipeline import RagPipeline
 from rag.records import (
     AnswerDelta,
     AnswerEnd,
