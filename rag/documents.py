@@ -35,9 +35,7 @@ from pypdf import PdfReader
 
 from rag.config import SplitterConfig
 from rag.errors import UnsupportedDocumentError
-
-SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
-    {".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx", ".csv", ".json", ".jsonl"})
+from rag.file_types import SUPPORTED_SUFFIXES
 
 # Sentence ends of Chinese and English first, so chunks break between sentences before words.
 SEPARATORS = ["\n\n", "\n", "。", "！", "？", "；", ". ", "! ", "? ", "; ", "，", ", ", " ", ""]

@@ -51,31 +51,16 @@ from rag.index import (
     read_version,
     version_directory,
 )
+from rag.kb_changes import Changes, Source
 
 # (stage, done, total): "load" counts files, "embed" counts chunks, "published" gives the new version number.
 Progress = Callable[[str, int, int], None]
 logger = logging.getLogger("rag.kb_build")
 # Texts to unit vectors; one that also has `describe()` (how it embeds) has that recorded in the manifest.
 Embed = Callable[[list[str]], np.ndarray]
-Source = Path | bytes  # a file to read, or bytes received over HTTP
 # (file, folder it is named relative to, splitter, max bytes) -> its chunks; rag.parsing.Parser is one.
 Parse = Callable[[Path, Path, SplitterConfig, int], list[Document]]
 INCOMING_PREFIX = ".incoming-"  # where a build stages the files it was given
-
-
-@dataclass(frozen=True)
-class Changes:
-    add: dict[str, Source] = field(default_factory=dict)  # new or replaced files, by name
-    delete: tuple[str, ...] = ()
-    reindex: tuple[str, ...] = ()  # split and embed again from the stored originals
-    rescan: bool = False  # the file set is whatever is in content/ now (recreate_vector_store)
-    full: bool = False  # embed every chunk again, reusing no vector
-    override: bool = True  # False: a file that exists with other content is a conflict
-    keep_originals: bool = False  # deleted files leave the index but keep their original (delete_content=false)
-    skip_unreadable: bool = False  # a file that cannot be indexed fails alone (BuildResult.failed)
-    max_chunks: int | None = None  # more new chunks than this refuse the change before anything is embedded
-    spool: Path | None = None  # the folder `add`'s files were streamed to (an upload): removed when the job ends
-    refused: dict[str, str] = field(default_factory=dict)  # files of the upload not taken (a type), and why
 
 
 class NothingIndexedError(UnsupportedDocumentError):

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rag.documents import SUPPORTED_SUFFIXES
 from rag.errors import ConflictError, DocumentNotFoundError, InvalidRequestError, KnowledgeBaseNotFoundError
+from rag.file_types import SUPPORTED_SUFFIXES
 from rag.index import Manifest, kb_directory, list_versions, version_directory
 
 CONTENT = "content"

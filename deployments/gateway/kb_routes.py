@@ -36,7 +36,7 @@ from rag.kb_api import (
     form_body,
     kb_body,
 )
-from rag.kb_build import Changes
+from rag.kb_changes import Changes
 
 FormT = TypeVar("FormT", bound=BaseModel)
 router = APIRouter(prefix="/knowledge_base", tags=["knowledge bases"])

@@ -24,7 +24,7 @@ from rag import kb_store
 from rag.auth import ApiKeys, create_key_file, read_client_key
 from rag.config import GatewayConfig, KnowledgeBaseSettings, TrafficConfig
 from rag.errors import KnowledgeBaseNotFoundError, OverloadedError
-from rag.kb_build import Changes
+from rag.kb_changes import Changes
 from rag.lifecycle import InFlight
 from tests.gateway.test_answer_service import FakeMetrics
 

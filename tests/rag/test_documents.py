@@ -261,3 +261,9 @@ def test_fingerprint_changes_only_with_content(tmp_path: Path) -> None:
     renamed = a.rename(tmp_path / "c.txt")
     assert content_fingerprint([renamed, b], tmp_path) != first
     assert content_fingerprint([b], tmp_path) != first
+
+
+def test_every_supported_type_has_a_parser() -> None:
+    from rag import documents
+
+    assert set(documents._LOADERS) == SUPPORTED_SUFFIXES

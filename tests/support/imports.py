@@ -33,3 +33,13 @@ def import_report(package: str, forbidden: list[str]) -> tuple[set[str], list[st
 
 def top_level_modules(package: str) -> set[str]:
     return {p.stem for p in (REPO_ROOT / package).glob("*.py") if p.stem != "__init__"}
+
+
+def loaded_by(module: str, candidates: list[str]) -> list[str]:
+    """Which of `candidates` (module names) importing `module` in a new interpreter loads."""
+    script = (f"import importlib, json, sys; importlib.import_module({module!r}); "
+              f"print(json.dumps(sorted(set({candidates!r}) & set(sys.modules))))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
