@@ -22,8 +22,8 @@ from control.serve_config import GATEWAY_BUILDER, GATEWAY_DEPLOYMENT, PIPELINE_B
 from rag.config import ConfigError, GatewayConfig, PipelineConfig, validate
 from rag.constants import resolve_path
 from rag.errors import InvalidRequestError
-from rag.index import list_knowledge_bases, resolve_version
 from rag.kb_store import is_temporary
+from rag.kb_versions import list_knowledge_bases, resolve_version
 
 
 def _represent_null(representer: Any, _: None) -> Any:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from rag import kb_store
 from rag.api import NOT_BLANK
 from rag.errors import InvalidRequestError
-from rag.index import kb_directory
+from rag.kb_versions import kb_directory
 from rag.records import Passage
 from rag.shadow import cited_sources
 

@@ -1,6 +1,7 @@
 """FAISS index plus SQLite docstore, stored as immutable, atomically published version directories.
 
-Layout: `<kb_root>/<kb>/v<N>/{index.faiss, docstore.sqlite, manifest.json}`. A version is built in a
+Layout: `<kb_root>/<kb>/v<N>/{index.faiss, docstore.sqlite, manifest.json}` (`rag.kb_versions`: the folders,
+the manifest, which versions exist). A version is built in a
 hidden staging directory and renamed into place, and `manifest.json` is written last, so a crash
 mid-build never leaves a half-written version that `latest` would pick. Nothing is pickled: FAISS
 writes its own format and the docstore is SQLite with JSON metadata.
@@ -15,7 +16,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -30,19 +30,16 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from rag.config import check_kb_name, is_kb_name
 from rag.errors import (
     IndexMismatchError,
     InvalidRequestError,
-    KnowledgeBaseNotFoundError,
     ServiceUnavailableError,
 )
+from rag.kb_versions import VERSION_DIR, Manifest, kb_directory, resolve_version, version_directory
 from rag.language import cjk_share, language_of
 from rag.lexical import LexicalIndex, fuse
 from rag.records import Passage
 
-FORMAT_VERSION = 1
-_VERSION_DIR = re.compile(r"^v(\d+)$")
 _STAGING_PREFIX = ".staging-"
 _PUBLISH_LOCK = ".publish.lock"
 
@@ -54,75 +51,6 @@ class Chunk:
     text: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    knowledge_base: str
-    version: int
-    embedding_model: str
-    dimension: int
-    count: int
-    fingerprint: str
-    created_at: float
-    splitter: dict[str, Any] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)
-    format_version: int = FORMAT_VERSION
-    # Per original: sha256, size, chunks, updated_at, splitter; what an incremental build compares.
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # {"cjk_share": 0..1, "main": "zh" | "en"}: which retrieval `mode: auto` gives this KB (rag.language).
-    language: dict[str, Any] = field(default_factory=dict)
-    # How the vectors were made (runtime, precision, quantization; rag.embedding): a record for people.
-    # Which versions may serve the index is `embedding_model`'s job (EmbeddingConfig.vector_space).
-    embedding_runtime: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def main_language(self) -> str | None:
-        return self.language.get("main")
-
-    @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        return cls(**json.loads((directory / "manifest.json").read_text(encoding="utf-8")))
-
-
-def kb_directory(kb_root: Path, name: str) -> Path:
-    """The folder of knowledge base `name` under `kb_root`; `InvalidRequestError` for an unsafe name."""
-    return Path(kb_root) / check_kb_name(name)
-
-
-def version_directory(kb_root: Path, name: str, version: int) -> Path:
-    """The folder of one published version (which may not exist)."""
-    return kb_directory(kb_root, name) / f"v{int(version)}"
-
-
-def list_versions(kb_root: Path, name: str) -> list[int]:
-    """Published versions of a knowledge base, oldest first (only those with a manifest)."""
-    base = kb_directory(kb_root, name)
-    if not base.is_dir():
-        return []
-    found = [int(m.group(1)) for p in base.iterdir() if (m := _VERSION_DIR.match(p.name))
-             and (p / "manifest.json").is_file()]
-    return sorted(found)
-
-
-def list_knowledge_bases(kb_root: Path) -> list[str]:
-    if not kb_root.is_dir():
-        return []
-    return sorted(p.name for p in kb_root.iterdir()
-                  if p.is_dir() and is_kb_name(p.name) and list_versions(kb_root, p.name))
-
-
-def resolve_version(kb_root: Path, name: str, version: int | Literal["latest"]) -> int:
-    check_kb_name(name)
-    versions = list_versions(kb_root, name)
-    if not versions:
-        raise KnowledgeBaseNotFoundError(f"knowledge base {name!r} has no index yet; ingest it first")
-    if version == "latest":
-        return versions[-1]
-    if version not in versions:
-        raise KnowledgeBaseNotFoundError(
-            f"knowledge base {name!r} has no index version {version}; available: {versions}")
-    return version
 
 
 # Writes more files into a version's staging folder before it is published (the lexical index).
@@ -274,7 +202,7 @@ def list_chunks(kb_root: Path, name: str, version: int, source_like: str, limit:
 
 def _next_version_number(base: Path) -> int:
     # Counts directories without a manifest too: a leftover of a crash must never block publishing.
-    numbers = [int(m.group(1)) for p in base.iterdir() if (m := _VERSION_DIR.match(p.name))]
+    numbers = [int(m.group(1)) for p in base.iterdir() if (m := VERSION_DIR.match(p.name))]
     return max(numbers, default=0) + 1
 
 

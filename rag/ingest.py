@@ -18,8 +18,8 @@ from rag.config import PipelineConfig, check_kb_name
 from rag.documents import DEFAULT_MAX_FILE_BYTES, iter_files
 from rag.embedding import TextEmbedder
 from rag.errors import InvalidRequestError
-from rag.index import Manifest, list_versions, version_directory
 from rag.kb_build import Changes, Progress, update_knowledge_base
+from rag.kb_versions import Manifest, list_versions, version_directory
 
 
 @dataclass(frozen=True)

@@ -41,17 +41,9 @@ from rag.errors import (
     InvalidRequestError,
     UnsupportedDocumentError,
 )
-from rag.index import (
-    Chunk,
-    ExtraWriter,
-    Manifest,
-    clean_staging,
-    list_versions,
-    publish_index,
-    read_version,
-    version_directory,
-)
+from rag.index import Chunk, ExtraWriter, clean_staging, publish_index, read_version
 from rag.kb_changes import Changes, Source
+from rag.kb_versions import Manifest, list_versions, version_directory
 
 # (stage, done, total): "load" counts files, "embed" counts chunks, "published" gives the new version number.
 Progress = Callable[[str, int, int], None]

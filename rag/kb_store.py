@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rag.errors import ConflictError, DocumentNotFoundError, InvalidRequestError, KnowledgeBaseNotFoundError
 from rag.file_types import SUPPORTED_SUFFIXES
-from rag.index import Manifest, kb_directory, list_versions, version_directory
+from rag.kb_versions import Manifest, kb_directory, list_versions, version_directory
 
 CONTENT = "content"
 _META = "kb.json"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from rag.config import LEASE_HEARTBEATS_PER_TTL, is_kb_name
 from rag.errors import InvalidRequestError
-from rag.index import Manifest, kb_directory, list_versions, version_directory
+from rag.kb_versions import Manifest, kb_directory, list_versions, version_directory
 
 logger = logging.getLogger("rag.leases")
 

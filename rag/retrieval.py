@@ -22,15 +22,8 @@ import numpy as np
 
 from rag.config import RetrievalConfig
 from rag.errors import KnowledgeBaseNotFoundError, ServiceUnavailableError
-from rag.index import (
-    KnowledgeBaseIndex,
-    Manifest,
-    index_device,
-    list_knowledge_bases,
-    list_versions,
-    resolve_version,
-    version_directory,
-)
+from rag.index import KnowledgeBaseIndex, index_device
+from rag.kb_versions import Manifest, list_knowledge_bases, list_versions, resolve_version, version_directory
 from rag.language import Choice, choose_mode, cjk_share, language_of
 from rag.leases import LeaseKeeper
 from rag.records import Passage

@@ -38,7 +38,7 @@ from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
 from rag.config import PipelineConfig
 from rag.constants import resolve_path
 from rag.embedding import TextEmbedder
-from rag.index import list_versions
+from rag.kb_versions import list_versions
 from rag.local_pipeline import LocalPipeline
 from rag.records import AnswerDelta, AnswerEnd, Question
 from rag.retrieval import Retriever

@@ -20,8 +20,8 @@ from rag.client import DEFAULT_KEY_FILE, client_key, gateway_client, stream_chat
 from rag.config import PipelineConfig
 from rag.constants import resolve_path
 from rag.embedding_export import ensure_export
-from rag.index import list_versions
 from rag.ingest import ingest_directory
+from rag.kb_versions import list_versions
 from scripts.ingest import ProgressBars
 
 QUESTION = "How do I upgrade the service without dropping requests?"

@@ -23,8 +23,8 @@ from rag.config import ConfigError, GatewayConfig, PipelineConfig, check_kb_name
 from rag.constants import resolve_path
 from rag.documents import DEFAULT_MAX_FILE_BYTES
 from rag.errors import RagError
-from rag.index import version_directory
 from rag.ingest import IngestResult, ingest_directory
+from rag.kb_versions import version_directory
 from rag.leases import prune_versions
 
 _MIB = 1024 * 1024

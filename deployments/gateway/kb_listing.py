@@ -9,7 +9,7 @@ from typing import Any
 
 from rag import kb_store
 from rag.config import PipelineConfig
-from rag.index import Manifest, list_versions, version_directory
+from rag.kb_versions import Manifest, list_versions, version_directory
 from rag.language import choose_mode
 
 

@@ -33,9 +33,10 @@ from rag.errors import (
     RagError,
     ServiceUnavailableError,
 )
-from rag.index import list_chunks, list_versions
+from rag.index import list_chunks
 from rag.kb_build import Changes, Embed, NothingIndexedError, indexed_original, update_knowledge_base
 from rag.kb_jobs import Job, JobBoard, interrupted, without_server_paths
+from rag.kb_versions import list_versions
 from rag.parsing import Parser
 
 logger = logging.getLogger("rag.knowledge_bases")

@@ -14,8 +14,8 @@ from deployments.gateway.temporary_kbs import TemporaryKbs
 from rag import kb_store
 from rag.config import KnowledgeBaseSettings, PipelineConfig, RetrievalConfig, SplitterConfig, TemporaryKbSettings
 from rag.errors import ConflictError, KnowledgeBaseNotFoundError, OverloadedError
-from rag.index import list_knowledge_bases
 from rag.kb_changes import Changes
+from rag.kb_versions import list_knowledge_bases
 from tests.gateway.test_kb_manager_service import FakeStages, _spooled, run
 from tests.rag.test_kb_build import _doc
 

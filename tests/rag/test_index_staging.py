@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 
 from rag.errors import InvalidRequestError
-from rag.index import (
-    Chunk,
-    KnowledgeBaseIndex,
-    Manifest,
-    clean_staging,
-    list_knowledge_bases,
-    list_versions,
-    resolve_version,
-)
+from rag.index import Chunk, KnowledgeBaseIndex, clean_staging
+from rag.kb_versions import Manifest, list_knowledge_bases, list_versions, resolve_version
 from tests.rag.index_samples import publish
 
 # --- knowledge base names ---------------------------------------------------------------------------

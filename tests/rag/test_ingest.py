@@ -11,8 +11,8 @@ import pytest
 
 from rag.config import EmbeddingConfig, PipelineConfig, SplitterConfig
 from rag.errors import InvalidRequestError, UnsupportedDocumentError
-from rag.index import Manifest, list_versions
 from rag.ingest import ingest_directory
+from rag.kb_versions import Manifest, list_versions
 from scripts.ingest import main as ingest_cli
 
 SAMPLE_FILES = ["api_reference.html", "configuration.md", "faq_zh.md", "glossary.csv", "ingesting.md",

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from rag.config import PipelineConfig
-from rag.index import KnowledgeBaseIndex, list_versions
+from rag.index import KnowledgeBaseIndex
 from rag.ingest import ingest_directory
+from rag.kb_versions import list_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = PipelineConfig()

@@ -12,8 +12,9 @@ import pytest
 from rag import kb_store
 from rag.config import PipelineConfig, SplitterConfig
 from rag.errors import ConflictError, DocumentNotFoundError, InvalidRequestError, UnsupportedDocumentError
-from rag.index import KnowledgeBaseIndex, list_versions
+from rag.index import KnowledgeBaseIndex
 from rag.kb_build import Changes, update_knowledge_base
+from rag.kb_versions import list_versions
 
 CONFIG = PipelineConfig(splitter=SplitterConfig(chunk_size=200, chunk_overlap=20))
 

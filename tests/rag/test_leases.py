@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from rag.errors import InvalidRequestError
-from rag.index import Chunk, list_versions, publish_index
+from rag.index import Chunk, publish_index
+from rag.kb_versions import list_versions
 from rag.leases import (
     READERS_DIR,
     LeaseKeeper,
