@@ -1,10 +1,10 @@
 """FAISS index plus SQLite docstore, stored as immutable, atomically published version directories.
 
 Layout: `<kb_root>/<kb>/v<N>/{index.faiss, docstore.sqlite, manifest.json}` (`rag.kb_versions`: the folders,
-the manifest, which versions exist). A version is built in a
-hidden staging directory and renamed into place, and `manifest.json` is written last, so a crash
-mid-build never leaves a half-written version that `latest` would pick. Nothing is pickled: FAISS
-writes its own format and the docstore is SQLite with JSON metadata.
+the manifest, which versions exist). A version is built in a hidden staging directory and renamed into
+place, and `manifest.json` is written last, so a crash mid-build never leaves a half-written version
+that `latest` would pick. Nothing is pickled: FAISS writes its own format and the docstore is SQLite
+with JSON metadata.
 
 Every path here is built from a KB name through `kb_directory`, which refuses names that are not a
 single safe path component (`rag.config.check_kb_name`).
