@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,10 +25,7 @@ print(json.dumps({{"imported": names, "forbidden": loaded}}))
 def import_report(package: str, forbidden: list[str]) -> tuple[set[str], list[str]]:
     """(the modules of `package` imported, by name without the package; which of `forbidden` got loaded)
     after importing every module of `package` in a new interpreter."""
-    result = subprocess.run([sys.executable, "-c", _SCRIPT.format(package=package, forbidden=forbidden)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _run_fresh(_SCRIPT.format(package=package, forbidden=forbidden))
     return {name.removeprefix(f"{package}.") for name in report["imported"]}, report["forbidden"]
 
 
@@ -39,6 +37,11 @@ def loaded_by(module: str, candidates: list[str]) -> list[str]:
     """Which of `candidates` (module names) importing `module` in a new interpreter loads."""
     script = (f"import importlib, json, sys; importlib.import_module({module!r}); "
               f"print(json.dumps(sorted(set({candidates!r}) & set(sys.modules))))")
+    return _run_fresh(script)
+
+
+def _run_fresh(script: str) -> Any:
+    """The JSON a script prints last, run in a new interpreter from the repository's root."""
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
