@@ -126,8 +126,11 @@ def chinese_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_local_chinese_model_with_a_query_prefix_serves_its_own_index(tmp_path: Path, chinese_model: Path,
                                                                        zh_root: Path) -> None:
     prefix = "为这个句子生成表示以用于检索相关文章："
+    # The CPU runtime exports the model once; a test model's export goes to its own temporary folder,
+    # not the repository's var/models, where every run would leave one more.
     config = PipelineConfig(embedding=EmbeddingConfig(model=str(chinese_model), languages=["zh", "en"],
-                                                      query_prefix=prefix, device="cpu"))
+                                                      query_prefix=prefix, device="cpu",
+                                                      cache_dir=tmp_path / "models"))
     embedder = TextEmbedder(config.embedding)
     embedder.load()
     try:
