@@ -7,6 +7,11 @@ Search is retrieval only (embed + FAISS); chat is one streamed answer, timed to 
 The floor is `scripts.floor_app`, deployed beside the project on the same cluster under /floor for the
 run and deleted after it; the project's numbers are reported as ratios to it. In-process is
 `LocalPipeline` (first version in --config) pinned to the index version that --url serves.
+
+Then, at the highest concurrency, where two cores are the limit: the CPU each request takes in every
+process of each side (`scripts.cpu_by_process`, summed over --cpu-rounds interleaved cells), the
+in-process side's CPU per request as the work, and the share of the floor's throughput that the floor
+plus that work would allow, so the gap splits into the work and the project's own overhead.
 """
 
 import os
@@ -42,6 +47,7 @@ from rag.kb_versions import list_versions
 from rag.local_pipeline import LocalPipeline
 from rag.records import AnswerDelta, AnswerEnd, Question
 from rag.retrieval import Retriever
+from scripts import cpu_by_process
 from tests.support import cluster as support
 
 QUESTIONS = [
@@ -70,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="in-flight requests per cell")
     parser.add_argument("--requests", type=int, default=64, help="measured requests per cell")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured requests per operation and side")
+    parser.add_argument("--cpu-rounds", type=int, default=5,
+                        help="rounds of cells at the highest concurrency whose CPU use is summed (0: none)")
     parser.add_argument("--json", default=None, help="write the raw results to this path")
     parser.add_argument("--ray-address", default="auto", help="the cluster serving --url (to deploy the floor on)")
     return parser.parse_args(argv)
@@ -205,13 +213,14 @@ async def run_cell(side: str, name: str, op: Op, concurrency: int, n: int) -> di
                 return await asyncio.wait_for(op(QUESTIONS[i % len(QUESTIONS)]), TIMEOUT_S)
             except Exception as exc:
                 return sample(False, perf_counter() - started, error=repr(exc))
-    started = perf_counter()
+    started, cpu = perf_counter(), cpu_by_process.snapshot(FLOOR_APP)
     samples = await asyncio.gather(*(one(i) for i in range(n)))
     wall, failed = perf_counter() - started, [s for s in samples if not s["ok"]]
+    cpu_ms = cpu_by_process.used_between(cpu, cpu_by_process.snapshot(FLOOR_APP))
     print(f"  {side:10} {name:6} c={concurrency:<2} {n:3} requests {wall:5.1f}s {len(failed)} failed", file=sys.stderr)
     return {"side": side, "op": name, "concurrency": concurrency, "wall_s": wall, "failures": len(failed),
             "throughput": (n - len(failed)) / wall, "errors": sorted({s["error"] for s in failed})[:5],
-            "samples": samples}
+            "cpu_ms": cpu_ms, "samples": samples}
 
 
 async def bench(args: argparse.Namespace, config: PipelineConfig) -> list[dict[str, Any]]:
@@ -231,6 +240,12 @@ async def bench(args: argparse.Namespace, config: PipelineConfig) -> list[dict[s
                 await run_cell(side, name, ops_[name], max(args.concurrency), args.warmup)  # warm-up, not measured
             for c in args.concurrency:
                 cells += [await run_cell(side, name, ops_[name], c, args.requests) for side, ops_ in sides.items()]
+        # CPU per request from several short cells, interleaved and summed: Ray's periodic work (a metrics
+        # scrape, a collection) lands in one cell of a second or two and would decide a single one.
+        for _ in range(args.cpu_rounds):
+            for name in ("search", "chat"):
+                cells += [{**await run_cell(side, name, ops_[name], max(args.concurrency), args.requests),
+                           "cpu_round": True} for side, ops_ in sides.items()]
     pipe.close()
     return cells
 
@@ -275,7 +290,7 @@ def percentiles_ms(cell: dict[str, Any], key: str) -> list[float]:
 def comparisons(cells: list[dict[str, Any]], concurrency: list[int]) -> list[dict[str, Any]]:
     """One row per operation and concurrency: each side's p50/p99 and req/s, the project against the
     floor (latency ratio, throughput share) and against in-process (overhead)."""
-    by, rows = {(c["side"], c["op"], c["concurrency"]): c for c in cells}, []
+    by, rows = {(c["side"], c["op"], c["concurrency"]): c for c in cells if not c.get("cpu_round")}, []
     for label, op, key in ROWS:
         for c in concurrency:
             row: dict[str, Any] = {"operation": label, "concurrency": c}
@@ -319,6 +334,41 @@ def print_report(cells: list[dict[str, Any]], rows: list[dict[str, Any]], args: 
     return failures
 
 
+def print_cpu(cells: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Where the CPU goes per request in the CPU rounds, the project's processes next to the floor's, and
+    how much of the difference the work itself explains: the in-process side runs the same pipeline
+    with no Serve, so its CPU per request is the work."""
+    rounds = [c for c in cells if c.get("cpu_round") and c["cpu_ms"]]
+    if not rounds:
+        return  # --cpu-rounds 0, or no /proc here
+    concurrency = rounds[0]["concurrency"]
+    summed: dict[tuple[str, str], tuple[dict[str, float], list[int]]] = {}  # CPU ms by process, requests
+    for cell in rounds:
+        used, requests = summed.setdefault((cell["side"], cell["op"]), ({}, [0]))
+        for key, ms in cell["cpu_ms"].items():
+            used[key] = used.get(key, 0.0) + ms
+        requests[0] += len(cell["samples"])
+    per = {(side, op): cpu_by_process.per_request(used, "floor" if side == "floor" else "project", requests[0])
+           for (side, op), (used, requests) in summed.items()}
+    ops = sorted({op for _, op in per}, key=["search", "chat"].index)
+    print(f"\nCPU per request at concurrency {concurrency}, ms (from /proc, over {len(rounds) // len(per)} interleaved "
+          "cells per side; each side in its own cells, the other side's idle replicas left out)")
+    print(f"{'process':<36}" + "".join(f" | {op + ': floor':>13}{'serve':>7}{'+serve':>7}" for op in ops))
+    for name in per[("floor", ops[0])]:
+        pairs = [(per[("floor", op)][name], per[("serve", op)][name]) for op in ops]
+        print(f"{name:<36}" + "".join(f" | {f:>13.1f}{s:>7.1f}{s - f:>+7.1f}" for f, s in pairs))
+    for op, label in (("search", "search"), ("chat", "chat last token")):
+        floor, served = per[("floor", op)]["total"], per[("serve", op)]["total"]
+        work = per[("in-process", op)][cpu_by_process.CLIENT]
+        measured = next(r["throughput_of_floor"] for r in rows if r["operation"] == label
+                        and r["concurrency"] == concurrency)
+        print(f"{op} at concurrency {concurrency}: the floor {floor:.1f} ms + the work {work:.1f} ms (the same "
+              f"pipeline in-process) = {floor + work:.1f} ms against the project's {served:.1f} ms, where the cores "
+              f"are the limit: {floor / served:.0%} of the floor's throughput (one cell in the table above: "
+              f"{measured:.0%}), and {floor / (floor + work):.0%} with no overhead of its own; that overhead is "
+              f"{served - floor - work:.1f} ms of CPU per request")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if (ready := cluster.readiness(args.url))[0] != 200:
@@ -357,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
           f"the floor {floor_chat:.1f} ms + that work = {floor_chat + chat_work:.1f} ms against the project's "
           f"{serve_chat:.1f} ms (the rest, {serve_chat - floor_chat - chat_work:.1f} ms, is the project's own "
           "overhead)")
+    print_cpu(cells, rows)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": info, "args": vars(args), "comparisons": rows, "stage_costs": costs,
