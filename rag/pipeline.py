@@ -90,7 +90,7 @@ class RagPipeline:
             pieces, counted = 0, None
             while chunk is not None:
                 if chunk.text:
-                    pieces += 1
+                    pieces += chunk.pieces
                     yield AnswerDelta(chunk.text)
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason

@@ -48,6 +48,7 @@ class GenerationChunk:
     text: str
     finish_reason: FinishReason | None = None
     completion_tokens: int | None = None  # on the last chunk, when the backend counted them (an upstream's usage)
+    pieces: int = 1  # the backend's pieces joined in this text (`join_text`): the count when it gives none
 
 
 @dataclass(frozen=True)

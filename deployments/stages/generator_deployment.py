@@ -12,7 +12,7 @@ from deployments.stages.replica_lifecycle import ReplicaLifecycle
 from rag.config import PipelineConfig
 from rag.generation import build_generator
 from rag.records import GenerationChunk, GenerationRequest
-from rag.streams import batched
+from rag.streams import batched, join_text
 
 
 @serve.deployment(name="Generator")
@@ -35,7 +35,8 @@ class GeneratorDeployment:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         """Chunks in batches: the first alone (time to first token), then what arrives within the
-        configured window, so a fast stream does not pay one inter-process message per piece."""
+        configured window, so a fast stream does not pay one inter-process message per piece; a batch's
+        text pieces go as one piece (`join_text`), which counts them for the usage."""
         self._life.log.first_traffic()
         sent, began = 0, time.monotonic()
         with self._life.in_flight.track():
@@ -44,7 +45,7 @@ class GeneratorDeployment:
                     if pieces := sum(1 for chunk in batch if chunk.text):
                         self._life.metrics.tokens.inc(pieces)
                         sent += pieces
-                    yield batch
+                    yield join_text(batch)
             except (asyncio.CancelledError, GeneratorExit):
                 # The client went away (or a caller upstream gave up): closing `batched` has closed
                 # the backend's stream, so the model stops; say how far it got.

@@ -238,3 +238,22 @@ def test_warmup_fails_when_the_generator_says_nothing() -> None:
 
 async def _first(events: AsyncIterator[AnswerEvent]) -> AnswerEvent:
     return await anext(aiter(events))
+
+
+def test_joined_pieces_count_as_many_tokens_as_they_joined() -> None:
+    """The Generator joins a batch's pieces into one (`join_text`): the answer's usage still counts the
+    pieces the backend produced, not the messages they travelled in."""
+    async def generate(request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        yield GenerationChunk("Stop")
+        yield GenerationChunk(" it with make stop.", pieces=4)
+        yield GenerationChunk("", "stop")
+
+    stages = _Stages()
+    pipeline = RagPipeline(PipelineConfig(), stages.embed, stages.search, generate)
+
+    async def run() -> list[AnswerEvent]:
+        return [e async for e in pipeline.answer(Question("How do I stop it?", "samples"))]
+
+    events = asyncio.run(run())
+    assert [e.text for e in events if isinstance(e, AnswerDelta)] == ["Stop", " it with make stop."]
+    assert isinstance(events[-1], AnswerEnd) and events[-1].completion_tokens == 5

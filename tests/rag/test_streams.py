@@ -1,4 +1,4 @@
-"""Coalescing streams into batches."""
+"""Coalescing streams into batches, and a batch's text pieces into one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from rag.streams import batched, flatten
+from rag.records import GenerationChunk
+from rag.streams import batched, flatten, join_text
 
 
 async def _paced(n: int, delay_s: float, fail_at: int | None = None) -> AsyncIterator[int]:
@@ -92,3 +93,16 @@ def test_flatten_restores_the_items() -> None:
         return [i async for i in flatten(batched(_paced(30, 0), window_s=0.01))]
 
     assert asyncio.run(run()) == list(range(30))
+
+
+def test_a_batchs_text_pieces_become_one_that_counts_them() -> None:
+    batch = [GenerationChunk("Stop "), GenerationChunk("it "), GenerationChunk("with "), GenerationChunk("make stop.")]
+    assert join_text(batch) == [GenerationChunk("Stop it with make stop.", pieces=4)]
+    assert join_text([GenerationChunk("one")]) == [GenerationChunk("one")] and join_text([]) == []
+
+
+def test_the_end_of_a_stream_and_a_backends_token_count_stay_in_their_place() -> None:
+    end, counted = GenerationChunk("", "stop"), GenerationChunk(" tail", "length", completion_tokens=9)
+    assert join_text([GenerationChunk("a"), GenerationChunk("b"), end]) == [GenerationChunk("ab", pieces=2), end]
+    assert join_text([GenerationChunk("a"), counted, GenerationChunk("b"), GenerationChunk("c")]) == [
+        GenerationChunk("a"), counted, GenerationChunk("bc", pieces=2)]
