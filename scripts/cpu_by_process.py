@@ -2,8 +2,9 @@
 
 `make bench` reads it around every cell, so each row of its CPU table says how many milliseconds of CPU
 a request took in each Serve process, the project's replicas next to the floor's of the same role.
-Where the cores are the limit (concurrency 8 on 2 cores), that table is what decides throughput, and
-the in-process cost of a stage printed beside its row tells its work from Serve's overhead.
+Where the cores are the limit (concurrency 8 on 2 cores), the totals decide throughput, and the
+in-process side's CPU per request (the same pipeline with no Serve: the work) tells the work from the
+project's own overhead.
 
 Linux only: elsewhere `snapshot()` is empty and the benchmark leaves the table out.
 """
