@@ -24,6 +24,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -342,14 +343,15 @@ def print_cpu(cells: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     if not rounds:
         return  # --cpu-rounds 0, or no /proc here
     concurrency = rounds[0]["concurrency"]
-    summed: dict[tuple[str, str], tuple[dict[str, float], list[int]]] = {}  # CPU ms by process, requests
+    used: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))  # CPU ms by process
+    requests: dict[tuple[str, str], int] = defaultdict(int)
     for cell in rounds:
-        used, requests = summed.setdefault((cell["side"], cell["op"]), ({}, [0]))
+        side_op = (cell["side"], cell["op"])
+        requests[side_op] += len(cell["samples"])
         for key, ms in cell["cpu_ms"].items():
-            used[key] = used.get(key, 0.0) + ms
-        requests[0] += len(cell["samples"])
-    per = {(side, op): cpu_by_process.per_request(used, "floor" if side == "floor" else "project", requests[0])
-           for (side, op), (used, requests) in summed.items()}
+            used[side_op][key] += ms
+    per = {(side, op): cpu_by_process.per_request(used[(side, op)], "floor" if side == "floor" else "project",
+                                                  requests[(side, op)]) for side, op in requests}
     ops = sorted({op for _, op in per}, key=["search", "chat"].index)
     print(f"\nCPU per request at concurrency {concurrency}, ms (from /proc, over {len(rounds) // len(per)} interleaved "
           "cells per side; each side in its own cells, the other side's idle replicas left out)")

@@ -50,6 +50,7 @@ from control.serve_config import PIPELINE_BUILDER, is_app, pipeline_configs
 from rag.auth import create_key_file, read_client_key
 from rag.ingest import ingest_directory
 from rag.loadgen import LoadGenerator, LoadResult
+from scripts.cpu_by_process import proc_stat
 from tests.support import cluster as support
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,13 +157,6 @@ def serve_target(work: Path, kb: Path, args: argparse.Namespace, defaults: bool)
         deploy(start, dashboard, checked=not defaults)
         cluster.wait_ready(gateway, timeout_s=300, dashboard=dashboard)
         yield gateway, lambda: serve_upgrade(upgraded, dashboard, not defaults, app)
-
-
-def proc_stat(pid: int) -> list[str]:
-    """Fields of /proc/PID/stat after the command name (state, ppid, ...); [] if there is no such process."""
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return []
 
 
 def gunicorn_reload(master: int) -> OldGone:

@@ -11,6 +11,7 @@ Linux only: elsewhere `snapshot()` is empty and the benchmark leaves the table o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections import defaultdict
@@ -44,10 +45,16 @@ def role(title: str, floor_app: str) -> tuple[str, str]:
     return "shared", REST if RAY.search(title) else NOISE
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...); [] if there is no such process."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return []
+
+
 def _cpu_ms(pid: str, tick_ms: float) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):  # gone between the listing and the read
+    fields = proc_stat(pid)
+    if len(fields) < 13:  # gone between the listing and the read
         return None
     return (int(fields[11]) + int(fields[12])) * tick_ms  # utime + stime
 
